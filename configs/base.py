@@ -1,0 +1,110 @@
+"""Every configuration field of vard_jax, with its default and unit.
+
+Experiment configs (``configs/shapes.py``, ``configs/pickscore.py``, ...) start from
+``get_config()`` here and override fields; the command line overrides any field with
+``--config.section.field=value``. ``vard_jax.config.validate`` checks the result at start-up
+against this file: a key that is not here, or a value of another type, is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.algorithm = "vard"  # Training objective over the shared rollout: vard | ddpo | draft.
+
+    # --- the pretrained text-to-image model -------------------------------------------------
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.family = "shapes"  # Model loader: shapes (embedded tiny world) | stable_diffusion.
+    pretrained.path = ""  # Hub id or local directory; "" = the family's default (shipped assets).
+    pretrained.revision = ""  # Hub revision/branch of `path` ("" = the default branch).
+    pretrained.param_dtype = "float32"  # dtype of stored UNet parameters: float32 | bfloat16.
+    pretrained.compute_dtype = "float32"  # dtype of UNet activations: float32 | bfloat16.
+    pretrained.random_init = False  # Use randomly initialised weights of the family's shape.
+
+    # --- the DDIM sampler -------------------------------------------------------------------
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.num_steps = 20  # DDIM denoising steps T per image.
+    sample.eta = 1.0  # DDIM stochasticity: 0 = deterministic DDIM, 1 = DDPM-like variance.
+    sample.guidance_scale = 3.0  # Classifier-free guidance weight w (1 = no guidance).
+    sample.batch_size = 16  # Images per rollout batch, global over all devices.
+    sample.batches_per_epoch = 2  # Rollout batches per epoch (reward queries = product of both).
+    sample.eval_batch_size = 16  # Images per evaluation batch (fixed prompts and noise).
+    sample.eval_batches = 2  # Evaluation batches per evaluation (held-out prompts).
+    sample.train_prompts = "train"  # Prompt set for training rollouts: a split name or a file path.
+    sample.eval_prompts = "heldout"  # Prompt set for evaluation: a split name or a file path.
+    sample.python_loop = False  # Debug: run the denoising body in a Python loop, not lax.scan.
+
+    # --- the reward ---------------------------------------------------------------------------
+    config.reward = reward = ml_collections.ConfigDict()
+    reward.name = "clip_alignment"  # Registered reward, or a weighted sum "a:1.0,b:0.1".
+    reward.path = ""  # Reward model hub id or local directory ("" = the reward's default).
+    reward.direct_last_step = False  # Use r(x_0) itself as J_1 (differentiable rewards only).
+
+    # --- the value model V(x_t, t, c) ---------------------------------------------------------
+    config.value = value = ml_collections.ConfigDict()
+    value.arch = "conv"  # Architecture: conv | reward_init (reward backbone on x0_hat).
+    value.width = 32  # Channels of the first conv layer (doubled per downsampling).
+    value.learning_rate = 1e-3  # Peak learning rate of the value optimiser (Adam).
+    value.weight_decay = 0.0  # Decoupled weight decay of the value optimiser.
+    value.grad_clip = 1.0  # Global-norm clip of value gradients (0 = off).
+    value.warmup_steps = 0  # Linear warm-up of the value learning rate, in value updates.
+    value.pretrain_epochs = 3  # Value-only epochs on the pretrained policy's samples.
+    value.updates_per_epoch = 8  # Value gradient steps per epoch (on that epoch's states).
+    value.batch_size = 128  # States (x_t, t, c) per value minibatch.
+    value.stats_decay = 0.9  # Decay of the running reward mean/variance (per epoch; 0 = latest).
+
+    # --- the policy update ----------------------------------------------------------------------
+    config.policy = policy = ml_collections.ConfigDict()
+    policy.learning_rate = 3e-4  # Peak learning rate of the policy optimiser (Adam).
+    policy.weight_decay = 0.0  # Decoupled weight decay of the policy optimiser.
+    policy.grad_clip = 1.0  # Global-norm clip of policy gradients (0 = off).
+    policy.warmup_steps = 0  # Linear warm-up of the policy learning rate, in policy updates.
+    policy.lr_schedule = "constant"  # After warm-up: constant | cosine (to 0 at the last epoch).
+    policy.beta = 0.01  # KL weight: penalty on mean (eps_theta - eps_ref)^2 per step.
+    policy.grad_depth = 1  # K: gradient flows through at most K denoising steps (windows).
+    policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
+    policy.updates_per_epoch = 1  # Policy gradient steps per rollout batch.
+    policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
+    policy.lora_rank = 0  # LoRA rank on attention projections (0 = full fine-tune).
+
+    # --- training schedule --------------------------------------------------------------------
+    config.train = train = ml_collections.ConfigDict()
+    train.seed = 0  # Seed of every random draw (prompts, noise, initialisation).
+    train.epochs = 20  # Epochs of (rollout -> value update -> policy update).
+    train.eval_every = 5  # Evaluate held-out prompts and write a sample grid every N epochs.
+
+    # --- device mesh ------------------------------------------------------------------------------
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # Devices along the data-parallel axis (-1 = all that remain).
+    mesh.fsdp = 1  # Devices along the parameter-sharding axis.
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    config.checkpoint = checkpoint = ml_collections.ConfigDict()
+    checkpoint.every = 5  # Save every N epochs (and always after the last).
+    checkpoint.keep = 3  # Checkpoints kept on disk (oldest deleted first).
+
+    # --- logging ---------------------------------------------------------------------------------
+    config.logging = logging = ml_collections.ConfigDict()
+    logging.tensorboard = True  # Write TensorBoard event files under WORKDIR/tensorboard.
+    logging.progress_bar = True  # Show a tqdm progress bar with the live reward.
+    logging.grid_columns = 8  # Images per row of the sample grids under WORKDIR/samples.
+
+    return config
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config for a quick CPU run (tests, smoke checks)."""
+    config.sample.num_steps = 4
+    config.sample.batch_size = 4
+    config.sample.batches_per_epoch = 1
+    config.sample.eval_batch_size = 4
+    config.sample.eval_batches = 1
+    config.value.pretrain_epochs = 1
+    config.value.updates_per_epoch = 2
+    config.value.batch_size = 8
+    config.train.epochs = 2
+    config.train.eval_every = 1
+    config.checkpoint.every = 1
+    config.logging.progress_bar = False
+    return config

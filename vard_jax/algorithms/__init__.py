@@ -1,0 +1,1 @@
+"""Training objectives over the shared rollout: VARD, DDPO, DRaFT/AlignProp."""

@@ -1,0 +1,176 @@
+"""Start-up validation of a configuration against ``configs/base.py``.
+
+``validate(config, device_count)`` raises ``ConfigError`` with one line that names the field,
+the value and what is allowed; entry points turn it into that line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Iterator
+
+import ml_collections
+
+ALGORITHMS = ("vard", "ddpo", "draft")
+MODEL_FAMILIES = ("shapes", "stable_diffusion")
+VALUE_ARCHS = ("conv", "reward_init")
+REMAT_POLICIES = ("none", "full", "dots")
+LR_SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message is one line for the user."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference schema: ``configs/base.py:get_config()``."""
+    return importlib.import_module("configs.base").get_config()
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "config") -> Iterator[tuple[str, Any]]:
+    for key, value in config.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+    node: Any = config
+    for key in path.split(".")[1:]:
+        node = node[key]
+    return node
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_schema(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
+    reference_leaves = dict(_leaves(reference))
+    reference_sections = {p for p, _ in _sections(reference)}
+    for path, _ in _sections(config):
+        if path not in reference_sections:
+            raise ConfigError(f"{path}: unknown section; known sections: "
+                              f"{', '.join(sorted(s.split('.', 1)[1] for s in reference_sections))}")
+    for path, value in _leaves(config):
+        if path not in reference_leaves:
+            section = path.rsplit(".", 1)[0]
+            known = sorted(p.rsplit(".", 1)[1] for p in reference_leaves if p.rsplit(".", 1)[0] == section)
+            raise ConfigError(f"{path}: unknown key; {section} has: {', '.join(known)}")
+        expected = reference_leaves[path]
+        if isinstance(expected, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(expected, bool)
+        elif isinstance(expected, float):
+            ok = isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, type(expected))
+        if not ok:
+            raise ConfigError(f"{path} = {value!r}: expected a {_type_name(expected)}, "
+                              f"got a {_type_name(value)}")
+
+
+def _sections(config: ml_collections.ConfigDict, prefix: str = "config") -> Iterator[tuple[str, Any]]:
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            path = f"{prefix}.{key}"
+            yield path, value
+            yield from _sections(value, path)
+
+
+# (field, predicate, what is allowed)
+_Rule = tuple[str, Callable[[Any], bool], str]
+
+_RULES: tuple[_Rule, ...] = (
+    ("config.algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}"),
+    ("config.pretrained.family", lambda v: v in MODEL_FAMILIES, f"one of {', '.join(MODEL_FAMILIES)}"),
+    ("config.pretrained.param_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    ("config.pretrained.compute_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
+    ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    ("config.sample.guidance_scale", lambda v: v >= 0.0, "a number >= 0"),
+    ("config.sample.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("config.sample.batches_per_epoch", lambda v: v >= 1, "an integer >= 1"),
+    ("config.sample.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("config.sample.eval_batches", lambda v: v >= 0, "an integer >= 0"),
+    ("config.sample.train_prompts", lambda v: bool(v), "a split name or a prompts file"),
+    ("config.sample.eval_prompts", lambda v: bool(v), "a split name or a prompts file"),
+    ("config.reward.name", lambda v: bool(v.strip()), "a reward name or 'a:1.0,b:0.5'"),
+    ("config.value.arch", lambda v: v in VALUE_ARCHS, f"one of {', '.join(VALUE_ARCHS)}"),
+    ("config.value.width", lambda v: v >= 1, "an integer >= 1"),
+    ("config.value.learning_rate", lambda v: v > 0.0, "a number > 0"),
+    ("config.value.weight_decay", lambda v: v >= 0.0, "a number >= 0"),
+    ("config.value.grad_clip", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),
+    ("config.value.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("config.value.pretrain_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("config.value.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
+    ("config.value.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("config.value.stats_decay", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("config.policy.learning_rate", lambda v: v > 0.0, "a number > 0"),
+    ("config.policy.weight_decay", lambda v: v >= 0.0, "a number >= 0"),
+    ("config.policy.grad_clip", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),
+    ("config.policy.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("config.policy.lr_schedule", lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    ("config.policy.beta", lambda v: v >= 0.0, "a number >= 0"),
+    ("config.policy.train_fraction", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    ("config.policy.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
+    ("config.policy.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("config.policy.lora_rank", lambda v: v >= 0, "an integer >= 0 (0 = full fine-tune)"),
+    ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("config.train.eval_every", lambda v: v >= 1, "an integer >= 1"),
+    ("config.mesh.data", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),
+    ("config.mesh.fsdp", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),
+    ("config.checkpoint.every", lambda v: v >= 1, "an integer >= 1"),
+    ("config.checkpoint.keep", lambda v: v >= 1, "an integer >= 1"),
+    ("config.logging.grid_columns", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+    for path, allowed, description in _RULES:
+        value = _get(config, path)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path} = {value!r}: must be finite; allowed: {description}")
+        if not allowed(value):
+            raise ConfigError(f"{path} = {value!r}: not allowed; must be {description}")
+    steps = config.sample.num_steps
+    depth = config.policy.grad_depth
+    if not 1 <= depth <= steps:
+        raise ConfigError(f"config.policy.grad_depth = {depth!r}: must be in [1, sample.num_steps"
+                          f" = {steps}] (K = num_steps is full backpropagation)")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes with -1 resolved against ``device_count``; raises ConfigError."""
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    if data == -1 and fsdp == -1:
+        raise ConfigError("config.mesh: at most one of mesh.data and mesh.fsdp may be -1")
+    if data == -1:
+        data = device_count // fsdp if fsdp and device_count % fsdp == 0 else 0
+    if fsdp == -1:
+        fsdp = device_count // data if data and device_count % data == 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp > device_count:
+        raise ConfigError(f"config.mesh = (data={config.mesh.data}, fsdp={config.mesh.fsdp}): "
+                          f"needs more devices than the {device_count} available")
+    return data, fsdp
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+    """Raises ConfigError (one line) for the first field that cannot run."""
+    _check_schema(config, base_config())
+    _check_values(config)
+    data, _ = mesh_shape(config, device_count)
+    for path in ("config.sample.batch_size", "config.sample.eval_batch_size"):
+        value = _get(config, path)
+        if value % data:
+            raise ConfigError(f"{path} = {value}: must be divisible by the {data} devices of the "
+                              f"data axis (mesh.data)")
+    from vard_jax.rewards import registry  # late: the registry imports model code
+
+    try:
+        registry.parse_spec(config.reward.name)
+    except ValueError as error:
+        raise ConfigError(f"config.reward.name = {config.reward.name!r}: {error}") from None

@@ -1,0 +1,1 @@
+"""DDIM schedule, step and the differentiable rollout scan."""

@@ -1,0 +1,162 @@
+"""The denoising loop: one ``jax.lax.scan`` over DDIM steps, differentiable in the policy.
+
+Sampling, evaluation and every training objective use this same scan. It returns the
+whole trajectory batch-first, and it evaluates an optional per-step hook inside the loop
+(where the value and KL terms of VARD plug in), so that per-step losses never need the
+trajectory to be stored with gradients.
+
+Gradient depth K: the state entering step i is ``stop_gradient``-ed at gradient cuts, so a
+loss at step i sees the policy's influence through at most K steps.
+  - ``grad_cut="window"`` (VARD): cuts before every K-th step (steps 0, K, 2K, ...): with
+    K = 1 each step gets only its own local gradient; K = T is full backpropagation.
+  - ``grad_cut="last"`` (DRaFT-K): one cut before step T - K: only the last K steps of the
+    chain carry gradient to the final sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vard_jax.diffusion import ddim
+from vard_jax.diffusion.schedule import DDIMSchedule
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class StepInfo(NamedTuple):
+    """What the per-step hook sees at step i (arrays of the current batch)."""
+
+    index: jax.Array  # [] int32, 0 = the noisiest step
+    timestep: jax.Array  # [] int32, tau_i
+    prev_timestep: jax.Array  # [] int32, tau_{i-1} (< 0 after the last step)
+    x_t: jax.Array  # [B, ...] state entering the step (after any gradient cut)
+    x_prev: jax.Array  # [B, ...] state after the step
+    eps: jax.Array  # [B, ...] guided noise prediction of the policy
+    x0_hat: jax.Array  # [B, ...] one-step prediction of x_0
+    mean: jax.Array  # [B, ...] mu_i
+    std: jax.Array  # [] sigma_i
+
+
+StepHook = Callable[[StepInfo], Any]
+
+
+class Trajectory(NamedTuple):
+    """A batch of denoising chains, batch-first; T = number of steps."""
+
+    x_t: jax.Array  # [B, T, ...] states entering each step
+    x_prev: jax.Array  # [B, T, ...] states after each step
+    timesteps: jax.Array  # [B, T] int32
+    noise: jax.Array  # [B, T, ...] z_i of each step
+    log_prob: jax.Array  # [B, T] log p(x_prev | x_t) under the sampling policy
+    x0: jax.Array  # [B, ...] final samples
+
+
+def gradient_cuts(num_steps: int, grad_depth: Optional[int], mode: str = "window") -> np.ndarray:
+    """[T] bool: where the state entering a step is stop_gradient-ed."""
+    steps = np.arange(num_steps)
+    if grad_depth is None or grad_depth >= num_steps:
+        return np.zeros(num_steps, bool)
+    if grad_depth < 1:
+        raise ValueError(f"grad_depth = {grad_depth} must be >= 1")
+    if mode == "window":
+        return steps % grad_depth == 0
+    if mode == "last":
+        return steps == num_steps - grad_depth
+    raise ValueError(f"grad_cut mode {mode!r}: use 'window' or 'last'")
+
+
+def rollout(
+    eps_fn: ddim.EpsFn,
+    params: Any,
+    schedule: DDIMSchedule,
+    x_T: jax.Array,
+    noise: jax.Array,
+    context: jax.Array,
+    null_context: jax.Array,
+    *,
+    eta: float,
+    guidance_scale: float,
+    grad_depth: Optional[int] = None,
+    grad_cut: str = "window",
+    remat: str = "none",
+    step_hook: Optional[StepHook] = None,
+    python_loop: bool = False,
+) -> tuple[Trajectory, Any]:
+    """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
+
+    Args:
+      eps_fn: ``eps_fn(params, x, timesteps, context)``, the noise model.
+      params: its (differentiable) parameters.
+      schedule: the DDIM grid (T steps).
+      x_T: [B, ...] initial noise.
+      noise: [B, T, ...] the z_i of every step (reparameterised sampling).
+      context: [B, L, D] prompt embeddings; null_context: [1 or B, L, D] the empty prompt's.
+      eta, guidance_scale: DDIM stochasticity and classifier-free guidance weight.
+      grad_depth, grad_cut: gradient depth K and where to cut (module docstring).
+      remat: rematerialisation policy of the step body: none | full | dots.
+      step_hook: ``hook(StepInfo) -> pytree``; its outputs are stacked to [T, ...].
+      python_loop: run the same body in a Python loop (debugging, inspection).
+    """
+    num_steps = schedule.num_steps
+    if noise.shape[:2] != (x_T.shape[0], num_steps):
+        raise ValueError(f"noise has shape {noise.shape}; expected [B={x_T.shape[0]}, "
+                         f"T={num_steps}, ...]")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r}: use one of {', '.join(REMAT_POLICIES)}")
+    cuts = jnp.asarray(gradient_cuts(num_steps, grad_depth, grad_cut))
+    batch = x_T.shape[0]
+
+    def body(x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
+        i, z = inputs
+        x = jnp.where(cuts[i], jax.lax.stop_gradient(x), x)
+        t = schedule.timesteps[i]
+        model_output = ddim.guided_eps(eps_fn, params, x, jnp.full((batch,), t, jnp.int32),
+                                       context, null_context, guidance_scale)
+        step = ddim.ddim_step(schedule, i, x, model_output, z, eta)
+        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(step.x_prev), step.mean, step.std)
+        info = StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
+                        x_prev=step.x_prev, eps=step.eps, x0_hat=step.x0_hat, mean=step.mean,
+                        std=step.std)
+        hook_out = step_hook(info) if step_hook is not None else None
+        return step.x_prev, (x, step.x_prev, log_prob, hook_out)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+
+    noise_time_major = jnp.swapaxes(noise, 0, 1)  # [T, B, ...]
+    indices = jnp.arange(num_steps, dtype=jnp.int32)
+    if python_loop:
+        x, outputs = x_T, []
+        for i in range(num_steps):
+            x, out = body(x, (indices[i], noise_time_major[i]))
+            outputs.append(out)
+        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outputs)
+    else:
+        x, stacked = jax.lax.scan(body, x_T, (indices, noise_time_major))
+    states, next_states, log_probs, hook_outputs = stacked
+    trajectory = Trajectory(
+        x_t=jnp.swapaxes(states, 0, 1),
+        x_prev=jnp.swapaxes(next_states, 0, 1),
+        timesteps=jnp.broadcast_to(schedule.timesteps[None, :], (batch, num_steps)),
+        noise=noise,
+        log_prob=jnp.swapaxes(log_probs, 0, 1),
+        x0=x,
+    )
+    return trajectory, hook_outputs
+
+
+def sample_noise(key: jax.Array, batch: int, num_steps: int, shape: tuple[int, ...],
+                 dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """(x_T [B, ...], z [B, T, ...]) standard normal draws for one rollout."""
+    key_init, key_steps = jax.random.split(key)
+    x_T = jax.random.normal(key_init, (batch,) + tuple(shape), dtype)
+    z = jax.random.normal(key_steps, (batch, num_steps) + tuple(shape), dtype)
+    return x_T, z

@@ -1,0 +1,1 @@
+"""Model loaders behind one interface: the embedded shapes world, Stable Diffusion; LoRA."""

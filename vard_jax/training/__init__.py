@@ -1,0 +1,1 @@
+"""Train state, update steps, the training loop, checkpoints and metric writers."""
