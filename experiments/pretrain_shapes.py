@@ -1,0 +1,208 @@
+"""Trains the embedded default from scratch on CPU and writes it into the package.
+
+1. A tiny CLIP (``FlaxCLIPModel``) trained contrastively on (image, caption) pairs of the shapes
+   world's training split: the ``clip_alignment`` reward and, through its text tower, the frozen
+   text encoder of the diffusion model.
+2. A tiny pixel-space ``FlaxUNet2DConditionModel``, trained as an eps-prediction DDPM on the
+   same split with 10% condition dropout (so classifier-free guidance works); the shipped
+   weights are an exponential moving average.
+3. Quality figures: CLIP top-1 retrieval on held-out pairs; the base model's shape_fidelity
+   and clip_alignment on training and held-out prompts at the demo's guidance; a sample grid.
+
+    python experiments/pretrain_shapes.py                  # ~40 min on 2 CPU cores
+    python experiments/pretrain_shapes.py --clip_steps=50 --unet_steps=20 --out=/tmp/w  # smoke
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from vard_jax.diffusion import sampler as sampler_lib
+from vard_jax.diffusion.schedule import add_noise, alphas_cumprod_for
+from vard_jax.models import clip as clip_lib
+from vard_jax.models import shapes as shapes_model
+from vard_jax.rewards.shape_fidelity import shape_fidelity
+from vard_jax.training import images as grid_lib
+from vard_jax.worlds import shapes as world
+from vard_jax.worlds import tokenizer_files
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", str(shapes_model.ASSET_DIR), "Asset directory to write.")
+flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and sampling.")
+flags.DEFINE_integer("clip_steps", 1500, "CLIP training steps.")
+flags.DEFINE_integer("clip_batch", 128, "CLIP batch size.")
+flags.DEFINE_integer("unet_steps", 1200, "UNet training steps (upper bound).")
+flags.DEFINE_float("unet_minutes", 28.0, "Wall-clock budget of UNet training, minutes.")
+flags.DEFINE_integer("unet_batch", 64, "UNet batch size.")
+flags.DEFINE_float("cond_dropout", 0.1, "Probability of training on the empty prompt.")
+flags.DEFINE_float("ema_decay", 0.995, "EMA decay of the shipped UNet weights.")
+flags.DEFINE_integer("eval_samples", 64, "Samples per split for the quality figures.")
+flags.DEFINE_integer("eval_steps", 20, "DDIM steps for the quality figures.")
+flags.DEFINE_float("guidance_scale", 3.0, "Guidance for the quality figures (the demo's).")
+
+
+def train_clip(clip_model, tokenizer, key):
+    params = shapes_model.init_clip_params(clip_model, key)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, 1e-3, min(100, FLAGS.clip_steps // 2), FLAGS.clip_steps, 1e-5)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt_state = optimizer.init(params)
+
+    def loss_fn(p, images, ids, same):
+        image = clip_lib.image_embeddings(clip_model, p, images)
+        text = clip_lib.text_embeddings(clip_model, p, ids)
+        logits = jnp.exp(p["logit_scale"]) * image @ text.T  # [B, B]
+        targets = same / same.sum(-1, keepdims=True)  # identical captions are all positives
+        loss_i = optax.softmax_cross_entropy(logits, targets).mean()
+        loss_t = optax.softmax_cross_entropy(logits.T, targets).mean()
+        return 0.5 * (loss_i + loss_t)
+
+    @jax.jit
+    def step(p, s, images, ids, same):
+        loss, grads = jax.value_and_grad(loss_fn)(p, images, ids, same)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    start = time.time()
+    for i in range(FLAGS.clip_steps):
+        images, captions = world.generate(FLAGS.clip_batch, seed=10_000 + i, split="train")
+        ids = tokenizer_files.encode_captions(tokenizer, captions)
+        same = (np.asarray(captions)[:, None] == np.asarray(captions)[None, :]).astype(np.float32)
+        params, opt_state, loss = step(params, opt_state, images, ids, same)
+        if i % 250 == 0 or i == FLAGS.clip_steps - 1:
+            print(f"clip step {i}: loss {float(loss):.3f} ({time.time() - start:.0f}s)", flush=True)
+    return params
+
+
+def clip_retrieval_accuracy(clip_model, params, tokenizer, split: str, n: int = 512) -> float:
+    """Top-1 retrieval of an image's caption among all captions of the split."""
+    captions = world.all_prompts(split)
+    images, truth = world.generate(n, seed=777, split=split)
+    text = clip_lib.text_embeddings(clip_model, params,
+                                    tokenizer_files.encode_captions(tokenizer, captions))
+    image = clip_lib.image_embeddings(clip_model, params, images)
+    best = np.asarray(jnp.argmax(image @ text.T, axis=-1))
+    return float(np.mean([captions[j] == t for j, t in zip(best, truth)]))
+
+
+def train_unet(pipeline, text_params, key):
+    unet = pipeline.unet
+    params = shapes_model.init_unet_params(unet, key)
+    ema = params
+    alphas_cumprod = jnp.asarray(alphas_cumprod_for(pipeline.schedule))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, 1e-3, min(200, FLAGS.unet_steps // 2), FLAGS.unet_steps, 5e-5)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt_state = optimizer.init(params)
+
+    # Every caption the world can produce, plus the empty prompt, encoded once.
+    all_captions = [""] + world.all_prompts("train") + world.all_prompts("heldout")
+    index = {c: i for i, c in enumerate(all_captions)}
+    table = jax.jit(pipeline.encode_ids)(text_params, jnp.asarray(pipeline.tokenize(all_captions)))
+
+    @jax.jit
+    def step(p, e, s, images, caption_idx, key):
+        key_t, key_n, key_d = jax.random.split(key, 3)
+        x0 = jnp.transpose(images, (0, 3, 1, 2)) * 2.0 - 1.0  # [B, 3, H, W] in [-1, 1]
+        batch = x0.shape[0]
+        t = jax.random.randint(key_t, (batch,), 0, pipeline.schedule.num_train_timesteps)
+        noise = jax.random.normal(key_n, x0.shape)
+        drop = jax.random.uniform(key_d, (batch,)) < FLAGS.cond_dropout
+        context = table[jnp.where(drop, 0, caption_idx)]
+        x_t = add_noise(alphas_cumprod, x0, noise, t)
+
+        def loss_fn(p):
+            return jnp.mean((pipeline.eps_fn(p, x_t, t, context) - noise) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = optimizer.update(grads, s, p)
+        p = optax.apply_updates(p, updates)
+        e = jax.tree_util.tree_map(lambda a, b: FLAGS.ema_decay * a + (1 - FLAGS.ema_decay) * b, e, p)
+        return p, e, s, loss
+
+    start, losses = time.time(), []
+    key = jax.random.PRNGKey(FLAGS.seed + 1)
+    for i in range(FLAGS.unet_steps):
+        images, captions = world.generate(FLAGS.unet_batch, seed=20_000 + i, split="train")
+        caption_idx = jnp.asarray([index[c] for c in captions])
+        params, ema, opt_state, loss = step(params, ema, opt_state, images, caption_idx,
+                                            jax.random.fold_in(key, i))
+        losses.append(float(loss))
+        elapsed = time.time() - start
+        if i % 50 == 0:
+            print(f"unet step {i}: loss {np.mean(losses[-50:]):.4f} ({elapsed:.0f}s)", flush=True)
+        if elapsed > FLAGS.unet_minutes * 60:
+            print(f"unet: time budget reached after {i + 1} steps", flush=True)
+            break
+    return ema, {"unet_steps": i + 1, "unet_final_loss": float(np.mean(losses[-50:])),
+                 "unet_train_seconds": round(time.time() - start, 1)}
+
+
+def evaluate_base(pipeline, params, clip_model, clip_params, out: pathlib.Path) -> dict:
+    spec = sampler_lib.SamplerSpec(FLAGS.eval_steps, 1.0, FLAGS.guidance_scale)
+    fn = sampler_lib.jit_sampler(pipeline, spec)
+    score = jax.jit(lambda p, im, ids: clip_lib.clip_logits(clip_model, p, im, ids))
+    figures, grids = {}, []
+    for split in ("train", "heldout"):
+        rng = np.random.default_rng(FLAGS.seed)
+        prompts = list(rng.choice(world.all_prompts(split), FLAGS.eval_samples))
+        ids = jnp.asarray(pipeline.tokenize(prompts))
+        samples = fn(params, params["unet"], ids, jax.random.PRNGKey(FLAGS.seed + 7))
+        images = np.asarray(samples.images)
+        fidelity = shape_fidelity(images, prompts)
+        alignment = np.asarray(score(clip_params, samples.images, ids))
+        figures[f"base_{split}_shape_fidelity"] = [float(fidelity.mean()), float(fidelity.std())]
+        figures[f"base_{split}_clip_alignment"] = [float(alignment.mean()), float(alignment.std())]
+        grids.append((images[:16], prompts[:16], fidelity[:16]))
+    images = np.concatenate([g[0] for g in grids])
+    prompts = sum([g[1] for g in grids], [])
+    scores = np.concatenate([g[2] for g in grids])
+    grid_lib.save_grid(out / "base_samples.png", images, prompts, scores, columns=8,
+                       score_name="fidelity")
+    return figures
+
+
+def main(argv):
+    del argv
+    out = pathlib.Path(FLAGS.out)
+    key_clip, key_unet = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
+    tokenizer_dir = out / "tokenizer"
+    tokenizer_files.write_tokenizer_files(tokenizer_dir)
+    tokenizer = tokenizer_files.load_tokenizer(tokenizer_dir)
+    clip_model = shapes_model.build_clip(tokenizer)
+    pipeline = shapes_model.build_pipeline(tokenizer, clip_model)
+
+    start = time.time()
+    clip_params = train_clip(clip_model, tokenizer, key_clip)
+    figures = {"clip_train_seconds": round(time.time() - start, 1),
+               "clip_heldout_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
+                                                            "heldout"),
+               "clip_train_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
+                                                          "train")}
+    print(json.dumps(figures), flush=True)
+
+    text_params = shapes_model.text_encoder_params(clip_params)
+    unet_params, unet_figures = train_unet(pipeline, text_params, key_unet)
+    figures.update(unet_figures)
+    params = {"unet": unet_params, "text_encoder": text_params}
+    figures.update(evaluate_base(pipeline, params, clip_model, clip_params, out))
+    real_train, real_train_caps = world.generate(256, seed=5, split="train")
+    real_held, real_held_caps = world.generate(256, seed=5, split="heldout")
+    figures["real_train_shape_fidelity"] = float(shape_fidelity(real_train, real_train_caps).mean())
+    figures["real_heldout_shape_fidelity"] = float(shape_fidelity(real_held, real_held_caps).mean())
+    figures["eval_guidance_scale"] = FLAGS.guidance_scale
+    figures["eval_steps"] = FLAGS.eval_steps
+    shapes_model.save(out, unet_params, clip_params, {"quality": figures})
+    print(json.dumps(figures, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,60 @@
+"""The thin interface every text-to-image model family implements.
+
+A ``Pipeline`` holds the (stateless) modules and the tokenizer; parameters travel separately
+as a dict ``{"unet": ..., "text_encoder": ..., "vae": ...}`` so that training code differentiates
+and shards plain pytrees. The difference between pixel-space models (the shapes world) and
+latent-space models (Stable Diffusion) lives here and nowhere else: ``sample_shape`` and
+``decode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vard_jax.diffusion.schedule import NoiseScheduleConfig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Modules of a text-to-image diffusion model (parameters are passed separately)."""
+
+    unet: Any  # flax module: apply({"params"}, x [B,C,H,W], t [B], context [B,L,D]) -> .sample
+    text_encoder: Any  # a transformers Flax CLIP text model (called with params=)
+    tokenizer: Any  # transformers CLIPTokenizer
+    schedule: NoiseScheduleConfig  # the training noise schedule of the UNet
+    sample_shape: tuple[int, int, int]  # [C, H, W] of the UNet's input (pixels or latents)
+    vae: Optional[Any] = None  # diffusers FlaxAutoencoderKL for latent models, None for pixels
+    vae_scaling_factor: float = 1.0  # latents = scaling * vae.encode(images)
+    max_length: int = 77  # tokenizer length (padding to max_length)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+               context: jax.Array) -> jax.Array:
+        """The UNet's noise prediction for x [B, C, H, W]."""
+        return self.unet.apply({"params": unet_params}, x, timesteps, context).sample
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids [B, max_length] int32, padded/truncated to ``max_length``."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return ids.astype(np.int32)
+
+    def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
+        """Text encoder hidden states [B, L, D] (the UNet's cross-attention context)."""
+        return self.text_encoder(input_ids, params=text_params, train=False).last_hidden_state
+
+    def decode(self, params: dict, x0: jax.Array) -> jax.Array:
+        """Final samples -> images [B, H, W, 3] in [0, 1] (VAE decode for latent models)."""
+        if self.vae is not None:
+            x0 = self.vae.apply({"params": params["vae"]}, x0 / self.vae_scaling_factor,
+                                method=self.vae.decode).sample
+        images = jnp.transpose(x0, (0, 2, 3, 1))
+        return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)

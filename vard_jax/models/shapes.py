@@ -1,0 +1,162 @@
+"""The embedded default model: a tiny pixel-space text-to-image model of the shapes world.
+
+Same component classes as Stable Diffusion: a ``FlaxUNet2DConditionModel`` with
+cross-attention, a ``FlaxCLIPTextModel`` text encoder (the text tower of the world's tiny CLIP,
+frozen, as SD's is), and a ``CLIPTokenizer`` built from the project's own vocabulary files.
+The tiny ``FlaxCLIPModel`` is also the ``clip_alignment`` reward (the PickScore stand-in).
+
+Assets (written by ``experiments/pretrain_shapes.py``) live in ``vard_jax/assets/shapes``:
+``model_index.json`` (architectures), ``tokenizer/``, and orbax checkpoints ``unet/``, ``clip/``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vard_jax import upstream
+from vard_jax.diffusion.schedule import NoiseScheduleConfig
+from vard_jax.models.pipeline import Pipeline
+from vard_jax.worlds import shapes as world
+from vard_jax.worlds import tokenizer_files
+
+ASSET_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "shapes"
+
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=world.IMAGE_SIZE,
+    in_channels=world.CHANNELS,
+    out_channels=world.CHANNELS,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=64,
+)
+
+CLIP_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=tokenizer_files.MAX_LENGTH, bos_token_id=0, eos_token_id=1,
+    pad_token_id=1,
+)
+CLIP_VISION_CONFIG: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    image_size=world.IMAGE_SIZE, patch_size=4, num_channels=3,
+)
+CLIP_PROJECTION_DIM = 64
+
+SCHEDULE = NoiseScheduleConfig(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                               beta_schedule="linear", steps_offset=0, set_alpha_to_one=True,
+                               clip_sample=False, prediction_type="epsilon")
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    return dict(bos_token_id=int(tokenizer.bos_token_id), eos_token_id=int(tokenizer.eos_token_id),
+                pad_token_id=int(tokenizer.pad_token_id), vocab_size=len(tokenizer))
+
+
+def build_clip(tokenizer: Any) -> Any:
+    """An uninitialised-weights tiny FlaxCLIPModel sized for the tokenizer (params built lazily)."""
+    transformers = upstream.transformers()
+    text_config = dict(CLIP_TEXT_CONFIG, **_special_ids(tokenizer))
+    config = transformers.CLIPConfig(text_config=text_config, vision_config=CLIP_VISION_CONFIG,
+                                     projection_dim=CLIP_PROJECTION_DIM)
+    return transformers.FlaxCLIPModel(config, seed=0, _do_init=False)
+
+
+def build_unet() -> Any:
+    return upstream.diffusers().FlaxUNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_pipeline(tokenizer: Any, clip_model: Any) -> Pipeline:
+    transformers = upstream.transformers()
+    text_encoder = transformers.FlaxCLIPTextModel(clip_model.config.text_config, seed=0,
+                                                  _do_init=False)
+    return Pipeline(unet=build_unet(), text_encoder=text_encoder, tokenizer=tokenizer,
+                    schedule=SCHEDULE, sample_shape=(world.CHANNELS, world.IMAGE_SIZE,
+                                                     world.IMAGE_SIZE),
+                    max_length=tokenizer_files.MAX_LENGTH)
+
+
+def init_unet_params(unet: Any, key: jax.Array) -> Any:
+    c, h, w = world.CHANNELS, world.IMAGE_SIZE, world.IMAGE_SIZE
+    x = jnp.zeros((1, c, h, w))
+    context = jnp.zeros((1, tokenizer_files.MAX_LENGTH, UNET_CONFIG["cross_attention_dim"]))
+    return unet.init(key, x, jnp.zeros((1,), jnp.int32), context)["params"]
+
+
+def init_clip_params(clip_model: Any, key: jax.Array) -> Any:
+    # The module is initialised on NHWC pixels (the wrapper transposes NCHW inputs later).
+    shapes = ((1, tokenizer_files.MAX_LENGTH), (1, world.IMAGE_SIZE, world.IMAGE_SIZE, world.CHANNELS))
+    return clip_model.init_weights(key, shapes)
+
+
+def text_encoder_params(clip_params: Any) -> dict:
+    """The FlaxCLIPTextModel params inside a FlaxCLIPModel's params."""
+    return {"text_model": clip_params["text_model"]}
+
+
+def _restore(path: pathlib.Path, abstract: Any) -> Any:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path.resolve(), abstract)
+
+
+def load(asset_dir: str | pathlib.Path = "", random_init: bool = False,
+         seed: int = 0) -> tuple[Pipeline, dict, Any, Any]:
+    """Loads the shipped world: (pipeline, params, clip_model, clip_params).
+
+    ``params`` = {"unet", "text_encoder"}. With ``random_init`` the UNet is freshly initialised
+    (the CLIP still comes from the assets when present, else is random too).
+    """
+    directory = pathlib.Path(asset_dir) if asset_dir else ASSET_DIR
+    tokenizer_dir = directory / "tokenizer"
+    if not (tokenizer_dir / "vocab.json").exists():
+        raise FileNotFoundError(f"no tokenizer files under {tokenizer_dir}; run "
+                                "experiments/pretrain_shapes.py or point pretrained.path at them")
+    tokenizer = tokenizer_files.load_tokenizer(tokenizer_dir)
+    clip_model = build_clip(tokenizer)
+    pipeline = build_pipeline(tokenizer, clip_model)
+    key_unet, key_clip = jax.random.split(jax.random.PRNGKey(seed))
+    abstract_unet = jax.eval_shape(lambda: init_unet_params(pipeline.unet, key_unet))
+    abstract_clip = jax.eval_shape(lambda: init_clip_params(clip_model, key_clip))
+    if (directory / "clip").exists():
+        clip_params = _restore(directory / "clip", abstract_clip)
+    elif random_init:
+        clip_params = init_clip_params(clip_model, key_clip)
+    else:
+        raise FileNotFoundError(f"no CLIP checkpoint under {directory / 'clip'}")
+    if random_init:
+        unet_params = init_unet_params(pipeline.unet, key_unet)
+    elif (directory / "unet").exists():
+        unet_params = _restore(directory / "unet", abstract_unet)
+    else:
+        raise FileNotFoundError(f"no UNet checkpoint under {directory / 'unet'}; run "
+                                "experiments/pretrain_shapes.py, or set pretrained.random_init")
+    params = {"unet": unet_params, "text_encoder": text_encoder_params(clip_params)}
+    return pipeline, params, clip_model, clip_params
+
+
+def save(directory: str | pathlib.Path, unet_params: Any, clip_params: Any,
+         metadata: dict) -> None:
+    """Writes the world's checkpoints and an index with the architectures and quality figures."""
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_files.write_tokenizer_files(directory / "tokenizer")
+    for name, tree in (("unet", unet_params), ("clip", clip_params)):
+        target = directory / name
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(target, jax.tree_util.tree_map(np.asarray, tree))
+    index = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+             "clip_text": CLIP_TEXT_CONFIG, "clip_vision": CLIP_VISION_CONFIG,
+             "schedule": SCHEDULE.__dict__, **metadata}
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
