@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     reward.name = "clip_alignment"  # Registered reward, or a weighted sum "a:1.0,b:0.1".
     reward.path = ""  # Reward model hub id or local directory ("" = the reward's default).
     reward.direct_last_step = False  # Use r(x_0) itself as J_1 (differentiable rewards only).
+    reward.eval_extra = ""  # More rewards scored on evaluation samples only, comma-separated.
 
     # --- the value model V(x_t, t, c) ---------------------------------------------------------
     config.value = value = ml_collections.ConfigDict()

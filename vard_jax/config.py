@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 
 ALGORITHMS = ("vard", "ddpo", "draft")
-MODEL_FAMILIES = ("shapes", "stable_diffusion")
+MODEL_FAMILIES = ("shapes",)
 VALUE_ARCHS = ("conv", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
 LR_SCHEDULES = ("constant", "cosine")
@@ -174,3 +174,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         registry.parse_spec(config.reward.name)
     except ValueError as error:
         raise ConfigError(f"config.reward.name = {config.reward.name!r}: {error}") from None
+    for name in filter(None, (n.strip() for n in config.reward.eval_extra.split(","))):
+        try:
+            registry.parse_spec(name)
+        except ValueError as error:
+            raise ConfigError(f"config.reward.eval_extra = {config.reward.eval_extra!r}: "
+                              f"{error}") from None

@@ -1,0 +1,34 @@
+"""VARD on the embedded shapes world with the differentiable clip_alignment reward.
+
+The README's demo: python -m vard_jax.main --config=configs/shapes.py --workdir=runs/demo
+(finishes in minutes on 2 CPU cores). ``--config=configs/shapes.py:tiny`` shrinks it further.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+    config = base.get_config()
+    config.pretrained.family = "shapes"
+    config.reward.name = "clip_alignment"
+    config.reward.eval_extra = "shape_fidelity"
+    config.sample.num_steps = 10
+    config.sample.eta = 1.0
+    config.sample.guidance_scale = 3.0
+    config.sample.batch_size = 16
+    config.sample.batches_per_epoch = 1
+    config.sample.eval_batch_size = 32
+    config.sample.eval_batches = 2
+    config.value.pretrain_epochs = 2
+    config.value.updates_per_epoch = 16
+    config.value.batch_size = 64
+    config.policy.learning_rate = 1e-4
+    config.policy.beta = 0.01
+    config.train.epochs = 16
+    config.train.eval_every = 4
+    config.checkpoint.every = 4
+    if arg == "tiny":
+        base.tiny(config)
+    elif arg:
+        raise ValueError(f"configs/shapes.py takes '' or 'tiny', not {arg!r}")
+    return config

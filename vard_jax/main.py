@@ -1,0 +1,64 @@
+"""Fine-tune a text-to-image diffusion model toward a reward with VARD.
+
+    python -m vard_jax.main --config=configs/shapes.py --workdir=runs/demo
+    python -m vard_jax.main --config=configs/shapes.py --config.train.seed=3 --workdir=DIR
+
+Re-running the same command resumes from the latest checkpoint under WORKDIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import flags
+from ml_collections import config_flags
+
+from vard_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, samples and checkpoints.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...")
+    if _CONFIG.value is None:
+        cli.fail("--config is required, e.g. --config=configs/shapes.py")
+    if not _WORKDIR.value:
+        cli.fail("--workdir is required, e.g. --workdir=runs/demo")
+    import jax
+
+    from vard_jax.config import ConfigError, validate
+
+    config = _CONFIG.value
+    try:
+        validate(config, jax.device_count())
+    except ConfigError as error:
+        cli.fail(str(error))
+    workdir = pathlib.Path(_WORKDIR.value)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        cli.fail(f"workdir {workdir} is not writable ({error.strerror}); choose another --workdir")
+
+    from vard_jax.training.loop import Loop
+
+    try:
+        loop = Loop(config, workdir)
+    except (FileNotFoundError, ValueError) as error:
+        cli.fail(str(error).splitlines()[0])
+    rows = loop.run()
+    if rows:
+        final = rows[-1]
+        keys = [k for k in final if k.startswith("eval_") and k.endswith("_mean")]
+        print(json.dumps({"step": final["step"], **{k: final[k] for k in keys},
+                          "wall_s": round(final["wall_s"], 1)}))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,120 @@
+"""Value networks V(x_t, t, c): predictions of the (standardised) final reward.
+
+* ``ConvValue`` (default, ``value.arch = "conv"``): a small convolutional encoder of the noisy
+  state, FiLM-modulated by a sinusoidal timestep embedding and the mean-pooled prompt
+  embedding, with a scalar head.
+* ``RewardInitValue`` (``value.arch = "reward_init"``): the reward network's own backbone (a
+  CLIP) applied to the decoded one-step prediction x0_hat(x_t) of the frozen reference model,
+  started from the reward's weights, plus a per-timestep affine correction initialised to the
+  identity; so V equals the standardised reward of x0_hat from the start.
+
+Both are used through ``ValueModel``: ``init(key) -> params`` and
+``apply(params, x_t, t, context, aux) -> [B]``; ``aux`` carries what a model needs beyond the
+state (the prompt ids of the reward, the reward statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of integer timesteps [B]."""
+    half = dim // 2
+    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half) / half)
+    angles = timesteps.astype(jnp.float32)[:, None] * frequencies[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class ConvValue(nn.Module):
+    """V(x_t, t, c) -> [B]; x_t: [B, C, H, W], timesteps: [B], context: [B, L, D]."""
+
+    width: int = 32
+    stages: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        h = jnp.transpose(x, (0, 2, 3, 1))  # NHWC
+        condition = jnp.concatenate([timestep_embedding(timesteps, 64),
+                                     jnp.mean(context, axis=1)], axis=-1)
+        condition = nn.silu(nn.Dense(4 * self.width)(condition))
+        h = nn.Conv(self.width, (3, 3))(h)
+        for stage in range(self.stages):
+            channels = self.width * 2**stage
+            h = nn.Conv(channels, (3, 3), strides=(2, 2) if stage else (1, 1))(h)
+            h = nn.GroupNorm(num_groups=min(8, channels))(h)
+            film = nn.Dense(2 * channels)(condition)[:, None, None, :]
+            scale, shift = jnp.split(film, 2, axis=-1)
+            h = nn.silu(h * (1.0 + scale) + shift)
+            h = nn.silu(nn.Conv(channels, (3, 3))(h))
+        h = jnp.mean(h, axis=(1, 2))
+        h = nn.silu(nn.Dense(4 * self.width)(jnp.concatenate([h, condition], axis=-1)))
+        return nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ValueModel:
+    """A value network behind one interface (see the module docstring)."""
+
+    init: Callable[[jax.Array], Any]
+    apply: Callable[[Any, jax.Array, jax.Array, jax.Array, dict], jax.Array]
+    name: str
+
+
+def conv_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int],
+               width: int) -> ValueModel:
+    module = ConvValue(width=width)
+
+    def init(key):
+        x = jnp.zeros((1,) + tuple(sample_shape))
+        context = jnp.zeros((1,) + tuple(context_shape))
+        return module.init(key, x, jnp.zeros((1,), jnp.int32), context)["params"]
+
+    def apply(params, x, timesteps, context, aux):
+        del aux
+        return module.apply({"params": params}, x, timesteps, context)
+
+    return ValueModel(init=init, apply=apply, name="conv")
+
+
+class _TimeAffine(nn.Module):
+    """(1 + a(t), b(t)) from a timestep embedding; initialised to the identity (a = b = 0)."""
+
+    @nn.compact
+    def __call__(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = nn.silu(nn.Dense(32)(timestep_embedding(timesteps, 32)))
+        out = nn.Dense(2, kernel_init=nn.initializers.zeros)(h)
+        return 1.0 + out[:, 0], out[:, 1]
+
+
+def reward_init_value(backbone_score: Callable[[Any, jax.Array, jax.Array], jax.Array],
+                      backbone_params: Any, x0_hat_fn: Callable[[jax.Array, jax.Array, jax.Array],
+                                                                 jax.Array],
+                      decode: Callable[[jax.Array], jax.Array]) -> ValueModel:
+    """V = (1 + a(t)) * standardise(score(decode(x0_hat(x_t)))) + b(t).
+
+    ``backbone_score(params, images, ids) -> [B]`` is the reward network (trainable copy),
+    ``x0_hat_fn(x_t, t, context)`` the frozen reference model's one-step prediction (it may be
+    differentiated with respect to x_t), ``decode`` maps samples to [0, 1] images.
+    ``aux`` must hold ``reward_ids`` (the reward's prompt tokens) and ``reward_mean/std``.
+    """
+    affine = _TimeAffine()
+
+    def init(key):
+        return {"backbone": backbone_params,
+                "affine": affine.init(key, jnp.zeros((1,), jnp.int32))["params"]}
+
+    def apply(params, x, timesteps, context, aux):
+        images = decode(x0_hat_fn(x, timesteps, context))
+        raw = backbone_score(params["backbone"], images, aux["reward_ids"])
+        standardised = (raw - aux["reward_mean"]) / aux["reward_std"]
+        scale, shift = affine.apply({"params": params["affine"]}, timesteps)
+        return scale * standardised + shift
+
+    return ValueModel(init=init, apply=apply, name="reward_init")

@@ -1,0 +1,40 @@
+"""Prompt sets: a named split of the shapes world, or a UTF-8 text file with one prompt a line."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from vard_jax.worlds import shapes as world
+
+
+def load_prompts(spec: str) -> list[str]:
+    """The prompts of ``spec``: "train"/"heldout" (shapes world) or a path to a text file."""
+    if spec in world.SPLITS:
+        return world.all_prompts(spec)
+    path = pathlib.Path(spec)
+    if not path.is_file():
+        raise ValueError(f"prompt set {spec!r} is neither a split ({', '.join(world.SPLITS)}) "
+                         "nor an existing file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts file {spec} is not UTF-8 text (byte {error.start}); "
+                         "save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {spec} has no prompts; write one prompt per line")
+    return prompts
+
+
+def draw(prompts: list[str], count: int, seed: int, *salt: int) -> list[str]:
+    """``count`` prompts drawn uniformly with replacement, deterministic in (seed, salt)."""
+    rng = np.random.default_rng([seed, *salt])
+    return [prompts[i] for i in rng.integers(len(prompts), size=count)]
+
+
+def fixed(prompts: list[str], count: int, seed: int) -> list[str]:
+    """A fixed evaluation list: a seeded permutation of the set, cycled to ``count``."""
+    order = np.random.default_rng([seed, 12345]).permutation(len(prompts))
+    return [prompts[order[i % len(prompts)]] for i in range(count)]

@@ -1,0 +1,175 @@
+"""The outer loop: sample -> reward -> value update -> policy update -> log -> checkpoint.
+
+Every random draw is a function of the seed, the epoch and the state's key, so a run resumed
+from a checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from vard_jax import prompts as prompts_lib
+from vard_jax.training import evaluation
+from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
+from vard_jax.training.images import save_grid
+from vard_jax.training.metrics import MetricWriter
+from vard_jax.training.state import TrainState
+from vard_jax.training.trainer import Trainer
+
+
+class Loop:
+    def __init__(self, config, workdir: str | pathlib.Path, trainer: Optional[Trainer] = None):
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.trainer = trainer or Trainer(config)
+        self.train_prompts = prompts_lib.load_prompts(config.sample.train_prompts)
+        eval_set = prompts_lib.load_prompts(config.sample.eval_prompts)
+        count = config.sample.eval_batch_size * config.sample.eval_batches
+        self.eval_prompts = prompts_lib.fixed(eval_set, count, config.train.seed)
+        self.grid_train_prompts = prompts_lib.fixed(self.train_prompts,
+                                                    config.sample.eval_batch_size,
+                                                    config.train.seed)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
+
+    # --- one epoch's pieces ------------------------------------------------------------------------
+    def _split_key(self, state: TrainState) -> tuple[TrainState, jax.Array]:
+        key, sub = jax.random.split(state.key)
+        return state.replace(key=key), sub
+
+    def collect(self, state: TrainState, salt: tuple[int, int], key: jax.Array):
+        """Rollouts of the current policy and their rewards (host); ``salt`` seeds prompts."""
+        cfg = self.config.sample
+        rollouts, rewards, prompts = [], [], []
+        for b in range(cfg.batches_per_epoch):
+            batch_prompts = prompts_lib.draw(self.train_prompts, cfg.batch_size,
+                                             self.config.train.seed, *salt, b)
+            rollout = self.trainer.rollout_batch(state.policy_params, batch_prompts,
+                                                 jax.random.fold_in(key, b))
+            values, _ = self.trainer.reward_evaluator(np.asarray(rollout.images), batch_prompts)
+            rollouts.append(rollout)
+            rewards.append(values)
+            prompts.append(batch_prompts)
+        return rollouts, np.concatenate(rewards), prompts
+
+    def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray,
+                    salt: tuple[int, int]):
+        state = state.replace(
+            reward_stats=state.reward_stats.update(jax.numpy.asarray(rewards),
+                                                   self.config.value.stats_decay),
+            reward_queries=state.reward_queries + rewards.size)
+        dataset = self.trainer.value_dataset(rollouts, rewards, state.reward_stats)
+        diagnostics = self.trainer.value_diagnostics(state.value_params, dataset)
+        rng = np.random.default_rng([self.config.train.seed, *salt, 7])
+        state, metrics = self.trainer.value_updates(state, dataset, rng)
+        return state, {**diagnostics, **metrics}
+
+    def policy_stage(self, state: TrainState, prompts: list[list[str]], key: jax.Array):
+        metrics = []
+        for b, batch_prompts in enumerate(prompts):
+            for u in range(self.config.policy.updates_per_epoch):
+                step_key = jax.random.fold_in(jax.random.fold_in(key, b), u)
+                state, m = self.trainer.policy_update(state, batch_prompts, step_key)
+                metrics.append(m)
+        metrics = jax.device_get(metrics)
+        return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+    def evaluate(self, state: TrainState, step: int) -> dict:
+        cfg = self.config.sample
+        seed = self.config.train.seed + 1_000_003
+        held = evaluation.evaluate(self.trainer, state.policy_params, self.eval_prompts,
+                                   cfg.eval_batch_size, seed)
+        train = evaluation.evaluate(self.trainer, state.policy_params, self.grid_train_prompts,
+                                    cfg.eval_batch_size, seed)
+        metrics = evaluation.summary(held, "eval")
+        metrics["eval_reward_mean"] = metrics[f"eval_{self.trainer.reward.name}_mean"]
+        metrics.update(evaluation.summary(train, "eval_train"))
+        if jax.process_index() == 0:
+            count = min(cfg.eval_batch_size, len(held.prompts))
+            images = np.concatenate([held.images[:count], train.images])
+            prompts = held.prompts[:count] + train.prompts
+            scores = np.concatenate([held.scores[self.trainer.reward.name][:count],
+                                     train.scores[self.trainer.reward.name]])
+            save_grid(self.workdir / "samples" / f"step_{step:05d}.png", images,
+                      ["[held-out] " + p for p in prompts[:count]] + prompts[count:], scores,
+                      columns=self.config.logging.grid_columns)
+        return metrics
+
+    # --- the run -------------------------------------------------------------------------------------
+    def restore_or_init(self) -> tuple[TrainState, int]:
+        trainer = self.trainer
+        if self.checkpointer.latest_step() is None:
+            return trainer.init_state(), 0
+        abstract = abstract_with_shardings(trainer.abstract_state,
+                                           trainer.state_shardings(trainer.abstract_state))
+        state, step = self.checkpointer.restore(abstract)
+        return state, int(step)
+
+    def run(self) -> list[dict]:
+        config = self.config
+        state, start = self.restore_or_init()
+        is_main = jax.process_index() == 0
+        writer = MetricWriter(self.workdir, resume_step=start if start else None,
+                              tensorboard=config.logging.tensorboard, enabled=is_main)
+        rows = []
+        began = time.time()
+
+        def wall() -> float:
+            return writer.wall_offset + time.time() - began
+
+        if start == 0:
+            pre = {}
+            for p in range(config.value.pretrain_epochs):
+                state, key = self._split_key(state)
+                rollouts, rewards, _ = self.collect(state, (1, p), key)
+                state, pre = self.value_stage(state, rollouts, rewards, (1, p))
+            row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
+                   **{f"pretrain_{k}": v for k, v in pre.items()}, **self.evaluate(state, 0)}
+            rows.append(writer.write(0, row))
+        progress = _progress(config, start)
+        for epoch in range(start, config.train.epochs):
+            epoch_start = time.time()
+            state, key = self._split_key(state)
+            key_sample, key_policy = jax.random.split(key)
+            rollouts, rewards, prompts = self.collect(state, (0, epoch), key_sample)
+            state, value_metrics = self.value_stage(state, rollouts, rewards, (0, epoch))
+            state, policy_metrics = self.policy_stage(state, prompts, key_policy)
+            state = state.replace(epoch=state.epoch + 1)
+            step = epoch + 1
+            images = rewards.size * (1 + config.policy.updates_per_epoch)
+            row = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                   **value_metrics, **policy_metrics,
+                   "reward_queries": int(state.reward_queries),
+                   "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
+            if step % config.train.eval_every == 0 or step == config.train.epochs:
+                row.update(self.evaluate(state, step))
+            row["wall_s"] = wall()
+            rows.append(writer.write(step, row))
+            if step % config.checkpoint.every == 0 or step == config.train.epochs:
+                self.checkpointer.save(step, state, config.to_json())
+            if progress is not None:
+                progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                     eval=_fmt(row.get("eval_reward_mean")))
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        self.checkpointer.wait()
+        writer.close()
+        self.final_state = state
+        return rows
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _progress(config, start: int):
+    if not config.logging.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.train.epochs, initial=start, desc="vard", unit="epoch")

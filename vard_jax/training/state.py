@@ -1,0 +1,77 @@
+"""The training state (one pytree, checkpointed whole) and the optimisers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class RewardStats:
+    """Running mean/variance of the reward (decayed per epoch), to standardise value targets."""
+
+    mean: jax.Array  # []
+    var: jax.Array  # []
+    count: jax.Array  # [] number of rewards seen
+
+    @classmethod
+    def create(cls) -> "RewardStats":
+        return cls(mean=jnp.zeros(()), var=jnp.ones(()), count=jnp.zeros(()))
+
+    @property
+    def std(self) -> jax.Array:
+        return jnp.sqrt(self.var + 1e-8)
+
+    def update(self, rewards: jax.Array, decay: float) -> "RewardStats":
+        """Blends this batch's mean/variance in; the first batch sets them."""
+        batch_mean = jnp.mean(rewards)
+        batch_var = jnp.var(rewards)
+        first = self.count == 0
+        d = jnp.where(first, 0.0, decay)
+        mean = d * self.mean + (1 - d) * batch_mean
+        var = d * (self.var + (self.mean - mean) ** 2) + (1 - d) * (batch_var + (batch_mean - mean) ** 2)
+        return RewardStats(mean=mean, var=jnp.maximum(var, 1e-6), count=self.count + rewards.size)
+
+    def standardise(self, rewards: jax.Array) -> jax.Array:
+        return (rewards - self.mean) / self.std
+
+
+@flax.struct.dataclass
+class TrainState:
+    epoch: jax.Array  # [] int32: completed epochs
+    policy_params: Any
+    policy_opt_state: Any
+    value_params: Any
+    value_opt_state: Any
+    reward_stats: RewardStats
+    key: jax.Array  # PRNG key (raw uint32 data)
+    reward_queries: jax.Array  # [] int32: rewards evaluated so far
+    policy_updates: jax.Array  # [] int32
+    value_updates: jax.Array  # [] int32
+
+
+def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> optax.Schedule:
+    warmup_fn = optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else None
+    if kind == "cosine":
+        rest = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+    else:
+        rest = optax.constant_schedule(peak)
+    if warmup_fn is None:
+        return rest
+    return optax.join_schedules([warmup_fn, rest], [warmup])
+
+
+def make_optimizer(learning_rate: float, weight_decay: float, grad_clip: float, warmup: int,
+                   total_steps: int, schedule: str = "constant") -> optax.GradientTransformation:
+    """Adam(W) with optional global-norm clipping and a warm-up/decay schedule."""
+    lr = learning_rate_schedule(learning_rate, warmup, total_steps, schedule)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    if weight_decay > 0:
+        parts.append(optax.adamw(lr, weight_decay=weight_decay))
+    else:
+        parts.append(optax.adam(lr))
+    return optax.chain(*parts)

@@ -1,0 +1,281 @@
+"""Builds everything a run needs from a config, and the jitted pure update steps.
+
+``Trainer`` holds the static parts (pipeline, reward, value model, optimisers, mesh) and
+exposes functions of explicit state:
+
+* ``sample(policy_params, ids, key) -> Rollout``: images and the states of the chains;
+* ``value_step(state, batch) -> (state, metrics)`` and ``policy_step(state, batch, key) ->
+  (state, metrics)``: jitted once with explicit in/out shardings and the state donated.
+
+The epoch loop (``vard_jax.training.loop``) calls them in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vard_jax.algorithms import vard
+from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.diffusion.schedule import make_ddim_schedule
+from vard_jax.models import loader, value as value_lib
+from vard_jax.parallel import mesh as mesh_lib
+from vard_jax.rewards import registry
+from vard_jax.training.state import RewardStats, TrainState, make_optimizer
+
+EV_BUCKETS = 4  # explained variance of V is reported per quarter of the denoising steps
+
+
+class Rollout(NamedTuple):
+    images: jax.Array  # [B, H, W, 3] in [0, 1]
+    states: jax.Array  # [B, T, ...] x_{i-1}: the state after each step (x_0 last)
+    context: jax.Array  # [B, L, D]
+    x0: jax.Array  # [B, ...]
+
+
+def explained_variance(targets: np.ndarray, predictions: np.ndarray) -> float:
+    variance = float(np.var(targets))
+    if variance < 1e-12:
+        return float("nan")
+    return 1.0 - float(np.var(targets - predictions)) / variance
+
+
+class Trainer:
+    def __init__(self, config, devices=None):
+        self.config = config
+        self.mesh = mesh_lib.make_mesh(config, devices)
+        loaded = loader.load(config)
+        self.pipeline = loaded.pipeline
+        self.frozen = {k: v for k, v in loaded.params.items() if k != "unet"}
+        self.reference_params = loaded.params["unet"]
+        self.reward = registry.build(config.reward.name, loaded.reward_context)
+        self.reward_evaluator = registry.RewardEvaluator(self.reward)
+        extra = [n.strip() for n in config.reward.eval_extra.split(",") if n.strip()]
+        self.eval_evaluators = {n: registry.RewardEvaluator(registry.build(n, loaded.reward_context))
+                                for n in extra if n != self.reward.name}
+        if config.reward.direct_last_step and not self.reward.differentiable:
+            raise ValueError(f"reward.direct_last_step needs a differentiable reward; "
+                             f"{self.reward.name!r} is not")
+        self.num_steps = config.sample.num_steps
+        self.schedule = make_ddim_schedule(self.pipeline.schedule, self.num_steps)
+        self.null_ids = jnp.asarray(self.pipeline.tokenize([""]))
+        context_dim = self.pipeline.unet.cross_attention_dim
+        self.value_model = value_lib.conv_value(self.pipeline.sample_shape,
+                                                (self.pipeline.max_length, context_dim),
+                                                config.value.width)
+        epochs = config.train.epochs
+        self.policy_optimizer = make_optimizer(
+            config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
+            config.policy.warmup_steps,
+            epochs * config.sample.batches_per_epoch * config.policy.updates_per_epoch,
+            config.policy.lr_schedule)
+        self.value_optimizer = make_optimizer(
+            config.value.learning_rate, config.value.weight_decay, config.value.grad_clip,
+            config.value.warmup_steps, 0, "constant")
+        self.loss_config = vard.PolicyLossConfig(
+            beta=config.policy.beta, grad_depth=config.policy.grad_depth, eta=config.sample.eta,
+            guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
+            python_loop=config.sample.python_loop)
+        self._replicated = mesh_lib.replicated(self.mesh)
+        self._batch = mesh_lib.batch_sharding(self.mesh)
+        self._build_functions()
+
+    # --- state -----------------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        key = jax.random.PRNGKey(self.config.train.seed)
+        key, value_key = jax.random.split(key)
+        policy_params = jax.tree_util.tree_map(jnp.array, self.reference_params)  # own copy
+        value_params = self.value_model.init(value_key)
+        state = TrainState(
+            epoch=jnp.zeros((), jnp.int32),
+            policy_params=policy_params,
+            policy_opt_state=self.policy_optimizer.init(policy_params),
+            value_params=value_params,
+            value_opt_state=self.value_optimizer.init(value_params),
+            reward_stats=RewardStats.create(),
+            key=key,
+            reward_queries=jnp.zeros((), jnp.int32),
+            policy_updates=jnp.zeros((), jnp.int32),
+            value_updates=jnp.zeros((), jnp.int32),
+        )
+        return jax.device_put(state, self.state_shardings(state))
+
+    def state_shardings(self, state: Any) -> Any:
+        return mesh_lib.param_shardings(self.mesh, state)
+
+    # --- jitted functions ----------------------------------------------------------------------
+    def _encode(self, ids):
+        return self.pipeline.encode_ids(self.frozen["text_encoder"], ids)
+
+    def _build_functions(self) -> None:
+        pipeline, schedule, config = self.pipeline, self.schedule, self.config
+        shape = pipeline.sample_shape
+        value_apply = self.value_model.apply
+        reward = self.reward
+        abstract_state = jax.eval_shape(self.init_state_abstract)
+        state_sharding = self.state_shardings(abstract_state)
+        self.abstract_state = abstract_state
+
+        def sample(policy_params, frozen, ids, key):
+            context = pipeline.encode_ids(frozen["text_encoder"], ids)
+            null_context = pipeline.encode_ids(frozen["text_encoder"], self.null_ids)
+            x_T, noise = rollout_lib.sample_noise(key, ids.shape[0], self.num_steps, shape)
+            trajectory, _ = rollout_lib.rollout(
+                pipeline.eps_fn, policy_params, schedule, x_T, noise, context, null_context,
+                eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+                python_loop=config.sample.python_loop)
+            return Rollout(images=pipeline.decode(frozen, trajectory.x0),
+                           states=trajectory.x_prev, context=context, x0=trajectory.x0)
+
+        def value_predict(value_params, states, timesteps, context):
+            return value_apply(value_params, states, timesteps, context, {})
+
+        def value_step(state: TrainState, batch: dict):
+            def loss_fn(params):
+                return vard.value_loss(value_apply, params, batch["states"], batch["timesteps"],
+                                       batch["context"], batch["targets"], {})
+
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.value_params)
+            updates, opt_state = self.value_optimizer.update(grads, state.value_opt_state,
+                                                             state.value_params)
+            new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
+                                      value_opt_state=opt_state,
+                                      value_updates=state.value_updates + 1)
+            return new_state, {"value_loss": loss, "value_grad_norm": optax.global_norm(grads)}
+
+        def policy_step(state: TrainState, frozen: dict, reference_params, batch: dict, key):
+            key_noise, key_mask = jax.random.split(key)
+            context = pipeline.encode_ids(frozen["text_encoder"], batch["ids"])
+            null_context = pipeline.encode_ids(frozen["text_encoder"], self.null_ids)
+            x_T, noise = rollout_lib.sample_noise(key_noise, batch["ids"].shape[0],
+                                                  self.num_steps, shape)
+            inputs = vard.PolicyInputs(
+                context=context, null_context=null_context, x_T=x_T, noise=noise,
+                step_mask=vard.step_mask(key_mask, self.num_steps, config.policy.train_fraction),
+                value_aux={})
+            last_step_reward = None
+            if config.reward.direct_last_step:
+                stats = state.reward_stats
+
+                def last_step_reward(x0):
+                    images = pipeline.decode(frozen, x0)
+                    return stats.standardise(reward.score(images, batch["reward_input"]))
+
+            def loss_fn(params):
+                return vard.policy_loss(pipeline.eps_fn, params, reference_params, value_apply,
+                                        state.value_params, schedule, inputs, self.loss_config,
+                                        last_step_reward)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
+            updates, opt_state = self.policy_optimizer.update(grads, state.policy_opt_state,
+                                                              state.policy_params)
+            new_state = state.replace(
+                policy_params=optax.apply_updates(state.policy_params, updates),
+                policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
+            metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
+            return new_state, metrics
+
+        replicated, batch = self._replicated, self._batch
+        frozen_sharding = mesh_lib.param_shardings(self.mesh, self.frozen)
+        reference_sharding = mesh_lib.param_shardings(self.mesh, self.reference_params)
+        policy_sharding = state_sharding.policy_params
+        self.sample = jax.jit(sample, in_shardings=(policy_sharding, frozen_sharding, batch,
+                                                    replicated),
+                              out_shardings=Rollout(batch, batch, batch, batch))
+        self.value_predict = jax.jit(value_predict, in_shardings=(
+            state_sharding.value_params, batch, batch, batch), out_shardings=batch)
+        self.value_step = jax.jit(value_step, in_shardings=(state_sharding, batch),
+                                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+        policy_batch_sharding = {"ids": batch}
+        if config.reward.direct_last_step:
+            policy_batch_sharding["reward_input"] = batch
+        self.policy_step = jax.jit(policy_step, in_shardings=(
+            state_sharding, frozen_sharding, reference_sharding, policy_batch_sharding, replicated),
+            out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+    def init_state_abstract(self) -> TrainState:
+        """Like ``init_state`` without placement (for eval_shape)."""
+        key = jax.random.PRNGKey(self.config.train.seed)
+        key, value_key = jax.random.split(key)
+        value_params = self.value_model.init(value_key)
+        return TrainState(
+            epoch=jnp.zeros((), jnp.int32), policy_params=self.reference_params,
+            policy_opt_state=self.policy_optimizer.init(self.reference_params),
+            value_params=value_params, value_opt_state=self.value_optimizer.init(value_params),
+            reward_stats=RewardStats.create(), key=key, reward_queries=jnp.zeros((), jnp.int32),
+            policy_updates=jnp.zeros((), jnp.int32), value_updates=jnp.zeros((), jnp.int32))
+
+    # --- host-side helpers used by the loop ---------------------------------------------------
+    def put_batch(self, tree: Any) -> Any:
+        return jax.device_put(tree, self._batch)
+
+    def rollout_batch(self, policy_params, prompts: list[str], key) -> Rollout:
+        ids = self.put_batch(jnp.asarray(self.pipeline.tokenize(prompts)))
+        return self.sample(policy_params, self.frozen, ids, key)
+
+    def policy_update(self, state: TrainState, prompts: list[str], key):
+        batch = {"ids": jnp.asarray(self.pipeline.tokenize(prompts))}
+        if self.config.reward.direct_last_step:
+            batch["reward_input"] = jnp.asarray(self.reward.prepare(prompts))
+        return self.policy_step(state, self.frozen, self.reference_params, self.put_batch(batch), key)
+
+    def value_dataset(self, rollouts: list[Rollout], rewards: np.ndarray,
+                      stats: RewardStats) -> dict:
+        """Every state after a step, labelled with its chain's standardised reward (numpy)."""
+        states = np.concatenate([np.asarray(r.states) for r in rollouts])  # [N, T, ...]
+        context = np.concatenate([np.asarray(r.context) for r in rollouts])  # [N, L, D]
+        n, t = states.shape[:2]
+        targets = np.asarray(stats.standardise(jnp.asarray(rewards)))  # [N]
+        prev_timesteps = np.asarray(self.schedule.prev_timesteps)  # [T]
+        return {
+            "states": states.reshape((n * t,) + states.shape[2:]),
+            "timesteps": np.tile(prev_timesteps, n).astype(np.int32),
+            "step_index": np.tile(np.arange(t), n),
+            "chain": np.repeat(np.arange(n), t),
+            "context": context,
+            "targets": np.repeat(targets, t).astype(np.float32),
+        }
+
+    def value_diagnostics(self, value_params, dataset: dict) -> dict:
+        """Explained variance of V on (fresh) labelled states, overall and per step quarter."""
+        chunk = max(self.config.value.batch_size, 1)
+        data_axis = self.mesh.shape[mesh_lib.DATA]
+        predictions = []
+        total = dataset["states"].shape[0]
+        for start in range(0, total, chunk):
+            idx = np.arange(start, min(start + chunk, total))
+            pad = (-len(idx)) % data_axis
+            idx_padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+            batch = self.put_batch((dataset["states"][idx_padded], dataset["timesteps"][idx_padded],
+                                    dataset["context"][dataset["chain"][idx_padded]]))
+            predictions.append(np.asarray(self.value_predict(value_params, *batch))[:len(idx)])
+        predictions = np.concatenate(predictions)
+        targets = dataset["targets"]
+        metrics = {"value_explained_variance": explained_variance(targets, predictions),
+                   "value_mse_before_update": float(np.mean((targets - predictions) ** 2))}
+        buckets = np.minimum(dataset["step_index"] * EV_BUCKETS // self.num_steps, EV_BUCKETS - 1)
+        for b in range(EV_BUCKETS):
+            sel = buckets == b
+            metrics[f"value_ev_q{b + 1}"] = explained_variance(targets[sel], predictions[sel])
+        return metrics
+
+    def value_updates(self, state: TrainState, dataset: dict, rng: np.random.Generator):
+        """``value.updates_per_epoch`` minibatch steps on the dataset; returns (state, metrics)."""
+        size = min(self.config.value.batch_size, dataset["states"].shape[0])
+        size -= size % self.mesh.shape[mesh_lib.DATA] or 0
+        losses, norms = [], []
+        for _ in range(self.config.value.updates_per_epoch):
+            idx = rng.choice(dataset["states"].shape[0], size=size, replace=False)
+            batch = self.put_batch({"states": dataset["states"][idx],
+                                    "timesteps": dataset["timesteps"][idx],
+                                    "context": dataset["context"][dataset["chain"][idx]],
+                                    "targets": dataset["targets"][idx]})
+            state, metrics = self.value_step(state, batch)
+            losses.append(metrics["value_loss"])
+            norms.append(metrics["value_grad_norm"])
+        return state, {"value_loss": float(np.mean(jax.device_get(losses))),
+                       "value_grad_norm": float(np.mean(jax.device_get(norms)))}
