@@ -18,12 +18,38 @@ def parse_flags_or_fail(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors (unknown flag, bad override, bad config file) are one line."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError, ImportError,
-            SyntaxError) as error:
-        text = str(error).strip().strip("'\"") or type(error).__name__
-        fail(f"bad configuration: {text.splitlines()[0]}")
+    except Exception as error:  # noqa: BLE001 - user input: reported as one line
+        fail(_one_line(error))
+
+
+def _one_line(error: BaseException) -> str:
+    """The useful part of an error message as one line (escaped newlines included)."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Attempted")]
+    if not lines:
+        return type(error).__name__
+    if isinstance(error, KeyError) or "Did you mean" in text:  # override of a key not in config
+        key = lines[0].strip("'\"")
+        return f"unknown config key {key!r}" + (f"; {' '.join(lines[1:])}" if lines[1:] else "")
+    errno_lines = [line for line in lines if line.startswith("[Errno")]
+    if errno_lines:  # config_flags: a config file that cannot be read
+        return errno_lines[-1]
+    if any(line.startswith("Traceback") for line in lines):  # an error inside get_config()
+        return f"{lines[0].split(':')[0]}: {lines[-1]}"
+    return " ".join(lines)
+
+
+def config_or_fail(holder):
+    """The config of a ``config_flags`` holder; a file that failed to load gives one line."""
+    try:
+        config = holder.value
+        config.keys()  # config_flags defers load errors to the first access
+        return config
+    except Exception as error:  # noqa: BLE001 - user input: reported as one line
+        fail(f"cannot load --config: {_one_line(error)}")
 
 
 def flags_parser(argv: list[str]) -> list[str]:

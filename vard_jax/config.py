@@ -69,8 +69,8 @@ def _check_schema(config: ml_collections.ConfigDict, reference: ml_collections.C
         else:
             ok = isinstance(value, type(expected))
         if not ok:
-            raise ConfigError(f"{path} = {value!r}: expected a {_type_name(expected)}, "
-                              f"got a {_type_name(value)}")
+            raise ConfigError(f"{path} = {value!r}: expected type {_type_name(expected)}, "
+                              f"got {_type_name(value)}")
 
 
 def _sections(config: ml_collections.ConfigDict, prefix: str = "config") -> Iterator[tuple[str, Any]]:

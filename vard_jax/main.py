@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
 
     from vard_jax.config import ConfigError, validate
 
-    config = _CONFIG.value
+    config = cli.config_or_fail(_CONFIG)
     try:
         validate(config, jax.device_count())
     except ConfigError as error:

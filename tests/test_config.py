@@ -1,0 +1,111 @@
+"""Start-up validation: each bad value stops with one line naming the field; exit status 2."""
+
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import base, shapes
+from vard_jax.config import ConfigError, mesh_shape, validate
+
+
+def good():
+    return shapes.get_config()
+
+
+def test_shipped_configs_validate():
+    validate(good(), device_count=1)
+    validate(shapes.get_config("tiny"), device_count=1)
+    validate(base.get_config(), device_count=4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("policy.learning_rate", -1e-4, "config.policy.learning_rate = -0.0001: not allowed; must be a number > 0"),
+    ("value.learning_rate", 0.0, "config.value.learning_rate = 0.0"),
+    ("sample.guidance_scale", -1.0, "config.sample.guidance_scale = -1.0"),
+    ("sample.eta", 1.5, "must be a number in [0, 1]"),
+    ("policy.grad_depth", 11, "config.policy.grad_depth = 11: must be in [1, sample.num_steps = 10]"),
+    ("policy.grad_depth", 0, "config.policy.grad_depth = 0"),
+    ("policy.train_fraction", 0.0, "config.policy.train_fraction"),
+    ("algorithm", "ppo", "config.algorithm = 'ppo': not allowed; must be one of vard, ddpo, draft"),
+    ("reward.name", "pixel_count", "unknown reward 'pixel_count'"),
+    ("reward.name", "clip_alignment:abc", "weight 'abc'"),
+    ("policy.learning_rate", float("nan"), "must be finite"),
+])
+def test_impossible_values(field, value, message):
+    config = good()
+    section, _, key = field.rpartition(".")
+    node = config[section] if section else config
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+        node[key] = value
+    with pytest.raises(ConfigError) as error:
+        validate(config, device_count=1)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def test_unknown_key_and_wrong_type():
+    config = good()
+    config.train.sed = 3
+    with pytest.raises(ConfigError, match=r"config.train.sed: unknown key; config.train has: epochs, eval_every, seed"):
+        validate(config)
+    config = good()
+    config.extra = ml_collections.ConfigDict({"a": 1})
+    with pytest.raises(ConfigError, match="config.extra: unknown section"):
+        validate(config)
+    raw = good().to_dict()
+    raw["sample"]["num_steps"] = "ten"  # as a config file that builds its own dict could
+    config = ml_collections.ConfigDict(raw)
+    with pytest.raises(ConfigError, match=r"config.sample.num_steps = 'ten': expected type int, got str"):
+        validate(config)
+    raw = good().to_dict()
+    raw["logging"]["tensorboard"] = 1
+    config = ml_collections.ConfigDict(raw)
+    with pytest.raises(ConfigError, match="config.logging.tensorboard = 1: expected type bool"):
+        validate(config)
+
+
+def test_batch_divisible_by_devices_and_mesh_size():
+    config = good()  # batch 16, eval batch 32
+    validate(config, device_count=8)
+    with pytest.raises(ConfigError, match=r"config.sample.batch_size = 16: must be divisible by the 3 devices"):
+        validate(config, device_count=3)
+    config.mesh.data = 4
+    config.mesh.fsdp = 2
+    assert mesh_shape(config, 8) == (4, 2)
+    with pytest.raises(ConfigError, match="needs more devices than the 4 available"):
+        validate(config, device_count=4)
+    config.mesh.data, config.mesh.fsdp = -1, 2
+    assert mesh_shape(config, 8) == (4, 2)
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "vard_jax.main", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/shapes.py", "--config.policy.learning_rate=-1", "--workdir=W"],
+     "error: config.policy.learning_rate = -1.0: not allowed; must be a number > 0"),
+    (["--config=configs/shapes.py", "--config.train.sed=3", "--workdir=W"],
+     "error: unknown config key 'sed'"),
+    (["--config=configs/missing.py", "--workdir=W"],
+     "error: cannot load --config: [Errno 2] No such file or directory: 'configs/missing.py'"),
+])
+def test_command_line_errors_are_one_line_exit_2(args, expected, tmp_path):
+    args = [a.replace("W", str(tmp_path / "w")) for a in args]
+    result = _main(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected), lines[0]
+    assert "Traceback" not in result.stderr
