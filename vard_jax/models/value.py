@@ -94,15 +94,16 @@ class _TimeAffine(nn.Module):
 
 
 def reward_init_value(backbone_score: Callable[[Any, jax.Array, jax.Array], jax.Array],
-                      backbone_params: Any, x0_hat_fn: Callable[[jax.Array, jax.Array, jax.Array],
-                                                                 jax.Array],
-                      decode: Callable[[jax.Array], jax.Array]) -> ValueModel:
-    """V = (1 + a(t)) * standardise(score(decode(x0_hat(x_t)))) + b(t).
+                      backbone_params: Any,
+                      x0_hat_fn: Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array],
+                      decode: Callable[[dict, jax.Array], jax.Array]) -> ValueModel:
+    """V = (1 + a(t)) * (score(decode(x0_hat(x_t))) - mean) / std + b(t).
 
-    ``backbone_score(params, images, ids) -> [B]`` is the reward network (trainable copy),
-    ``x0_hat_fn(x_t, t, context)`` the frozen reference model's one-step prediction (it may be
-    differentiated with respect to x_t), ``decode`` maps samples to [0, 1] images.
-    ``aux`` must hold ``reward_ids`` (the reward's prompt tokens) and ``reward_mean/std``.
+    ``backbone_score(params, images, ids) -> [B]`` is the reward network (a trainable copy,
+    initialised from the reward's weights); ``x0_hat_fn(aux, x_t, t, context)`` the frozen
+    reference model's one-step prediction (differentiable in x_t); ``decode(aux, x0)`` maps
+    samples to [0, 1] images. ``aux`` holds ``reward_ids`` (the reward's prompt tokens),
+    ``reward_mean``/``reward_std`` (the running statistics) and what the two callables need.
     """
     affine = _TimeAffine()
 
@@ -111,7 +112,7 @@ def reward_init_value(backbone_score: Callable[[Any, jax.Array, jax.Array], jax.
                 "affine": affine.init(key, jnp.zeros((1,), jnp.int32))["params"]}
 
     def apply(params, x, timesteps, context, aux):
-        images = decode(x0_hat_fn(x, timesteps, context))
+        images = decode(aux, x0_hat_fn(aux, x, timesteps, context))
         raw = backbone_score(params["backbone"], images, aux["reward_ids"])
         standardised = (raw - aux["reward_mean"]) / aux["reward_std"]
         scale, shift = affine.apply({"params": params["affine"]}, timesteps)

@@ -21,11 +21,12 @@ def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int) 
                         truncation=True, return_tensors="np").input_ids
         return ids.astype(np.int32)
 
-    def score(images, input_ids):
-        return clip_lib.clip_logits(clip_model, clip_params, images, input_ids)
+    def score_with(params, images, input_ids):
+        return clip_lib.clip_logits(clip_model, params, images, input_ids)
 
-    return Reward(name=name, score=score, differentiable=True, jittable=True, prepare=prepare,
-                  backbone=(clip_model, clip_params, "clip"))
+    return Reward(name=name, score=lambda images, ids: score_with(clip_params, images, ids),
+                  differentiable=True, jittable=True, prepare=prepare,
+                  backbone=(clip_model, clip_params, score_with))
 
 
 @functools.lru_cache(maxsize=4)

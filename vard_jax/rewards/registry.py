@@ -38,8 +38,9 @@ class Reward:
     jittable: bool
     prepare: Callable[[Sequence[str]], Any] = lambda prompts: list(prompts)
     parts: tuple[tuple["Reward", float], ...] = ()  # for weighted sums
-    # For networks that can initialise a value model: (model, params, kind).
-    backbone: Optional[tuple[Any, Any, str]] = None
+    # For networks that can initialise a value model: (model, params, score(params, images,
+    # prepared) -> [B]), the reward as a function of its own weights.
+    backbone: Optional[tuple[Any, Any, Callable[..., Any]]] = None
 
 
 _FACTORIES: dict[str, Callable[[RewardContext], Reward]] = {}

@@ -56,14 +56,15 @@ class Loop:
             prompts.append(batch_prompts)
         return rollouts, np.concatenate(rewards), prompts
 
-    def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray,
+    def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray, prompts,
                     salt: tuple[int, int]):
         state = state.replace(
             reward_stats=state.reward_stats.update(jax.numpy.asarray(rewards),
                                                    self.config.value.stats_decay),
             reward_queries=state.reward_queries + rewards.size)
-        dataset = self.trainer.value_dataset(rollouts, rewards, state.reward_stats)
-        diagnostics = self.trainer.value_diagnostics(state.value_params, dataset)
+        flat_prompts = [p for batch_prompts in prompts for p in batch_prompts]
+        dataset = self.trainer.value_dataset(rollouts, rewards, state.reward_stats, flat_prompts)
+        diagnostics = self.trainer.value_diagnostics(state, dataset)
         rng = np.random.default_rng([self.config.train.seed, *salt, 7])
         state, metrics = self.trainer.value_updates(state, dataset, rng)
         return state, {**diagnostics, **metrics}
@@ -109,7 +110,8 @@ class Loop:
         state, step = self.checkpointer.restore(abstract)
         return state, int(step)
 
-    def run(self) -> list[dict]:
+    def run(self, until: Optional[int] = None) -> list[dict]:
+        """Trains to ``train.epochs`` (or stops after step ``until``, checkpointing there)."""
         config = self.config
         state, start = self.restore_or_init()
         is_main = jax.process_index() == 0
@@ -125,18 +127,19 @@ class Loop:
             pre = {}
             for p in range(config.value.pretrain_epochs):
                 state, key = self._split_key(state)
-                rollouts, rewards, _ = self.collect(state, (1, p), key)
-                state, pre = self.value_stage(state, rollouts, rewards, (1, p))
+                rollouts, rewards, prompts = self.collect(state, (1, p), key)
+                state, pre = self.value_stage(state, rollouts, rewards, prompts, (1, p))
             row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
                    **{f"pretrain_{k}": v for k, v in pre.items()}, **self.evaluate(state, 0)}
             rows.append(writer.write(0, row))
         progress = _progress(config, start)
-        for epoch in range(start, config.train.epochs):
+        last = config.train.epochs if until is None else min(until, config.train.epochs)
+        for epoch in range(start, last):
             epoch_start = time.time()
             state, key = self._split_key(state)
             key_sample, key_policy = jax.random.split(key)
             rollouts, rewards, prompts = self.collect(state, (0, epoch), key_sample)
-            state, value_metrics = self.value_stage(state, rollouts, rewards, (0, epoch))
+            state, value_metrics = self.value_stage(state, rollouts, rewards, prompts, (0, epoch))
             state, policy_metrics = self.policy_stage(state, prompts, key_policy)
             state = state.replace(epoch=state.epoch + 1)
             step = epoch + 1
@@ -149,7 +152,7 @@ class Loop:
                 row.update(self.evaluate(state, step))
             row["wall_s"] = wall()
             rows.append(writer.write(step, row))
-            if step % config.checkpoint.every == 0 or step == config.train.epochs:
+            if step % config.checkpoint.every == 0 or step == last:
                 self.checkpointer.save(step, state, config.to_json())
             if progress is not None:
                 progress.set_postfix(reward=f"{row['reward_mean']:.3f}",

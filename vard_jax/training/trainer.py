@@ -4,8 +4,9 @@
 exposes functions of explicit state:
 
 * ``sample(policy_params, ids, key) -> Rollout``: images and the states of the chains;
-* ``value_step(state, batch) -> (state, metrics)`` and ``policy_step(state, batch, key) ->
-  (state, metrics)``: jitted once with explicit in/out shardings and the state donated.
+* ``value_step(state, frozen, reference, batch) -> (state, metrics)`` and
+  ``policy_step(state, frozen, reference, batch, key) -> (state, metrics)``: jitted once with
+  explicit in/out shardings and the state donated (frozen weights are inputs, not constants).
 
 The epoch loop (``vard_jax.training.loop``) calls them in order.
 """
@@ -63,10 +64,7 @@ class Trainer:
         self.num_steps = config.sample.num_steps
         self.schedule = make_ddim_schedule(self.pipeline.schedule, self.num_steps)
         self.null_ids = jnp.asarray(self.pipeline.tokenize([""]))
-        context_dim = self.pipeline.unet.cross_attention_dim
-        self.value_model = value_lib.conv_value(self.pipeline.sample_shape,
-                                                (self.pipeline.max_length, context_dim),
-                                                config.value.width)
+        self.value_model = self._make_value_model()
         epochs = config.train.epochs
         self.policy_optimizer = make_optimizer(
             config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
@@ -83,6 +81,44 @@ class Trainer:
         self._replicated = mesh_lib.replicated(self.mesh)
         self._batch = mesh_lib.batch_sharding(self.mesh)
         self._build_functions()
+
+    def _make_value_model(self) -> value_lib.ValueModel:
+        config, pipeline = self.config, self.pipeline
+        if config.value.arch == "conv":
+            context_dim = pipeline.unet.cross_attention_dim
+            return value_lib.conv_value(pipeline.sample_shape, (pipeline.max_length, context_dim),
+                                        config.value.width)
+        if self.reward.backbone is None:
+            raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
+                             f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
+        _, backbone_params, score_fn = self.reward.backbone
+        alphas_cumprod = jnp.asarray(self.schedule.alphas_cumprod)
+
+        def x0_hat(aux, x, timesteps, context):
+            # The reference model's conditional one-step prediction; the final state (t < 0)
+            # is already clean.
+            t = jnp.maximum(timesteps, 0)
+            eps = pipeline.eps_fn(aux["reference"], x, t, context)
+            a = alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
+            x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+            return jnp.where((timesteps < 0).reshape(a.shape), x, x0)
+
+        def decode(aux, x0):
+            return pipeline.decode(aux["frozen"], x0)
+
+        return value_lib.reward_init_value(score_fn, backbone_params, x0_hat, decode)
+
+    @property
+    def value_needs_reward_ids(self) -> bool:
+        return self.config.value.arch == "reward_init"
+
+    def value_aux(self, stats: RewardStats, frozen: dict, reference_params: Any,
+                  reward_ids: Any) -> dict:
+        """Inputs of the value model beyond (x_t, t, c); empty for the conv value."""
+        if not self.value_needs_reward_ids:
+            return {}
+        return {"reward_ids": reward_ids, "reward_mean": stats.mean, "reward_std": stats.std,
+                "reference": reference_params, "frozen": frozen}
 
     # --- state -----------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -131,13 +167,18 @@ class Trainer:
             return Rollout(images=pipeline.decode(frozen, trajectory.x0),
                            states=trajectory.x_prev, context=context, x0=trajectory.x0)
 
-        def value_predict(value_params, states, timesteps, context):
-            return value_apply(value_params, states, timesteps, context, {})
+        def value_predict(value_params, stats, frozen, reference_params, batch):
+            aux = self.value_aux(stats, frozen, reference_params, batch.get("reward_ids"))
+            return value_apply(value_params, batch["states"], batch["timesteps"],
+                               batch["context"], aux)
 
-        def value_step(state: TrainState, batch: dict):
+        def value_step(state: TrainState, frozen: dict, reference_params, batch: dict):
+            aux = self.value_aux(state.reward_stats, frozen, reference_params,
+                                 batch.get("reward_ids"))
+
             def loss_fn(params):
                 return vard.value_loss(value_apply, params, batch["states"], batch["timesteps"],
-                                       batch["context"], batch["targets"], {})
+                                       batch["context"], batch["targets"], aux)
 
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.value_params)
             updates, opt_state = self.value_optimizer.update(grads, state.value_opt_state,
@@ -156,7 +197,8 @@ class Trainer:
             inputs = vard.PolicyInputs(
                 context=context, null_context=null_context, x_T=x_T, noise=noise,
                 step_mask=vard.step_mask(key_mask, self.num_steps, config.policy.train_fraction),
-                value_aux={})
+                value_aux=self.value_aux(state.reward_stats, frozen, reference_params,
+                                         batch.get("reward_input")))
             last_step_reward = None
             if config.reward.direct_last_step:
                 stats = state.reward_stats
@@ -187,11 +229,13 @@ class Trainer:
                                                     replicated),
                               out_shardings=Rollout(batch, batch, batch, batch))
         self.value_predict = jax.jit(value_predict, in_shardings=(
-            state_sharding.value_params, batch, batch, batch), out_shardings=batch)
-        self.value_step = jax.jit(value_step, in_shardings=(state_sharding, batch),
-                                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+            state_sharding.value_params, state_sharding.reward_stats, frozen_sharding,
+            reference_sharding, batch), out_shardings=batch)
+        self.value_step = jax.jit(value_step, in_shardings=(
+            state_sharding, frozen_sharding, reference_sharding, batch),
+            out_shardings=(state_sharding, replicated), donate_argnums=0)
         policy_batch_sharding = {"ids": batch}
-        if config.reward.direct_last_step:
+        if config.reward.direct_last_step or self.value_needs_reward_ids:
             policy_batch_sharding["reward_input"] = batch
         self.policy_step = jax.jit(policy_step, in_shardings=(
             state_sharding, frozen_sharding, reference_sharding, policy_batch_sharding, replicated),
@@ -219,19 +263,19 @@ class Trainer:
 
     def policy_update(self, state: TrainState, prompts: list[str], key):
         batch = {"ids": jnp.asarray(self.pipeline.tokenize(prompts))}
-        if self.config.reward.direct_last_step:
+        if self.config.reward.direct_last_step or self.value_needs_reward_ids:
             batch["reward_input"] = jnp.asarray(self.reward.prepare(prompts))
         return self.policy_step(state, self.frozen, self.reference_params, self.put_batch(batch), key)
 
-    def value_dataset(self, rollouts: list[Rollout], rewards: np.ndarray,
-                      stats: RewardStats) -> dict:
+    def value_dataset(self, rollouts: list[Rollout], rewards: np.ndarray, stats: RewardStats,
+                      prompts: list[str]) -> dict:
         """Every state after a step, labelled with its chain's standardised reward (numpy)."""
         states = np.concatenate([np.asarray(r.states) for r in rollouts])  # [N, T, ...]
         context = np.concatenate([np.asarray(r.context) for r in rollouts])  # [N, L, D]
         n, t = states.shape[:2]
         targets = np.asarray(stats.standardise(jnp.asarray(rewards)))  # [N]
         prev_timesteps = np.asarray(self.schedule.prev_timesteps)  # [T]
-        return {
+        dataset = {
             "states": states.reshape((n * t,) + states.shape[2:]),
             "timesteps": np.tile(prev_timesteps, n).astype(np.int32),
             "step_index": np.tile(np.arange(t), n),
@@ -239,8 +283,19 @@ class Trainer:
             "context": context,
             "targets": np.repeat(targets, t).astype(np.float32),
         }
+        if self.value_needs_reward_ids:
+            dataset["reward_ids"] = np.asarray(self.reward.prepare(prompts))  # per chain
+        return dataset
 
-    def value_diagnostics(self, value_params, dataset: dict) -> dict:
+    def _value_batch(self, dataset: dict, idx: np.ndarray) -> dict:
+        chains = dataset["chain"][idx]
+        batch = {"states": dataset["states"][idx], "timesteps": dataset["timesteps"][idx],
+                 "context": dataset["context"][chains], "targets": dataset["targets"][idx]}
+        if "reward_ids" in dataset:
+            batch["reward_ids"] = dataset["reward_ids"][chains]
+        return self.put_batch(batch)
+
+    def value_diagnostics(self, state: TrainState, dataset: dict) -> dict:
         """Explained variance of V on (fresh) labelled states, overall and per step quarter."""
         chunk = max(self.config.value.batch_size, 1)
         data_axis = self.mesh.shape[mesh_lib.DATA]
@@ -250,9 +305,10 @@ class Trainer:
             idx = np.arange(start, min(start + chunk, total))
             pad = (-len(idx)) % data_axis
             idx_padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
-            batch = self.put_batch((dataset["states"][idx_padded], dataset["timesteps"][idx_padded],
-                                    dataset["context"][dataset["chain"][idx_padded]]))
-            predictions.append(np.asarray(self.value_predict(value_params, *batch))[:len(idx)])
+            batch = self._value_batch(dataset, idx_padded)
+            predictions.append(np.asarray(self.value_predict(
+                state.value_params, state.reward_stats, self.frozen, self.reference_params,
+                batch))[:len(idx)])
         predictions = np.concatenate(predictions)
         targets = dataset["targets"]
         metrics = {"value_explained_variance": explained_variance(targets, predictions),
@@ -270,11 +326,8 @@ class Trainer:
         losses, norms = [], []
         for _ in range(self.config.value.updates_per_epoch):
             idx = rng.choice(dataset["states"].shape[0], size=size, replace=False)
-            batch = self.put_batch({"states": dataset["states"][idx],
-                                    "timesteps": dataset["timesteps"][idx],
-                                    "context": dataset["context"][dataset["chain"][idx]],
-                                    "targets": dataset["targets"][idx]})
-            state, metrics = self.value_step(state, batch)
+            batch = self._value_batch(dataset, idx)
+            state, metrics = self.value_step(state, self.frozen, self.reference_params, batch)
             losses.append(metrics["value_loss"])
             norms.append(metrics["value_grad_norm"])
         return state, {"value_loss": float(np.mean(jax.device_get(losses))),

@@ -1,0 +1,14 @@
+"""VARD on the shapes world with the non-differentiable shape_fidelity reward.
+
+The reward is a host-side program (colour masks, connected components); it labels the value
+model's training data and is never differentiated.
+"""
+
+from configs import shapes
+
+
+def get_config(arg: str = ""):
+    config = shapes.get_config(arg)
+    config.reward.name = "shape_fidelity"
+    config.reward.eval_extra = "clip_alignment"
+    return config

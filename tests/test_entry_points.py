@@ -1,0 +1,238 @@
+"""Tests of the evaluation and sampling entry points (``vard_jax.evaluate``, ``vard_jax.sample``).
+
+One tiny training run (one epoch of ``configs/shapes.py:tiny``) is shared by the module. The
+command lines run as subprocesses (three in all: absl flags are process-global); the rest goes
+through the modules' Python functions, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+from typing import NamedTuple
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import configs.base
+import configs.shapes
+from vard_jax import evaluate
+from vard_jax.evaluate import EvaluationError, ModelSpec
+from vard_jax.training.images import grid
+from vard_jax.worlds import shapes as world
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"step", "pretrained", "workdir", "reward", "rewards", "skipped_rewards",
+                "eps_distance", "num_samples", "distinct_prompts", "seed", "batch_size",
+                "prompts_source", "out"}
+
+
+class TrainedRun(NamedTuple):
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    rows: list[dict]  # the rows the loop wrote to metrics.jsonl (steps 0 and 1)
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """``configs/shapes.py:tiny`` for one epoch, with the shipped model assets."""
+    config = configs.shapes.get_config("tiny")
+    config.train.epochs = 1
+    config.logging.tensorboard = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One epoch of training, checkpointed at step 1 (shared by the whole module)."""
+    from vard_jax.training.loop import Loop
+
+    config = tiny_config()
+    workdir = tmp_path_factory.mktemp("entry_points") / "run"
+    rows = Loop(config, workdir).run()
+    assert [row["step"] for row in rows] == [0, 1]
+    return TrainedRun(workdir, config, rows)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, capturing its output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def last_json_line(text: str) -> dict:
+    """The JSON object on the last non-empty line of ``text``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "no output on stdout"
+    return json.loads(lines[-1])
+
+
+def assert_close(actual: float, expected: float) -> None:
+    """Equal up to float32 noise (the subprocess compiles the same computation again)."""
+    assert actual == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+# --- evaluate: command line ----------------------------------------------------------------------
+def test_evaluate_cli_writes_summary_matching_training_eval(trained_run: TrainedRun) -> None:
+    result = run_module("vard_jax.evaluate", f"--workdir={trained_run.workdir}")
+    assert result.returncode == 0, result.stderr
+    summary = last_json_line(result.stdout)
+    out = trained_run.workdir / "eval_step_1.json"
+    assert summary["out"] == str(out)
+    assert json.loads(out.read_text()) == summary
+    assert SUMMARY_KEYS <= set(summary)
+
+    config = trained_run.config
+    assert summary["step"] == 1 and summary["pretrained"] is False
+    assert summary["reward"] == config.reward.name
+    assert summary["num_samples"] == config.sample.eval_batch_size * config.sample.eval_batches
+    assert summary["seed"] == config.train.seed
+    assert summary["batch_size"] == config.sample.eval_batch_size
+    assert summary["prompts_source"] == config.sample.eval_prompts
+    assert set(summary["rewards"]) == {"clip_alignment", "shape_fidelity"}
+    assert summary["skipped_rewards"] == {}
+    for stats in summary["rewards"].values():
+        assert set(stats) == {"mean", "std", "min", "max"}
+        assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+        assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0.0
+    assert math.isfinite(summary["eps_distance"]) and summary["eps_distance"] > 0.0
+
+    # The defaults reproduce the training loop's own evaluation of the same checkpoint.
+    logged = trained_run.rows[-1]
+    for name, stats in summary["rewards"].items():
+        assert_close(stats["mean"], logged[f"eval_{name}_mean"])
+        assert_close(stats["std"], logged[f"eval_{name}_std"])
+    assert_close(summary["eps_distance"], logged["eval_eps_distance"])
+
+
+def test_evaluate_cli_missing_checkpoint_is_one_line_error(tmp_path: pathlib.Path) -> None:
+    result = run_module("vard_jax.evaluate", f"--workdir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "no checkpoint" in lines[0]
+    assert not (tmp_path / "checkpoints").exists(), "looking must not create the directory"
+
+
+# --- evaluate: Python functions -------------------------------------------------------------------
+def test_pretrained_evaluation_has_zero_distance(trained_run: TrainedRun) -> None:
+    spec = ModelSpec(workdir=trained_run.workdir, pretrained=True)
+    summary = evaluate.run_evaluation(spec)
+    assert summary["step"] == 0 and summary["pretrained"] is True
+    assert 0.0 <= summary["eps_distance"] < 1e-6
+    assert evaluate.default_output(spec, summary) == trained_run.workdir / "eval_pretrained.json"
+    # The loop's step-0 evaluation scores the same (untouched) policy.
+    logged = trained_run.rows[0]
+    for name, stats in summary["rewards"].items():
+        assert_close(stats["mean"], logged[f"eval_{name}_mean"])
+
+
+@pytest.mark.parametrize("spec_kwargs, message", [
+    ({"step": 7}, "saved steps: 1"),
+    ({"step": 1, "with_workdir": False}, "--workdir"),
+    ({"config": True}, "--pretrained only"),
+])
+def test_bad_model_choice_is_reported(trained_run: TrainedRun, spec_kwargs: dict,
+                                      message: str) -> None:
+    kwargs = dict(spec_kwargs)
+    workdir = trained_run.workdir if kwargs.pop("with_workdir", True) else None
+    if kwargs.pop("config", False):
+        kwargs["config"] = tiny_config()
+    with pytest.raises(EvaluationError, match=message):
+        evaluate.run_evaluation(ModelSpec(workdir=workdir, **kwargs))
+
+
+def test_bad_prompts_files_are_reported(trained_run: TrainedRun, tmp_path: pathlib.Path) -> None:
+    spec = ModelSpec(workdir=trained_run.workdir)
+    missing, binary, empty = tmp_path / "missing.txt", tmp_path / "binary.txt", tmp_path / "e.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    empty.write_text("\n \n", encoding="utf-8")
+    for path, message in ((missing, "does not exist"), (binary, "not UTF-8"),
+                          (empty, "no prompts")):
+        with pytest.raises(EvaluationError, match=message):
+            evaluate.run_evaluation(spec, prompts_file=str(path))
+    with pytest.raises(EvaluationError, match="num_samples"):
+        evaluate.run_evaluation(spec, num_samples=0)
+
+
+def test_missing_workdir_is_reported(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(EvaluationError, match="does not exist"):
+        evaluate.resolve_config(ModelSpec(workdir=tmp_path / "absent"))
+    with pytest.raises(EvaluationError, match="--workdir"):
+        evaluate.resolve_config(ModelSpec())
+
+
+def test_batch_size_must_split_over_the_data_axis() -> None:
+    evaluate.check_batch_size(8, 4)
+    with pytest.raises(EvaluationError, match="divisible by the 4 devices"):
+        evaluate.check_batch_size(6, 4)
+    with pytest.raises(EvaluationError, match=">= 1"):
+        evaluate.check_batch_size(0, 1)
+
+
+def test_shape_fidelity_is_always_scored_for_in_grammar_prompts() -> None:
+    heldout = world.all_prompts("heldout")[:3]
+    config = tiny_config()
+    config.reward.eval_extra = ""
+    assert evaluate.configure_eval_rewards(config, heldout) == {}
+    assert config.reward.eval_extra == "shape_fidelity"
+    assert evaluate.configure_eval_rewards(config, heldout) == {}  # idempotent
+    assert config.reward.eval_extra == "shape_fidelity"
+
+    config.reward.eval_extra = "jpeg_compressibility,shape_fidelity"
+    skipped = evaluate.configure_eval_rewards(config, heldout + ["a photo of a cat"])
+    assert set(skipped) == {"shape_fidelity"} and "a photo of a cat" in skipped["shape_fidelity"]
+    assert config.reward.eval_extra == "jpeg_compressibility"
+
+    config.reward.name = "clip_alignment:1.0,shape_fidelity:0.5"
+    config.reward.eval_extra = ""
+    assert evaluate.configure_eval_rewards(config, heldout) == {}
+    assert config.reward.eval_extra == "", "already scored as a part of the reward"
+
+    other = configs.base.get_config()
+    other.pretrained.family = "stable_diffusion"
+    assert evaluate.configure_eval_rewards(other, heldout) == {}
+    assert other.reward.eval_extra == ""
+
+
+def test_prompts_file_is_cycled_in_order(trained_run: TrainedRun, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "train"  # a file named like a split is still read as a file
+    path.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
+    prompts, source = evaluate.evaluation_prompts(trained_run.config, str(path), 5, seed=0)
+    assert prompts == ["first prompt", "second prompt"] * 2 + ["first prompt"]
+    assert source == str(path.resolve())
+    prompts, _ = evaluate.evaluation_prompts(trained_run.config, str(path), None, seed=0)
+    assert prompts == ["first prompt", "second prompt"]
+
+
+# --- sample ---------------------------------------------------------------------------------------
+def test_sample_cli_writes_grid(trained_run: TrainedRun) -> None:
+    prompts = world.all_prompts("heldout")[:2]
+    per_prompt = 2
+    out = trained_run.workdir / "grids" / "sample.png"
+    result = run_module("vard_jax.sample", f"--workdir={trained_run.workdir}",
+                        *(f"--prompt={p}" for p in prompts), f"--num_per_prompt={per_prompt}",
+                        "--seed=3", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    summary = last_json_line(result.stdout)
+    assert summary["path"] == str(out) and summary["step"] == 1
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    assert [image["prompt"] for image in summary["images"]] == expanded
+    rewards = [image["reward"] for image in summary["images"]]
+    assert all(math.isfinite(r) for r in rewards)
+
+    size = world.IMAGE_SIZE
+    expected = grid(np.zeros((len(expanded), size, size, 3), np.float32), expanded, rewards,
+                    columns=per_prompt)
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == expected.size
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 0.0, "the grid holds images, not a blank canvas"

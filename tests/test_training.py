@@ -1,0 +1,102 @@
+"""The training program end to end on the shipped tiny model (one shared, compiled trainer).
+
+Uses the non-differentiable ``shape_fidelity`` reward, so the same trainer also shows that the
+policy update never calls a host reward.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes_fidelity
+from vard_jax.rewards import host_rewards
+from vard_jax.training.loop import Loop
+from vard_jax.training.trainer import Trainer
+
+
+class CountingFidelity:
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        assert isinstance(images, np.ndarray), "a host reward must only ever see numpy arrays"
+        return self.fn(images, prompts)
+
+
+@pytest.fixture(scope="module")
+def counting_reward():
+    counter = CountingFidelity(host_rewards._shape_fidelity)
+    original = host_rewards._shape_fidelity
+    host_rewards._shape_fidelity = counter
+    yield counter
+    host_rewards._shape_fidelity = original
+
+
+@pytest.fixture(scope="module")
+def config():
+    cfg = shapes_fidelity.get_config("tiny")
+    cfg.reward.eval_extra = ""  # keep the suite fast: the configured reward only
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trainer(config, counting_reward):
+    return Trainer(config)
+
+
+def test_policy_update_never_calls_the_host_reward(trainer, counting_reward):
+    state = trainer.init_state()
+    before = counting_reward.calls
+    prompts = ["a red circle on a white background"] * trainer.config.sample.batch_size
+    state, metrics = trainer.policy_update(state, prompts, jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    assert counting_reward.calls == before
+    assert np.isfinite(float(metrics["policy_loss"]))
+    assert float(metrics["policy_grad_norm"]) >= 0.0
+    # The value stage is where it is called.
+    rollout = trainer.rollout_batch(state.policy_params, prompts, jax.random.PRNGKey(1))
+    trainer.reward_evaluator(np.asarray(rollout.images), prompts)
+    assert counting_reward.calls == before + 1
+
+
+def _leaves_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config, tmp_path):
+    straight = Loop(config, tmp_path / "straight", trainer=trainer)
+    rows = straight.run()
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    for key in ("step", "reward_mean", "reward_std", "eval_reward_mean", "value_loss",
+                "value_explained_variance", "eps_distance", "policy_grad_norm",
+                "reward_queries", "wall_s"):
+        assert key in lines[-1], key
+    batch = config.sample.batch_size * config.sample.batches_per_epoch
+    assert lines[-1]["reward_queries"] == batch * (config.value.pretrain_epochs + 2)
+    assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == [
+        "step_00000.png", "step_00001.png", "step_00002.png"]
+    assert list((tmp_path / "straight" / "tensorboard").iterdir())
+    assert straight.checkpointer.latest_step() == 2
+
+    interrupted = Loop(config, tmp_path / "resumed", trainer=trainer)
+    interrupted.run(until=1)
+    assert interrupted.checkpointer.latest_step() == 1
+    resumed = Loop(config, tmp_path / "resumed", trainer=trainer)
+    state, step = resumed.restore_or_init()
+    assert step == 1
+    resumed_rows = resumed.run()
+    assert [r["step"] for r in resumed_rows] == [2]
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    _leaves_equal(resumed.final_state.policy_params, straight.final_state.policy_params)
+    _leaves_equal(resumed.final_state.value_params, straight.final_state.value_params)
+    _leaves_equal(resumed.final_state.key, straight.final_state.key)
+    assert int(resumed.final_state.reward_queries) == int(straight.final_state.reward_queries)
+    assert lines[-1]["reward_mean"] == pytest.approx(rows[-1]["reward_mean"])
