@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import ml_collections
 
+# The loop's evaluation seeds its noise with ``train.seed + EVAL_NOISE_SEED_OFFSET``: the same
+# offset here makes ``--seed=train.seed`` (the default) reproduce the logged evaluation.
+from vard_jax.prompts import EVAL_NOISE_SEED_OFFSET
+
 if TYPE_CHECKING:  # heavy imports (JAX, Flax, orbax) happen only once arguments are checked
     from absl.flags import FlagHolder
 
     from vard_jax.training.checkpoints import Checkpointer
     from vard_jax.training.trainer import Trainer
 
-# The training loop evaluates with noise seeded by ``train.seed + 1_000_003`` and prompts seeded
-# by ``train.seed`` (``vard_jax.training.loop.Loop.evaluate``); the same offset here makes
-# ``--seed=train.seed`` (the default) reproduce the logged evaluation.
-EVAL_NOISE_SEED_OFFSET = 1_000_003
 # Reward that the shapes world can always score (it checks the rendered scene against the prompt).
 SHAPES_FIDELITY_REWARD = "shape_fidelity"
 # Checkpoints are only read here; max_to_keep matters to saving alone, so it is never reached.

@@ -8,6 +8,10 @@ import numpy as np
 
 from vard_jax.worlds import shapes as world
 
+# Evaluation noise is seeded by ``train.seed + EVAL_NOISE_SEED_OFFSET`` (the loop's evaluation
+# and ``vard_jax.evaluate`` alike), apart from the seeds of training draws.
+EVAL_NOISE_SEED_OFFSET = 1_000_003
+
 
 def load_prompts(spec: str) -> list[str]:
     """The prompts of ``spec``: "train"/"heldout" (shapes world) or a path to a text file."""

@@ -81,7 +81,7 @@ class Loop:
 
     def evaluate(self, state: TrainState, step: int) -> dict:
         cfg = self.config.sample
-        seed = self.config.train.seed + 1_000_003
+        seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
         held = evaluation.evaluate(self.trainer, state.policy_params, self.eval_prompts,
                                    cfg.eval_batch_size, seed)
         train = evaluation.evaluate(self.trainer, state.policy_params, self.grid_train_prompts,

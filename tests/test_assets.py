@@ -1,0 +1,61 @@
+"""The shipped embedded model: files, size, loading with orbax, sampling, the CLIP reward."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vard_jax.diffusion import sampler as sampler_lib
+from vard_jax.models import shapes as shapes_model
+from vard_jax.rewards import registry
+from vard_jax.worlds import shapes as world
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return shapes_model.load()
+
+
+def test_assets_are_complete_and_small():
+    directory = shapes_model.ASSET_DIR
+    for name in ("model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet", "clip"):
+        assert (directory / name).exists(), name
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    assert total < 20 * 2**20, total
+    index = json.loads((directory / "model_index.json").read_text())
+    quality = index["quality"]
+    assert quality["real_heldout_shape_fidelity"] > 0.95
+    assert quality["clip_heldout_top1"] > 0.2  # chance is 1/160
+
+
+def test_load_and_sample(loaded):
+    pipeline, params, _, _ = loaded
+    prompts = world.prompts("heldout")[:4]
+    fn = sampler_lib.jit_sampler(pipeline, sampler_lib.SamplerSpec(num_steps=5, eta=1.0,
+                                                                  guidance_scale=3.0))
+    samples = fn(params, params["unet"], jnp.asarray(pipeline.tokenize(prompts)),
+                 jax.random.PRNGKey(0))
+    images = np.asarray(samples.images)
+    assert images.shape == (4, 32, 32, 3)
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.05
+    again = fn(params, params["unet"], jnp.asarray(pipeline.tokenize(prompts)),
+               jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(images, np.asarray(again.images))
+
+
+def test_clip_alignment_prefers_the_true_caption(loaded):
+    pipeline, _, clip_model, clip_params = loaded
+    context = registry.RewardContext(world_clip=(clip_model, clip_params, pipeline.tokenizer))
+    evaluate = registry.RewardEvaluator(registry.build("clip_alignment", context))
+    images, captions = world.generate(64, seed=3, split="heldout")
+    wrong = []
+    for caption in captions:  # another colour, same everything else
+        spec = world.parse_caption(caption)
+        other = next(c for c in world.COLORS if c != spec.color)
+        wrong.append(caption.replace(spec.color, other, 1))
+    right_scores, _ = evaluate(images, captions)
+    wrong_scores, _ = evaluate(images, wrong)
+    assert np.mean(right_scores > wrong_scores) > 0.8
+    assert float(np.mean(right_scores - wrong_scores)) > 0.0
