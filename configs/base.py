@@ -11,15 +11,12 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.algorithm = "vard"  # Training objective over the shared rollout: vard | ddpo | draft.
+    config.algorithm = "vard"  # Training objective over the shared rollout (vard).
 
     # --- the pretrained text-to-image model -------------------------------------------------
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.family = "shapes"  # Model loader: shapes (embedded tiny world) | stable_diffusion.
     pretrained.path = ""  # Hub id or local directory; "" = the family's default (shipped assets).
-    pretrained.revision = ""  # Hub revision/branch of `path` ("" = the default branch).
-    pretrained.param_dtype = "float32"  # dtype of stored UNet parameters: float32 | bfloat16.
-    pretrained.compute_dtype = "float32"  # dtype of UNet activations: float32 | bfloat16.
     pretrained.random_init = False  # Use randomly initialised weights of the family's shape.
 
     # --- the DDIM sampler -------------------------------------------------------------------
@@ -67,7 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
     policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
     policy.updates_per_epoch = 1  # Policy gradient steps per rollout batch.
     policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
-    policy.lora_rank = 0  # LoRA rank on attention projections (0 = full fine-tune).
 
     # --- training schedule --------------------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ def test_shipped_configs_validate():
     ("policy.grad_depth", 11, "config.policy.grad_depth = 11: must be in [1, sample.num_steps = 10]"),
     ("policy.grad_depth", 0, "config.policy.grad_depth = 0"),
     ("policy.train_fraction", 0.0, "config.policy.train_fraction"),
-    ("algorithm", "ppo", "config.algorithm = 'ppo': not allowed; must be one of vard, ddpo, draft"),
+    ("algorithm", "ppo", "config.algorithm = 'ppo': not allowed; must be one of vard"),
     ("reward.name", "pixel_count", "unknown reward 'pixel_count'"),
     ("reward.name", "clip_alignment:abc", "weight 'abc'"),
     ("policy.learning_rate", float("nan"), "must be finite"),
