@@ -1,0 +1,236 @@
+"""DDPO and DRaFT/AlignProp losses on the tiny differentiable noise model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vard_jax.algorithms import ddpo, draft
+from vard_jax.diffusion import ddim, rollout as rollout_lib
+from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
+from vard_jax.rewards.registry import Reward
+
+from tests.test_diffusion import tiny_eps, tiny_params
+
+SHAPE = (2, 4, 4)
+T = 5
+B = 3
+ETA = 1.0
+GUIDANCE = 2.0
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return make_ddim_schedule(NoiseScheduleConfig(), T)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    x_T, noise = rollout_lib.sample_noise(jax.random.PRNGKey(0), B, T, SHAPE)
+    return draft.DraftInputs(context=jax.random.normal(jax.random.PRNGKey(1), (B, 5, 8)),
+                             null_context=jnp.zeros((1, 5, 8)), x_T=x_T, noise=noise)
+
+
+def _rollout(schedule, inputs, params, **kwargs):
+    return rollout_lib.rollout(tiny_eps, params, schedule, inputs.x_T, inputs.noise,
+                               inputs.context, inputs.null_context, eta=ETA,
+                               guidance_scale=GUIDANCE, **kwargs)
+
+
+def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+# --- DDPO ---------------------------------------------------------------------------------------
+
+
+def test_recomputed_log_probs_match_rollout_and_ratio_is_one(schedule, inputs):
+    params = tiny_params()
+    traj, _ = _rollout(schedule, inputs, params)
+    advantages = jnp.array([1.0, -0.5, 2.0])
+    batch = ddpo.transitions_from_trajectory(traj, advantages, inputs.context,
+                                             inputs.null_context, reduce="sum")
+    assert batch.size == B * T
+    # Shuffle so one call mixes steps and chains.
+    batch = batch.take(np.random.default_rng(0).permutation(batch.size))
+    new = ddpo.transition_log_prob(tiny_eps, params, schedule, batch.x_t, batch.step_index,
+                                   batch.x_prev, batch.context, batch.null_context, ETA, GUIDANCE)
+    np.testing.assert_allclose(new, batch.old_log_prob, atol=1e-4, rtol=1e-6)
+    # A scalar step index gives the same values as the per-sample gather.
+    step = 2
+    scalar = ddpo.transition_log_prob(tiny_eps, params, schedule, traj.x_t[:, step], step,
+                                      traj.x_prev[:, step], inputs.context, inputs.null_context,
+                                      ETA, GUIDANCE)
+    np.testing.assert_allclose(scalar, traj.log_prob[:, step], atol=1e-4, rtol=1e-6)
+
+    config = ddpo.DDPOConfig(clip_range=0.2, eta=ETA, guidance_scale=GUIDANCE, reduce="sum")
+    loss, metrics = ddpo.ddpo_loss(tiny_eps, params, schedule, batch, config)
+    np.testing.assert_allclose(loss, -jnp.mean(batch.advantages), atol=1e-4)
+    np.testing.assert_allclose(metrics["ratio_mean"], 1.0, atol=1e-4)
+    assert float(metrics["clipfrac"]) == 0.0 and float(metrics["approx_kl"]) < 1e-8
+
+    # At the sampling parameters the gradient is the policy gradient -mean(A grad log p).
+    grad = jax.grad(lambda p: ddpo.ddpo_loss(tiny_eps, p, schedule, batch, config)[0])(params)
+    expected = jax.grad(lambda p: -jnp.mean(batch.advantages * ddpo.transition_log_prob(
+        tiny_eps, p, schedule, batch.x_t, batch.step_index, batch.x_prev, batch.context,
+        batch.null_context, ETA, GUIDANCE)))(params)
+    _assert_trees_close(grad, expected, rtol=1e-3, atol=1e-5)
+    assert float(jnp.abs(grad["bias"]).sum()) > 0
+
+
+def test_mean_reduction_and_stochastic_steps(schedule, inputs):
+    params = tiny_params()
+    traj, _ = _rollout(schedule, inputs, params)
+    steps = ddpo.stochastic_steps(schedule, ETA)
+    np.testing.assert_array_equal(steps, np.arange(T - 1))  # the last step lands on alpha = 1
+    batch = ddpo.transitions_from_trajectory(traj, jnp.zeros(B), inputs.context,
+                                             inputs.null_context, steps=steps, reduce="mean")
+    assert batch.size == B * (T - 1)
+    np.testing.assert_array_equal(batch.step_index[: T - 1], steps)
+    np.testing.assert_allclose(batch.old_log_prob[: T - 1],
+                               traj.log_prob[0, : T - 1] / np.prod(SHAPE), rtol=1e-6)
+    new = ddpo.transition_log_prob(tiny_eps, params, schedule, batch.x_t, batch.step_index,
+                                   batch.x_prev, batch.context, batch.null_context, ETA, GUIDANCE,
+                                   reduce="mean")
+    np.testing.assert_allclose(new, batch.old_log_prob, atol=1e-5)
+
+
+def test_ppo_clipping_stops_the_gradient():
+    clip = 0.2
+    old = jnp.zeros(4)
+    advantages = jnp.array([1.0, -1.0, 1.0, -1.0])
+    # ratio 1.5 > 1 + c with A > 0, ratio 0.5 < 1 - c with A < 0: clipped, no gradient.
+    # ratio 1.1 and 0.9: inside the range, gradient -A r / N.
+    new = jnp.log(jnp.array([1.5, 0.5, 1.1, 0.9]))
+    loss, metrics = ddpo.ppo_loss(new, old, advantages, clip)
+    expected = np.mean([-1.2, 0.8, -1.1, 0.9])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clipfrac"], 0.5)
+    np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics["approx_kl"], 0.5 * np.mean(np.asarray(new) ** 2), rtol=1e-6)
+    grad = jax.grad(lambda n: ddpo.ppo_loss(n, old, advantages, clip)[0])(new)
+    np.testing.assert_allclose(grad, [0.0, 0.0, -1.1 / 4, 0.9 / 4], rtol=1e-6, atol=1e-12)
+    # The pessimistic side is never clipped: ratio 1.5 with A < 0 keeps its gradient.
+    grad = jax.grad(lambda n: ddpo.ppo_loss(n, jnp.zeros(1), -jnp.ones(1), clip)[0])(
+        jnp.log(jnp.array([1.5])))
+    np.testing.assert_allclose(grad, [1.5], rtol=1e-6)
+    # Advantage clipping.
+    loss, _ = ddpo.ppo_loss(jnp.zeros(2), jnp.zeros(2), jnp.array([5.0, -0.5]), clip, adv_clip=1.0)
+    np.testing.assert_allclose(loss, -np.mean([1.0, -0.5]), rtol=1e-6)
+
+
+def test_per_prompt_advantages():
+    rewards = np.array([1.0, 2.0, 4.0, 10.0, 20.0, 7.0, -3.0, 0.5])
+    prompts = ["a", "a", "a", "b", "b", "c", "a", "b"]
+    advantages = ddpo.per_prompt_advantages(rewards, prompts)
+    assert advantages.dtype == np.float32 and advantages.shape == (8,)
+    ids = np.asarray(prompts)
+    for prompt in ["a", "b"]:
+        group = advantages[ids == prompt]
+        np.testing.assert_allclose(group.mean(), 0.0, atol=1e-6)
+        np.testing.assert_allclose(group.std(), 1.0, atol=1e-5)
+    # "c" has one sample: standardised with the batch's statistics.
+    np.testing.assert_allclose(advantages[5], (7.0 - rewards.mean()) / rewards.std(), rtol=1e-5)
+    # Integer ids work the same, and min_count above every group gives global standardisation.
+    as_ints = ddpo.per_prompt_advantages(rewards, np.array([0, 0, 0, 1, 1, 2, 0, 1]))
+    np.testing.assert_allclose(as_ints, advantages)
+    global_only = ddpo.per_prompt_advantages(rewards, prompts, min_count=10)
+    np.testing.assert_allclose(global_only, (rewards - rewards.mean()) / rewards.std(), rtol=1e-5)
+
+
+def test_ddpo_requires_a_stochastic_sampler(schedule, inputs):
+    params = tiny_params()
+    traj, _ = _rollout(schedule, inputs, params)
+    batch = ddpo.transitions_from_trajectory(traj, jnp.zeros(B), inputs.context,
+                                             inputs.null_context)
+    config = ddpo.DDPOConfig(clip_range=1e-4, eta=0.0, guidance_scale=GUIDANCE)
+    with pytest.raises(ValueError, match="eta > 0"):
+        ddpo.ddpo_loss(tiny_eps, params, schedule, batch, config)
+    with pytest.raises(ValueError, match="reduce"):
+        ddpo.ddpo_loss(tiny_eps, params, schedule, batch, config._replace(eta=1.0, reduce="max"))
+
+
+# --- DRaFT / AlignProp ------------------------------------------------------------------------
+
+
+def reward_fn(x0):
+    return jnp.mean(jnp.sin(3.0 * x0) + x0**2, axis=(1, 2, 3))
+
+
+def _config(depth, beta=0.0):
+    return draft.DraftConfig(grad_depth=depth, beta=beta, eta=ETA, guidance_scale=GUIDANCE)
+
+
+def _draft_grad(schedule, inputs, params, reference, depth, beta=0.0):
+    return jax.grad(lambda p: draft.draft_loss(tiny_eps, p, reference, schedule, inputs,
+                                               reward_fn, _config(depth, beta))[0])(params)
+
+
+def test_draft_k1_is_one_step_from_the_fixed_state(schedule, inputs):
+    params = tiny_params(1)
+    grads = _draft_grad(schedule, inputs, params, None, depth=1)  # beta = 0: no reference
+    traj, _ = _rollout(schedule, inputs, params)
+    x_start = traj.x_t[:, T - 1]
+
+    def last_step_loss(p):
+        eps = ddim.guided_eps(tiny_eps, p, x_start, traj.timesteps[:, T - 1], inputs.context,
+                              inputs.null_context, GUIDANCE)
+        x0 = ddim.ddim_step(schedule, T - 1, x_start, eps, inputs.noise[:, T - 1], ETA).x_prev
+        return -jnp.mean(reward_fn(x0))
+
+    _assert_trees_close(grads, jax.grad(last_step_loss)(params))
+
+
+def test_draft_full_depth_is_full_backprop(schedule, inputs):
+    params = tiny_params(2)
+    full = jax.grad(lambda p: -jnp.mean(reward_fn(_rollout(schedule, inputs, p)[0].x0)))(params)
+    _assert_trees_close(_draft_grad(schedule, inputs, params, None, depth=T), full)
+    _assert_trees_close(_draft_grad(schedule, inputs, params, None, depth=None), full)
+    assert not np.allclose(_draft_grad(schedule, inputs, params, None, depth=1)["scale"],
+                           full["scale"], rtol=1e-3)
+
+
+def test_draft_kl_vanishes_at_the_reference(schedule, inputs):
+    params = tiny_params(3)
+    loss0, _ = draft.draft_loss(tiny_eps, params, params, schedule, inputs, reward_fn,
+                                _config(2, 0.0))
+    loss1, metrics = draft.draft_loss(tiny_eps, params, params, schedule, inputs, reward_fn,
+                                      _config(2, 5.0))
+    np.testing.assert_allclose(loss0, loss1, rtol=1e-6)
+    np.testing.assert_allclose(metrics["eps_distance"], 0.0, atol=1e-12)
+    _assert_trees_close(_draft_grad(schedule, inputs, params, params, 2, beta=5.0),
+                        _draft_grad(schedule, inputs, params, None, 2, beta=0.0))
+    # Away from the reference the KL term contributes and pulls the bias back.
+    reference = dict(params, bias=params["bias"] - jnp.array([0.2, -0.2]))
+    with_kl = _draft_grad(schedule, inputs, params, reference, 2, beta=5.0)
+    without = _draft_grad(schedule, inputs, params, reference, 2, beta=0.0)
+    difference = with_kl["bias"] - without["bias"]
+    assert float(difference[0]) > 0 and float(difference[1]) < 0
+
+
+def test_random_depth_matches_static_depth(schedule, inputs):
+    params = tiny_params(4)
+    reference = dict(params, bias=params["bias"] + 0.1)
+
+    @jax.jit
+    def random_grad(p, depth):
+        return jax.grad(lambda q: draft.draft_loss_random_depth(
+            tiny_eps, q, reference, schedule, inputs, reward_fn, _config(None, 0.5), depth)[0])(p)
+
+    for depth in [1, 3, T]:
+        static = _draft_grad(schedule, inputs, params, reference, depth, beta=0.5)
+        _assert_trees_close(random_grad(params, jnp.int32(depth)), static)
+    depths = {int(draft.sample_depth(jax.random.PRNGKey(seed), T, low=2, high=4))
+              for seed in range(20)}
+    assert depths == {2, 3, 4}
+    with pytest.raises(ValueError):
+        draft.sample_depth(jax.random.PRNGKey(0), T, low=0)
+
+
+def test_check_reward():
+    score = lambda images, prepared: jnp.zeros(images.shape[0])  # noqa: E731
+    draft.check_reward(Reward(name="smooth", score=score, differentiable=True, jittable=True))
+    host = Reward(name="ocr", score=score, differentiable=False, jittable=False)
+    with pytest.raises(ValueError, match="draft needs a differentiable reward; 'ocr' is not"):
+        draft.check_reward(host)

@@ -1,0 +1,265 @@
+"""DDPO (Black et al. 2023): PPO with a clipped surrogate on stored denoising transitions.
+
+A sampling rollout (``vard_jax.diffusion.rollout``) stores, for every step i of every chain,
+the transition (x_i, x_{i-1}) and log p_old(x_{i-1} | x_i). Each trajectory's final reward
+becomes an advantage (standardised per prompt), shared by all of its transitions. An update
+recomputes log p_theta(x_{i-1} | x_i) with the same DDIM step and guidance as the rollout and
+minimises
+    L = mean max(-A r, -A clip(r, 1 - c, 1 + c)),   r = exp(log p_theta - log p_old).
+
+Only stochastic steps (eta > 0, sigma_i > 0) have a density; a deterministic step contributes
+ratio 1 and no gradient, so ``stochastic_steps`` lists the steps worth storing.
+
+Log-prob reduction. ``ddim.gaussian_log_prob`` sums over the C*H*W dimensions, so log-ratios
+grow with the image size and a fixed clip range means different things at different
+resolutions. DDPO's reference implementation averages over dimensions instead, which makes the
+clip range (typically 1e-4) independent of the latent size. ``reduce="mean"`` (the default of
+``DDPOConfig``) does that; ``reduce="sum"`` keeps the true joint log-density (the ratio is then
+the exact likelihood ratio of the Gaussian step). Stored and recomputed log-probs must use the
+same reduction: ``transitions_from_trajectory`` converts the rollout's summed log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vard_jax.diffusion import ddim
+from vard_jax.diffusion.rollout import Trajectory
+from vard_jax.diffusion.schedule import DDIMSchedule
+
+REDUCTIONS = ("sum", "mean")
+
+
+class DDPOConfig(NamedTuple):
+    """Static settings of the DDPO loss (Python scalars: pass by closure or as a static arg)."""
+
+    clip_range: float  # c of the clipped surrogate
+    eta: float  # DDIM stochasticity of the sampling rollout (must be > 0)
+    guidance_scale: float  # classifier-free guidance weight of the sampling rollout
+    adv_clip: Optional[float] = None  # advantages are clipped to [-adv_clip, adv_clip]
+    reduce: str = "mean"  # log-prob reduction over dimensions: "mean" | "sum"
+
+
+class DDPOBatch(NamedTuple):
+    """N stored transitions (N = chains x stored steps, in any order)."""
+
+    x_t: jax.Array  # [N, C, H, W] state entering the step
+    x_prev: jax.Array  # [N, C, H, W] state after the step
+    step_index: jax.Array  # [N] int32, the step's index into the schedule (0 = noisiest)
+    old_log_prob: jax.Array  # [N] log p_old(x_prev | x_t), in the config's reduction
+    advantages: jax.Array  # [N] the chain's advantage
+    context: jax.Array  # [N, L, D] prompt embeddings
+    null_context: jax.Array  # [1, L, D] the empty prompt's embedding (shared, not per item)
+
+    def take(self, indices: jax.Array | np.ndarray) -> "DDPOBatch":
+        """The sub-batch of transitions ``indices`` ([M] ints); ``null_context`` is kept."""
+        per_item = [getattr(self, name)[indices] for name in self._fields[:-1]]
+        return DDPOBatch(*per_item, null_context=self.null_context)
+
+    @property
+    def size(self) -> int:
+        return self.x_t.shape[0]
+
+
+def _check_reduce(reduce: str) -> None:
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"log-prob reduce {reduce!r}: use 'sum' or 'mean'")
+
+
+def _check_stochastic(eta: float) -> None:
+    if not float(eta) > 0.0:
+        raise ValueError(f"DDPO needs a stochastic sampler (eta > 0); eta = {eta} makes every DDIM "
+                         "step deterministic, so transitions have no log-probability")
+
+
+def per_prompt_advantages(rewards: np.ndarray | Sequence[float],
+                          prompt_ids: Union[Sequence[str], np.ndarray],
+                          min_count: int = 2, eps: float = 1e-6) -> np.ndarray:
+    """Rewards standardised per prompt, on the host (numpy in, numpy float32 out).
+
+    Args:
+      rewards: [N] final rewards of N chains.
+      prompt_ids: [N] the prompt of each chain (strings or integer ids).
+      min_count: prompts with fewer samples than this use the batch's global mean and std
+        (a single sample would otherwise always get advantage 0).
+      eps: added to the standard deviation.
+
+    Returns:
+      [N] float32 advantages: (r - mean_p) / (std_p + eps), with population std (ddof = 0).
+    """
+    values = np.asarray(rewards, np.float64).reshape(-1)
+    ids = np.asarray(prompt_ids).reshape(-1)
+    if ids.shape[0] != values.shape[0]:
+        raise ValueError(f"{values.shape[0]} rewards but {ids.shape[0]} prompt ids")
+    if values.size == 0:
+        return np.zeros((0,), np.float32)
+    global_mean, global_std = values.mean(), values.std()
+    advantages = (values - global_mean) / (global_std + eps)
+    _, groups, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    groups = groups.reshape(-1)
+    for group, count in enumerate(counts):
+        if count < min_count:
+            continue
+        members = groups == group
+        group_values = values[members]
+        advantages[members] = (group_values - group_values.mean()) / (group_values.std() + eps)
+    return advantages.astype(np.float32)
+
+
+def _reduce_log_prob(log_prob_sum: jax.Array, sample_shape: tuple[int, ...], reduce: str) -> jax.Array:
+    """[B] summed log-probs -> the requested reduction over ``sample_shape`` dimensions."""
+    if reduce == "sum":
+        return log_prob_sum
+    return log_prob_sum / math.prod(sample_shape)
+
+
+def transition_log_prob(
+    eps_fn: ddim.EpsFn,
+    params: Any,
+    schedule: DDIMSchedule,
+    x_t: jax.Array,
+    step_index: jax.Array | int,
+    x_prev: jax.Array,
+    context: jax.Array,
+    null_context: jax.Array,
+    eta: float,
+    guidance_scale: float,
+    reduce: str = "sum",
+) -> jax.Array:
+    """log p_params(x_prev | x_t) of DDIM transitions: [B].
+
+    The model call is ``ddim.guided_eps`` on the whole batch (one call, per-sample timesteps);
+    the step is ``ddim.ddim_step(..., noise=None, ...)`` and the density
+    ``ddim.gaussian_log_prob``, exactly as in the rollout. Because those take one step index
+    for the whole batch, they are mapped over the samples (``jax.vmap``), so that a minibatch
+    may mix steps.
+
+    Args:
+      x_t: [B, C, H, W] states entering the steps.
+      step_index: [B] int or a scalar: each transition's step index (0 = noisiest).
+      x_prev: [B, C, H, W] states after the steps.
+      context: [B, L, D]; null_context: [1 or B, L, D].
+      eta, guidance_scale: as in the rollout that produced the transitions.
+      reduce: "sum" (the rollout's ``Trajectory.log_prob``) or "mean" over C*H*W.
+
+    Returns:
+      [B] log-probabilities; 0 where the step is deterministic (sigma_i = 0).
+    """
+    _check_reduce(reduce)
+    batch = x_t.shape[0]
+    index = jnp.broadcast_to(jnp.asarray(step_index, jnp.int32), (batch,))
+    timesteps = schedule.timesteps[index]
+    model_output = ddim.guided_eps(eps_fn, params, x_t, timesteps, context, null_context,
+                                   guidance_scale)
+
+    def one(i: jax.Array, x: jax.Array, output: jax.Array, target: jax.Array) -> jax.Array:
+        step = ddim.ddim_step(schedule, i, x[None], output[None], None, eta)
+        return ddim.gaussian_log_prob(target[None], step.mean, step.std)[0]
+
+    log_prob = jax.vmap(one)(index, x_t, model_output, x_prev)
+    return _reduce_log_prob(log_prob, x_t.shape[1:], reduce)
+
+
+def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
+             clip_range: float, adv_clip: Optional[float] = None) -> tuple[jax.Array, dict]:
+    """The clipped surrogate and its diagnostics.
+
+    Args:
+      new_log_prob: [B] log-probs under the parameters being trained (differentiable).
+      old_log_prob: [B] log-probs under the sampling parameters (treated as constants).
+      advantages: [B]; clipped to [-adv_clip, adv_clip] when ``adv_clip`` is given.
+      clip_range: c; the ratio is clipped to [1 - c, 1 + c].
+
+    Returns:
+      (loss [], metrics): loss = mean max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(new - old);
+      metrics: approx_kl = 0.5 mean (new - old)^2, clipfrac = fraction with |r - 1| > c,
+      ratio_mean, and the loss itself.
+    """
+    old_log_prob = jax.lax.stop_gradient(old_log_prob)
+    advantages = jax.lax.stop_gradient(advantages)
+    if adv_clip is not None:
+        advantages = jnp.clip(advantages, -adv_clip, adv_clip)
+    log_ratio = new_log_prob - old_log_prob
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = jnp.mean(jnp.maximum(unclipped, clipped))
+    ratio_const = jax.lax.stop_gradient(ratio)
+    metrics = {
+        "ppo_loss": jax.lax.stop_gradient(loss),
+        "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(log_ratio) ** 2),
+        "clipfrac": jnp.mean((jnp.abs(ratio_const - 1.0) > clip_range).astype(jnp.float32)),
+        "ratio_mean": jnp.mean(ratio_const),
+    }
+    return loss, metrics
+
+
+def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DDPOBatch,
+              config: DDPOConfig) -> tuple[jax.Array, dict]:
+    """The DDPO loss of a minibatch of stored transitions; differentiate w.r.t. ``params``.
+
+    ``batch.old_log_prob`` must use ``config.reduce`` (``transitions_from_trajectory`` does).
+    Raises ValueError when ``config.eta`` is not positive.
+    """
+    _check_stochastic(config.eta)
+    _check_reduce(config.reduce)
+    new_log_prob = transition_log_prob(
+        eps_fn, params, schedule, batch.x_t, batch.step_index, batch.x_prev, batch.context,
+        batch.null_context, config.eta, config.guidance_scale, reduce=config.reduce)
+    loss, metrics = ppo_loss(new_log_prob, batch.old_log_prob, batch.advantages,
+                             config.clip_range, config.adv_clip)
+    metrics["advantage_mean"] = jnp.mean(batch.advantages)
+    return loss, metrics
+
+
+def stochastic_steps(schedule: DDIMSchedule, eta: float) -> np.ndarray:
+    """[S] int32 indices of the steps with sigma_i > 0 (host-side; needs a concrete schedule).
+
+    With ``set_alpha_to_one`` the last DDIM step lands on alpha_bar = 1 and is deterministic.
+    """
+    _check_stochastic(eta)
+    std = np.asarray(ddim.ddim_std(schedule, jnp.arange(schedule.num_steps), eta))
+    return np.nonzero(std > 0)[0].astype(np.int32)
+
+
+def transitions_from_trajectory(trajectory: Trajectory, advantages: jax.Array,
+                                context: jax.Array, null_context: jax.Array,
+                                steps: Optional[Sequence[int] | np.ndarray] = None,
+                                reduce: str = "mean") -> DDPOBatch:
+    """Flattens a sampled batch of chains into DDPO transitions, chain-major.
+
+    Args:
+      trajectory: B chains of T steps (``Trajectory.log_prob`` is summed over dimensions).
+      advantages: [B] per-chain advantages (e.g. ``per_prompt_advantages``).
+      context: [B, L, D] the prompts' embeddings used by the rollout; null_context: [1, L, D].
+      steps: [S] step indices to keep (default: all T); ``stochastic_steps`` drops the
+        deterministic ones.
+      reduce: the reduction the loss will use; the stored log-probs are converted to it.
+
+    Returns:
+      A DDPOBatch of N = B * S transitions; transition b * S + s is step ``steps[s]`` of chain b.
+    """
+    _check_reduce(reduce)
+    batch, num_steps = trajectory.log_prob.shape
+    steps = np.arange(num_steps, dtype=np.int32) if steps is None else np.asarray(steps, np.int32)
+    kept = steps.shape[0]
+    sample_shape = trajectory.x_t.shape[2:]
+
+    def flat(values: jax.Array) -> jax.Array:  # [B, T, ...] -> [B * S, ...]
+        return values[:, steps].reshape((batch * kept,) + values.shape[2:])
+
+    log_prob = _reduce_log_prob(flat(trajectory.log_prob), sample_shape, reduce)
+    return DDPOBatch(
+        x_t=flat(trajectory.x_t),
+        x_prev=flat(trajectory.x_prev),
+        step_index=jnp.tile(jnp.asarray(steps), batch),
+        old_log_prob=log_prob,
+        advantages=jnp.repeat(jnp.asarray(advantages, jnp.float32), kept),
+        context=jnp.repeat(context, kept, axis=0),
+        null_context=null_context,
+    )
