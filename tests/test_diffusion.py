@@ -251,3 +251,12 @@ def test_last_k_gradient_equals_prefix_free_rollout(setup):
     expected = jax.grad(tail_loss)(params)
     for name in params:
         np.testing.assert_allclose(g[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_cuts_array_matches_depth_option(setup):
+    params = tiny_params(3)
+    by_depth = jax.grad(lambda p: _final_loss(setup, p, grad_depth=2, grad_cut="last"))(params)
+    cuts = jnp.asarray(rollout_lib.gradient_cuts(T, 2, "last"))
+    by_array = jax.jit(jax.grad(lambda p, c: _final_loss(setup, p, cuts=c)))(params, cuts)
+    for name in params:
+        np.testing.assert_allclose(by_depth[name], by_array[name], rtol=1e-5, atol=1e-7)

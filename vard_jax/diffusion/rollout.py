@@ -89,6 +89,7 @@ def rollout(
     remat: str = "none",
     step_hook: Optional[StepHook] = None,
     python_loop: bool = False,
+    cuts: Optional[jax.Array] = None,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -104,6 +105,8 @@ def rollout(
       remat: rematerialisation policy of the step body: none | full | dots.
       step_hook: ``hook(StepInfo) -> pytree``; its outputs are stacked to [T, ...].
       python_loop: run the same body in a Python loop (debugging, inspection).
+      cuts: optional [T] bool array (may be traced) that replaces ``gradient_cuts(T, K, mode)``,
+        e.g. for a depth drawn inside jit (AlignProp).
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -111,7 +114,8 @@ def rollout(
                          f"T={num_steps}, ...]")
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r}: use one of {', '.join(REMAT_POLICIES)}")
-    cuts = jnp.asarray(gradient_cuts(num_steps, grad_depth, grad_cut))
+    if cuts is None:
+        cuts = jnp.asarray(gradient_cuts(num_steps, grad_depth, grad_cut))
     batch = x_T.shape[0]
 
     def body(x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
