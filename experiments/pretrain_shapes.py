@@ -47,6 +47,9 @@ flags.DEFINE_float("ema_decay", 0.995, "EMA decay of the shipped UNet weights.")
 flags.DEFINE_integer("eval_samples", 64, "Samples per split for the quality figures.")
 flags.DEFINE_integer("eval_steps", 20, "DDIM steps for the quality figures.")
 flags.DEFINE_float("guidance_scale", 3.0, "Guidance for the quality figures (the demo's).")
+flags.DEFINE_string("init_from", "", "Continue from the CLIP and UNet in this asset directory "
+                    "(the CLIP is kept; the UNet training resumes from its weights).")
+flags.DEFINE_float("unet_lr", 1e-3, "Peak UNet learning rate.")
 
 
 def train_clip(clip_model, tokenizer, key):
@@ -93,13 +96,14 @@ def clip_retrieval_accuracy(clip_model, params, tokenizer, split: str, n: int = 
     return float(np.mean([captions[j] == t for j, t in zip(best, truth)]))
 
 
-def train_unet(pipeline, text_params, key):
+def train_unet(pipeline, text_params, key, init_params=None):
     unet = pipeline.unet
-    params = shapes_model.init_unet_params(unet, key)
+    params = shapes_model.init_unet_params(unet, key) if init_params is None else init_params
     ema = params
     alphas_cumprod = jnp.asarray(alphas_cumprod_for(pipeline.schedule))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, 1e-3, min(200, FLAGS.unet_steps // 2), FLAGS.unet_steps, 5e-5)
+    warmup = min(200 if init_params is None else 50, FLAGS.unet_steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.unet_lr, warmup, FLAGS.unet_steps,
+                                                  5e-5)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
     opt_state = optimizer.init(params)
 
@@ -131,7 +135,8 @@ def train_unet(pipeline, text_params, key):
     start, losses = time.time(), []
     key = jax.random.PRNGKey(FLAGS.seed + 1)
     for i in range(FLAGS.unet_steps):
-        images, captions = world.generate(FLAGS.unet_batch, seed=20_000 + i, split="train")
+        images, captions = world.generate(FLAGS.unet_batch, seed=20_000 + 100_000 * FLAGS.seed + i,
+                                         split="train")
         caption_idx = jnp.asarray([index[c] for c in captions])
         params, ema, opt_state, loss = step(params, ema, opt_state, images, caption_idx,
                                             jax.random.fold_in(key, i))
@@ -181,16 +186,27 @@ def main(argv):
     pipeline = shapes_model.build_pipeline(tokenizer, clip_model)
 
     start = time.time()
-    clip_params = train_clip(clip_model, tokenizer, key_clip)
-    figures = {"clip_train_seconds": round(time.time() - start, 1),
-               "clip_heldout_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
-                                                            "heldout"),
-               "clip_train_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
-                                                          "train")}
+    figures, init_unet = {}, None
+    if FLAGS.init_from:
+        _, previous, _, clip_params = shapes_model.load(FLAGS.init_from)
+        init_unet = previous["unet"]
+        index = json.loads((pathlib.Path(FLAGS.init_from) / "model_index.json").read_text())
+        earlier = index.get("quality", {})
+        figures = {k: v for k, v in earlier.items() if k.startswith("clip_")}
+        figures["unet_steps_before"] = earlier.get("unet_steps_before", 0) + earlier.get("unet_steps", 0)
+        figures["unet_train_seconds_before"] = (earlier.get("unet_train_seconds_before", 0.0)
+                                                + earlier.get("unet_train_seconds", 0.0))
+    else:
+        clip_params = train_clip(clip_model, tokenizer, key_clip)
+        figures = {"clip_train_seconds": round(time.time() - start, 1),
+                   "clip_heldout_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
+                                                                "heldout"),
+                   "clip_train_top1": clip_retrieval_accuracy(clip_model, clip_params, tokenizer,
+                                                              "train")}
     print(json.dumps(figures), flush=True)
 
     text_params = shapes_model.text_encoder_params(clip_params)
-    unet_params, unet_figures = train_unet(pipeline, text_params, key_unet)
+    unet_params, unet_figures = train_unet(pipeline, text_params, key_unet, init_unet)
     figures.update(unet_figures)
     params = {"unet": unet_params, "text_encoder": text_params}
     figures.update(evaluate_base(pipeline, params, clip_model, clip_params, out))
