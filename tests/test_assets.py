@@ -59,3 +59,31 @@ def test_clip_alignment_prefers_the_true_caption(loaded):
     wrong_scores, _ = evaluate(images, wrong)
     assert np.mean(right_scores > wrong_scores) > 0.8
     assert float(np.mean(right_scores - wrong_scores)) > 0.0
+
+
+def test_reward_initialised_value_equals_the_reward_at_the_final_state(loaded):
+    """value.arch = reward_init: V(x_0) is the standardised reward of x_0 before any training."""
+    from vard_jax.models import value as value_lib
+
+    pipeline, params, clip_model, clip_params = loaded
+    context = registry.RewardContext(world_clip=(clip_model, clip_params, pipeline.tokenizer))
+    reward = registry.build("clip_alignment", context)
+    _, backbone_params, score_fn = reward.backbone
+
+    def x0_hat(aux, x, timesteps, context):  # final states are clean already
+        return x
+
+    model = value_lib.reward_init_value(score_fn, backbone_params, x0_hat,
+                                        lambda aux, x0: pipeline.decode(params, x0))
+    value_params = model.init(jax.random.PRNGKey(0))
+    images, captions = world.generate(8, seed=4, split="train")
+    x0 = jnp.transpose(jnp.asarray(images), (0, 3, 1, 2)) * 2.0 - 1.0
+    ids = jnp.asarray(reward.prepare(captions))
+    aux = {"reward_ids": ids, "reward_mean": jnp.asarray(1.5), "reward_std": jnp.asarray(2.0)}
+    values = model.apply(value_params, x0, jnp.full((8,), -50), None, aux)
+    expected = (reward.score(pipeline.decode(params, x0), ids) - 1.5) / 2.0
+    np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4)
+    # The backbone is trainable: its gradient is not zero.
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x0, jnp.full((8,), -50), None, aux)))(
+        value_params)
+    assert float(jnp.abs(grads["backbone"]["text_projection"]["kernel"]).sum()) > 0
