@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
     policy.updates_per_epoch = 1  # Policy gradient steps per rollout batch.
     policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
+    policy.scan_unroll = 0  # Unroll of the differentiated scan: 0 = auto (full on CPU, else 1).
 
     # --- training schedule --------------------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()

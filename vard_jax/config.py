@@ -14,6 +14,7 @@ import ml_collections
 
 ALGORITHMS = ("vard",)  # ddpo and draft join when their losses are wired into the trainer
 MODEL_FAMILIES = ("shapes",)
+MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
 LR_SCHEDULES = ("constant", "cosine")
@@ -115,6 +116,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.train_fraction", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("config.policy.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.policy.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("config.policy.scan_unroll", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
     ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("config.train.eval_every", lambda v: v >= 1, "an integer >= 1"),
     ("config.mesh.data", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),

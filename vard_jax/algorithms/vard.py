@@ -28,6 +28,7 @@ class PolicyLossConfig(NamedTuple):
     guidance_scale: float
     remat: str
     python_loop: bool = False
+    unroll: int | bool = 1  # lax.scan unroll of the differentiated rollout (True = full)
 
 
 class PolicyInputs(NamedTuple):
@@ -87,7 +88,7 @@ def policy_loss(
         eps_fn, policy_params, schedule, inputs.x_T, inputs.noise, inputs.context,
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=config.grad_depth, grad_cut="window", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop)
+        python_loop=config.python_loop, unroll=config.unroll)
     mask = inputs.step_mask
     trained = jnp.maximum(jnp.sum(mask), 1.0)
     loss = -jnp.sum(mask * per_step["objective"]) / trained

@@ -7,7 +7,7 @@ the score is differentiable with respect to the pixels.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +38,16 @@ def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
-def image_embeddings(clip_model: Any, params: Any, images: jax.Array) -> jax.Array:
-    """Unit-norm image embeddings [B, D] of [0, 1] NHWC images."""
-    size = clip_model.config.vision_config.image_size
-    features = clip_model.get_image_features(preprocess(images, size), params=params)
+def image_embeddings(clip_model: Any, params: Any, images: jax.Array,
+                     size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> jax.Array:
+    """Unit-norm image embeddings [B, D] of [0, 1] NHWC images.
+
+    ``size`` (default: the vision tower's ``image_size``), ``mean`` and ``std`` are the
+    preprocessing of the model's image processor.
+    """
+    size = size or clip_model.config.vision_config.image_size
+    features = clip_model.get_image_features(preprocess(images, size, mean, std), params=params)
     return _normalise(features)
 
 
@@ -50,8 +56,13 @@ def text_embeddings(clip_model: Any, params: Any, input_ids: jax.Array) -> jax.A
     return _normalise(clip_model.get_text_features(input_ids, params=params))
 
 
-def clip_logits(clip_model: Any, params: Any, images: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """Per-pair scores logit_scale * cos(image_i, text_i): [B] (PickScore's definition)."""
-    image = image_embeddings(clip_model, params, images)
+def clip_logits(clip_model: Any, params: Any, images: jax.Array, input_ids: jax.Array,
+                size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
+                std: Sequence[float] = CLIP_STD) -> jax.Array:
+    """Per-pair scores logit_scale * cos(image_i, text_i): [B] (PickScore's definition).
+
+    ``size``/``mean``/``std``: image preprocessing, as in ``image_embeddings``.
+    """
+    image = image_embeddings(clip_model, params, images, size, mean, std)
     text = text_embeddings(clip_model, params, input_ids)
     return jnp.exp(params["logit_scale"]) * jnp.sum(image * text, axis=-1)

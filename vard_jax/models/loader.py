@@ -35,6 +35,18 @@ def _load_shapes(config) -> LoadedModel:
     return LoadedModel(pipeline, params, context)
 
 
+@register_family("stable_diffusion")
+def _load_stable_diffusion(config) -> LoadedModel:
+    from vard_jax.models import stable_diffusion
+
+    if config.pretrained.random_init:
+        raise ValueError("pretrained.random_init is for the shapes family; Stable Diffusion "
+                         "is always loaded from its weights")
+    pipeline, params = stable_diffusion.load(config.pretrained.path)
+    # The reward's weights are its own (reward.path); a SD checkpoint holds no reward model.
+    return LoadedModel(pipeline, params, RewardContext(path=config.reward.path))
+
+
 def load(config) -> LoadedModel:
     family = config.pretrained.family
     if family not in _LOADERS:

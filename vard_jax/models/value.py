@@ -108,7 +108,9 @@ def reward_init_value(backbone_score: Callable[[Any, jax.Array, jax.Array], jax.
     affine = _TimeAffine()
 
     def init(key):
-        return {"backbone": backbone_params,
+        # An own copy: the train state is donated to the update steps, and the reward keeps
+        # scoring with its original weights.
+        return {"backbone": jax.tree_util.tree_map(jnp.array, backbone_params),
                 "affine": affine.init(key, jnp.zeros((1,), jnp.int32))["params"]}
 
     def apply(params, x, timesteps, context, aux):

@@ -7,6 +7,7 @@ Every CLIP-family reward scores ``logit_scale * cos(image, text)`` through
 from __future__ import annotations
 
 import functools
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -14,15 +15,21 @@ from vard_jax.models import clip as clip_lib
 from vard_jax.rewards.registry import Reward, RewardContext, register
 
 
-def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int) -> Reward:
-    """A Reward scoring images against their prompts with a Flax CLIP model."""
+def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int,
+                image_size: Optional[int] = None, mean: Sequence[float] = clip_lib.CLIP_MEAN,
+                std: Sequence[float] = clip_lib.CLIP_STD) -> Reward:
+    """A Reward scoring images against their prompts with a Flax CLIP model.
+
+    ``image_size`` (default: the vision tower's), ``mean`` and ``std`` are the image
+    processor's preprocessing.
+    """
     def prepare(prompts):
         ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
                         truncation=True, return_tensors="np").input_ids
         return ids.astype(np.int32)
 
     def score_with(params, images, input_ids):
-        return clip_lib.clip_logits(clip_model, params, images, input_ids)
+        return clip_lib.clip_logits(clip_model, params, images, input_ids, image_size, mean, std)
 
     return Reward(name=name, score=lambda images, ids: score_with(clip_params, images, ids),
                   differentiable=True, jittable=True, prepare=prepare,

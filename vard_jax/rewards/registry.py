@@ -66,6 +66,7 @@ def names() -> list[str]:
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
     from vard_jax.rewards import clip_rewards, host_rewards  # noqa: F401
+    from vard_jax.rewards import pretrained_rewards  # noqa: F401
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:

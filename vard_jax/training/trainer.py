@@ -77,7 +77,8 @@ class Trainer:
         self.loss_config = vard.PolicyLossConfig(
             beta=config.policy.beta, grad_depth=config.policy.grad_depth, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
-            python_loop=config.sample.python_loop)
+            python_loop=config.sample.python_loop,
+            unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll))
         self._replicated = mesh_lib.replicated(self.mesh)
         self._batch = mesh_lib.batch_sharding(self.mesh)
         self._build_functions()

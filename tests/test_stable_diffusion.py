@@ -1,0 +1,373 @@
+"""Stable Diffusion loading and the pretrained rewards, on tiny random checkpoints.
+
+Tiny models in the real on-disk layouts (diffusers / transformers ``save_pretrained``) stand in
+for the hub checkpoints, which cannot be downloaded here: the loading code is the real one.
+"""
+
+import json
+import pathlib
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from configs import base
+from vard_jax import upstream
+from vard_jax.config import validate
+from vard_jax.diffusion import sampler as sampler_lib
+from vard_jax.models import clip as clip_lib
+from vard_jax.models import loader
+from vard_jax.models import stable_diffusion as sd
+from vard_jax.rewards import pretrained_rewards, registry
+from vard_jax.worlds import tokenizer_files
+
+LATENT_SIZE = 8
+UNET_CONFIG = dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+                   block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+                   cross_attention_dim=32,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+# Four blocks, as SD's VAE: images are 8x the latents.
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                  block_out_channels=(8, 8, 8, 8), norm_num_groups=8,
+                  sample_size=8 * LATENT_SIZE, scaling_factor=0.18215,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4)
+TEXT_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=tokenizer_files.MAX_LENGTH)
+VISION_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, image_size=16, patch_size=4)
+# Stable Diffusion v1's scheduler/scheduler_config.json.
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+                "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                "clip_sample": False}
+# A processor that differs from CLIP's defaults, so that using it is visible.
+PROCESSOR_MEAN, PROCESSOR_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _tokenizer(directory: pathlib.Path):
+    """The shapes-world CLIP tokenizer, saved in the transformers layout under ``directory``."""
+    tokenizer_files.write_tokenizer_files(directory)
+    tokenizer = tokenizer_files.load_tokenizer(directory)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def _special_ids(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def _random_params(init: Callable[[], Any], seed: int) -> Any:
+    """Random params shaped like ``init()``'s, drawn with numpy (no init run: far faster on CPU).
+
+    Kernels are scaled by 1/sqrt(fan-in) and norm scales are near 1, so activations stay O(1).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "scale":
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        fan_in = int(np.prod(shape[:-1])) if name == "kernel" else 1
+        std = fan_in ** -0.5 if name == "kernel" else 0.05
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(init))
+
+
+def _write_common(root: pathlib.Path):
+    tokenizer = _tokenizer(root / "tokenizer")
+    (root / "scheduler").mkdir(parents=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def flax_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """A tiny SD checkpoint with Flax weights (msgpack), as on the hub's Flax branches."""
+    root = tmp_path_factory.mktemp("sd_flax")
+    tokenizer = _write_common(root)
+    diffusers, transformers = upstream.diffusers(), upstream.transformers()
+    key = jax.random.PRNGKey(0)
+    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
+    unet_params = _random_params(lambda: unet.init_weights(key), 0)
+    unet.save_pretrained(str(root / "unet"), params=unet_params)
+    vae = diffusers.FlaxAutoencoderKL(**VAE_CONFIG)
+    vae.save_pretrained(str(root / "vae"), params=_random_params(lambda: vae.init_weights(key), 1))
+    text_config = transformers.CLIPTextConfig(**TEXT_CONFIG, **_special_ids(tokenizer))
+    text = transformers.FlaxCLIPTextModel(text_config, _do_init=False)
+    text_params = _random_params(lambda: text.init_weights(key, (1, tokenizer_files.MAX_LENGTH)), 2)
+    text.save_pretrained(str(root / "text_encoder"), params=text_params)
+    return root
+
+
+def test_load_flax_checkpoint_and_sample(flax_checkpoint):
+    pipeline, params = sd.load(str(flax_checkpoint))
+    assert set(params) == {"unet", "text_encoder", "vae"}
+    assert pipeline.sample_shape == (4, LATENT_SIZE, LATENT_SIZE)
+    assert pipeline.is_latent and pipeline.vae_scaling_factor == pytest.approx(0.18215)
+    assert pipeline.max_length == tokenizer_files.MAX_LENGTH
+    assert sd.vae_scale_factor(pipeline) == 8
+    schedule = pipeline.schedule
+    assert (schedule.beta_schedule, schedule.beta_start, schedule.beta_end) == (
+        "scaled_linear", 0.00085, 0.012)
+    assert schedule.steps_offset == 1 and not schedule.set_alpha_to_one
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+
+    spec = sampler_lib.SamplerSpec(num_steps=2, eta=1.0, guidance_scale=3.0)
+    ids = jnp.asarray(pipeline.tokenize(["a red circle", "two blue squares"]))
+    samples = sampler_lib.jit_sampler(pipeline, spec)(params, params["unet"], ids,
+                                                      jax.random.PRNGKey(0))
+    images = np.asarray(samples.images)
+    size = 8 * LATENT_SIZE
+    assert images.shape == (2, size, size, 3)
+    assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
+    assert samples.trajectory.x0.shape == (2, 4, LATENT_SIZE, LATENT_SIZE)
+
+
+def test_family_loader(flax_checkpoint):
+    config = base.get_config()
+    config.pretrained.family = "stable_diffusion"
+    config.pretrained.path = str(flax_checkpoint)
+    config.reward.path = "/rewards/pickscore"
+    validate(config, device_count=1)
+    loaded = loader.load(config)
+    assert loaded.pipeline.is_latent and set(loaded.params) == {"unet", "text_encoder", "vae"}
+    assert loaded.reward_context.path == "/rewards/pickscore"
+    assert loaded.reward_context.world_clip is None
+    config.pretrained.random_init = True
+    with pytest.raises(ValueError, match="random_init"):
+        loader.load(config)
+
+
+def test_unknown_hub_id_is_one_clear_line(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model_id = "vard-test-nobody/no-such-stable-diffusion"
+    with pytest.raises(FileNotFoundError) as error:
+        sd.load(model_id)
+    message = str(error.value)
+    assert "\n" not in message and f"'{model_id}'" in message
+    assert "--config.pretrained.path=/local/dir" in message
+
+
+def test_pickle_weights_without_torch_name_the_extra(tmp_path, monkeypatch):
+    unet_dir = tmp_path / "unet"
+    unet_dir.mkdir()
+    (unet_dir / "config.json").write_text(json.dumps(
+        dict(UNET_CONFIG, _class_name="UNet2DConditionModel")))
+    (unet_dir / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" raises ImportError
+    with pytest.raises(ImportError) as error:
+        sd.load_diffusers_model(upstream.diffusers().FlaxUNet2DConditionModel, tmp_path, "unet",
+                                jnp.float32)
+    assert "\n" not in str(error.value) and 'pip install -e ".[pt]"' in str(error.value)
+
+
+def test_pytorch_checkpoint_matches_torch(tmp_path):
+    """PyTorch weights (safetensors, and a pickled .bin) load into Flax with the same outputs."""
+    torch = pytest.importorskip("torch")
+    import diffusers as torch_diffusers  # the PyTorch classes, for reference outputs only
+    import transformers as torch_transformers
+
+    torch.manual_seed(0)
+    root = tmp_path / "sd_pt"
+    tokenizer = _write_common(root)
+    unet = torch_diffusers.UNet2DConditionModel(**UNET_CONFIG).eval()
+    vae = torch_diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    text = torch_transformers.CLIPTextModel(torch_transformers.CLIPTextConfig(
+        **TEXT_CONFIG, **_special_ids(tokenizer))).eval()
+    with torch.no_grad():  # random (non-zero) values everywhere, also where torch inits zeros
+        for module in (unet, vae):
+            for parameter in module.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    assert (root / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    pipeline, params = sd.load(str(root))
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, LATENT_SIZE, LATENT_SIZE)).astype(np.float32)
+    timesteps = np.array([10, 900], np.int32)
+    ids = pipeline.tokenize(["a red circle", "a blue square"])
+    with torch.no_grad():
+        text_ref = text(torch.from_numpy(ids.astype(np.int64))).last_hidden_state
+        eps_ref = unet(torch.from_numpy(latents), torch.from_numpy(timesteps), text_ref).sample
+        decoded_ref = vae.decode(torch.from_numpy(latents)).sample
+
+    @jax.jit
+    def forward(params, ids, latents, timesteps):
+        context = pipeline.encode_ids(params["text_encoder"], ids)
+        eps = pipeline.eps_fn(params["unet"], latents, timesteps, context)
+        decoded = pipeline.vae.apply({"params": params["vae"]}, latents,
+                                     method=pipeline.vae.decode).sample
+        return context, eps, decoded
+
+    context, eps, decoded = forward(params, ids, latents, timesteps)
+    np.testing.assert_allclose(context, text_ref.numpy(), atol=1e-4)
+    np.testing.assert_allclose(eps, eps_ref.numpy(), atol=2e-4)
+    np.testing.assert_allclose(decoded, decoded_ref.numpy(), atol=2e-4)
+
+    # The same UNet as a pickled state dict (read with torch.load(weights_only=True)).
+    pickled = tmp_path / "sd_bin"
+    unet.save_pretrained(pickled / "unet", safe_serialization=False)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    _, from_bin = sd.load_diffusers_model(upstream.diffusers().FlaxUNet2DConditionModel,
+                                          pickled, "unet", jnp.float32)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_bin, params["unet"])
+
+
+def test_converter_reports_mismatches():
+    target = {"conv_in": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
+                          "bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}
+    state = {"conv_in.weight": np.zeros((8, 4, 3, 3), np.float32),
+             "conv_in.bias": np.zeros((8,), np.float32)}
+    converted = sd.convert_diffusers_state_dict(state, target)
+    assert converted["conv_in"]["kernel"].shape == (3, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"1 unused \(extra.weight\), 1 missing \(conv_in.bias\)"):
+        sd.convert_diffusers_state_dict({"conv_in.weight": state["conv_in.weight"],
+                                         "extra.weight": np.zeros((2, 2), np.float32)}, target)
+
+
+# --- pretrained rewards ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_dirs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny PickScore-format CLIP (model dir) and its processor dir (tokenizer + processor)."""
+    root = tmp_path_factory.mktemp("pickscore")
+    transformers = upstream.transformers()
+    processor_dir = root / "processor"
+    tokenizer = _tokenizer(processor_dir)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": VISION_CONFIG["image_size"]},
+        crop_size={"height": VISION_CONFIG["image_size"], "width": VISION_CONFIG["image_size"]},
+        image_mean=list(PROCESSOR_MEAN), image_std=list(PROCESSOR_STD),
+    ).save_pretrained(str(processor_dir))
+    config = transformers.CLIPConfig(text_config=dict(TEXT_CONFIG, **_special_ids(tokenizer)),
+                                     vision_config=VISION_CONFIG, projection_dim=24)
+    model = transformers.FlaxCLIPModel(config, _do_init=False)
+    size = VISION_CONFIG["image_size"]
+    shapes = ((1, tokenizer_files.MAX_LENGTH), (1, size, size, 3))
+    params = _random_params(lambda: model.init_weights(jax.random.PRNGKey(0), shapes), 3)
+    params["logit_scale"] = np.asarray(np.log(100.0), np.float32)
+    model.save_pretrained(str(root / "model"), params=params)
+    return root / "model", processor_dir
+
+
+def _images(seed: int = 0) -> jax.Array:
+    return jax.random.uniform(jax.random.PRNGKey(seed), (2, 24, 24, 3))
+
+
+def test_pickscore_is_finite_differentiable_and_uses_the_processor(clip_dirs):
+    model_dir, processor_dir = clip_dirs
+    context = registry.RewardContext(path=f"{model_dir}::{processor_dir}")
+    reward = registry.build("pickscore", context)
+    assert reward.differentiable and reward.jittable and reward.backbone is not None
+    prompts = ["a red circle", "two blue squares"]
+    ids = reward.prepare(prompts)
+    assert ids.shape == (2, tokenizer_files.MAX_LENGTH)
+    images = _images()
+    model, params, _ = reward.backbone
+
+    @jax.jit
+    def scores(images, ids):
+        expected = clip_lib.clip_logits(model, params, images, ids, size=16,
+                                        mean=PROCESSOR_MEAN, std=PROCESSOR_STD)
+        default_preprocessing = clip_lib.clip_logits(model, params, images, ids)
+        grad = jax.grad(lambda x: reward.score(x, ids).sum())(images)
+        return reward.score(images, ids), expected, default_preprocessing, grad
+
+    values, expected, default_preprocessing, grad = scores(images, jnp.asarray(ids))
+    assert values.shape == (2,) and np.isfinite(values).all()
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(values, default_preprocessing)
+    assert np.isfinite(grad).all() and float(jnp.abs(grad).sum()) > 0
+    evaluated, _ = registry.RewardEvaluator(reward)(np.asarray(images), prompts)
+    np.testing.assert_allclose(evaluated, values, rtol=1e-5, atol=1e-5)
+
+
+def _aesthetic_head(path: pathlib.Path, embedding_dim: int) -> dict[str, np.ndarray]:
+    """Random LAION-layout head weights (PyTorch names and [out, in] shapes) in safetensors."""
+    rng = np.random.default_rng(1)
+    state, fan_in = {}, embedding_dim
+    for width, index in zip(pretrained_rewards.AESTHETIC_WIDTHS,
+                            pretrained_rewards.AESTHETIC_LAYER_INDICES):
+        state[f"layers.{index}.weight"] = rng.normal(0, fan_in ** -0.5, (width, fan_in)).astype(
+            np.float32)
+        state[f"layers.{index}.bias"] = rng.normal(0, 0.1, (width,)).astype(np.float32)
+        fan_in = width
+    save_file(state, str(path))
+    return state
+
+
+def test_aesthetic_equals_the_mlp_of_the_normalised_embedding(clip_dirs, tmp_path):
+    model_dir, processor_dir = clip_dirs
+    head_file = tmp_path / "head.safetensors"
+    state = _aesthetic_head(head_file, embedding_dim=24)
+    reward = registry.build("aesthetic", registry.RewardContext(path=f"{model_dir}::{head_file}"))
+    assert reward.differentiable and reward.jittable
+    images = _images(1)
+    prepared = reward.prepare(["x", "y"])
+    bundle = pretrained_rewards.load_clip(str(model_dir))
+
+    @jax.jit
+    def compute(images):
+        pixels = clip_lib.preprocess(images, 16)  # the model dir has no processor: CLIP's
+        features = bundle.model.get_image_features(pixels, params=bundle.params)
+        grad = jax.grad(lambda x: reward.score(x, prepared).sum())(images)
+        return reward.score(images, prepared), features, grad
+
+    values, features, grad = (np.asarray(a) for a in compute(images))
+    x = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    for index in pretrained_rewards.AESTHETIC_LAYER_INDICES:
+        x = x @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
+    np.testing.assert_allclose(values, x[:, 0], rtol=1e-4, atol=1e-5)
+    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"layers.0.weight": np.zeros((3, 3), np.float32)}, str(bad))
+    with pytest.raises(ValueError, match="layers.0.weight of shape"):
+        registry.build("aesthetic", registry.RewardContext(path=f"{model_dir}::{bad}"))
+    with pytest.raises(ValueError, match="needs its MLP weights"):
+        registry.build("aesthetic", registry.RewardContext())
+    with pytest.raises(FileNotFoundError, match="is not a .safetensors file"):
+        registry.build("aesthetic", registry.RewardContext(path=str(tmp_path / "none.pth")))
+
+
+def test_weighted_sum_of_pretrained_rewards(clip_dirs, tmp_path):
+    model_dir, processor_dir = clip_dirs
+    head_file = tmp_path / "head.safetensors"
+    _aesthetic_head(head_file, embedding_dim=24)
+    path = (f"pickscore={model_dir}::{processor_dir}; aesthetic={model_dir}::{head_file};"
+            f"clip_score={model_dir}::{processor_dir}")
+    context = registry.RewardContext(path=path)
+    total = registry.build("pickscore:1.0,aesthetic:0.1", context)
+    assert total.jittable and total.differentiable
+    prompts = ["a red circle", "a green star"]
+    images = np.asarray(_images(2))
+    values, parts = registry.RewardEvaluator(total)(images, prompts)
+    np.testing.assert_allclose(values, parts["pickscore"] + 0.1 * parts["aesthetic"], rtol=1e-5)
+    clip_score = registry.build("clip_score", context)
+    scores, _ = registry.RewardEvaluator(clip_score)(images, prompts)
+    np.testing.assert_allclose(scores, parts["pickscore"], rtol=1e-5)  # the same tiny model
+
+
+def test_pretrained_reward_paths():
+    assert pretrained_rewards.path_for("", "pickscore") == ""
+    assert pretrained_rewards.path_for("/m::/p", "pickscore") == "/m::/p"
+    assert pretrained_rewards.path_for("pickscore=/a; aesthetic=/c::/h.safetensors",
+                                       "aesthetic") == "/c::/h.safetensors"
+    assert pretrained_rewards.path_for("pickscore=/a", "clip_score") == ""
+    with pytest.raises(ValueError, match="not 'reward_name=path'"):
+        pretrained_rewards.path_for("pickscore=/a;oops", "pickscore")
+    for name in ("pickscore", "aesthetic", "clip_score"):
+        assert name in registry.names()
