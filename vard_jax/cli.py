@@ -53,7 +53,12 @@ def config_or_fail(holder):
 
 
 def flags_parser(argv: list[str]) -> list[str]:
-    return parse_flags_or_fail(argv)
+    rest = parse_flags_or_fail(argv)
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:  # orbax and jax log every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    return rest
 
 
 def run(main: Callable[[list[str]], None]) -> None:
