@@ -74,14 +74,12 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
              guidance_scale: float, first_trained: jax.Array | int) -> rollout_lib.StepHook:
     """A step hook returning D_i ([]) at steps i >= first_trained and 0 before (no model call)."""
     reference_params = jax.lax.stop_gradient(reference_params)
-    batch = inputs.x_T.shape[0]
 
     def hook(info: rollout_lib.StepInfo) -> jax.Array:
         def distance() -> jax.Array:
-            timesteps = jnp.full((batch,), info.timestep, jnp.int32)
-            eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps,
-                                      inputs.context, inputs.null_context, guidance_scale)
-            return jnp.mean((info.eps - eps_ref) ** 2).astype(jnp.float32)
+            return rollout_lib.reference_eps_distance(
+                eps_fn, reference_params, info, inputs.context, inputs.null_context,
+                guidance_scale).astype(jnp.float32)
 
         return jax.lax.cond(info.index >= first_trained, distance,
                             lambda: jnp.zeros((), jnp.float32))

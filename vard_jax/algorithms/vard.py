@@ -71,10 +71,9 @@ def policy_loss(
     num_steps = schedule.num_steps
 
     def hook(info: rollout_lib.StepInfo) -> dict:
-        timesteps = jnp.full((batch,), info.timestep, jnp.int32)
-        eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, inputs.context,
-                                  inputs.null_context, config.guidance_scale)
-        distance = jnp.mean((info.eps - eps_ref) ** 2)
+        distance = rollout_lib.reference_eps_distance(eps_fn, reference_params, info,
+                                                      inputs.context, inputs.null_context,
+                                                      config.guidance_scale)
         prev_t = jnp.full((batch,), info.prev_timestep, jnp.int32)
         value = value_apply(value_params, info.x_prev, prev_t, inputs.context, inputs.value_aux)
         if last_step_reward is not None:

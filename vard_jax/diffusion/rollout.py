@@ -159,6 +159,20 @@ def rollout(
     return trajectory, hook_outputs
 
 
+def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: StepInfo,
+                           context: jax.Array, null_context: jax.Array,
+                           guidance_scale: float) -> jax.Array:
+    """D_i = mean over batch and dims of (eps~_policy - eps~_reference)^2 at the step's state.
+
+    Both predictions are classifier-free guided (the ones the sampler uses); the reference
+    model is called here, at ``info.x_t``.
+    """
+    timesteps = jnp.full((info.x_t.shape[0],), info.timestep, jnp.int32)
+    eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, context,
+                              null_context, guidance_scale)
+    return jnp.mean((info.eps - eps_ref) ** 2)
+
+
 def resolve_unroll(unroll: int) -> int | bool:
     """The ``lax.scan`` unroll of a *differentiated* rollout; 0 means automatic.
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vard_jax.diffusion import ddim, rollout as rollout_lib
+from vard_jax.diffusion import rollout as rollout_lib
 from vard_jax.training.trainer import Trainer
 
 
@@ -32,10 +32,9 @@ def _distance_sampler(trainer: Trainer):
         x_T, noise = rollout_lib.sample_noise(key, batch, trainer.num_steps, pipeline.sample_shape)
 
         def hook(info):
-            t = jnp.full((batch,), info.timestep, jnp.int32)
-            eps_ref = ddim.guided_eps(pipeline.eps_fn, reference_params, info.x_t, t, context,
-                                      null_context, config.sample.guidance_scale)
-            return jnp.mean((info.eps - eps_ref) ** 2)
+            return rollout_lib.reference_eps_distance(pipeline.eps_fn, reference_params, info,
+                                                      context, null_context,
+                                                      config.sample.guidance_scale)
 
         trajectory, distances = rollout_lib.rollout(
             pipeline.eps_fn, policy_params, schedule, x_T, noise, context, null_context,

@@ -122,12 +122,11 @@ class Trainer:
                 "reference": reference_params, "frozen": frozen}
 
     # --- state -----------------------------------------------------------------------------
-    def init_state(self) -> TrainState:
+    def _initial_state(self, policy_params: Any) -> TrainState:
         key = jax.random.PRNGKey(self.config.train.seed)
         key, value_key = jax.random.split(key)
-        policy_params = jax.tree_util.tree_map(jnp.array, self.reference_params)  # own copy
         value_params = self.value_model.init(value_key)
-        state = TrainState(
+        return TrainState(
             epoch=jnp.zeros((), jnp.int32),
             policy_params=policy_params,
             policy_opt_state=self.policy_optimizer.init(policy_params),
@@ -139,6 +138,10 @@ class Trainer:
             policy_updates=jnp.zeros((), jnp.int32),
             value_updates=jnp.zeros((), jnp.int32),
         )
+
+    def init_state(self) -> TrainState:
+        """The placed initial state; the policy starts as its own copy of the reference."""
+        state = self._initial_state(jax.tree_util.tree_map(jnp.array, self.reference_params))
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: Any) -> Any:
@@ -243,16 +246,8 @@ class Trainer:
             out_shardings=(state_sharding, replicated), donate_argnums=0)
 
     def init_state_abstract(self) -> TrainState:
-        """Like ``init_state`` without placement (for eval_shape)."""
-        key = jax.random.PRNGKey(self.config.train.seed)
-        key, value_key = jax.random.split(key)
-        value_params = self.value_model.init(value_key)
-        return TrainState(
-            epoch=jnp.zeros((), jnp.int32), policy_params=self.reference_params,
-            policy_opt_state=self.policy_optimizer.init(self.reference_params),
-            value_params=value_params, value_opt_state=self.value_optimizer.init(value_params),
-            reward_stats=RewardStats.create(), key=key, reward_queries=jnp.zeros((), jnp.int32),
-            policy_updates=jnp.zeros((), jnp.int32), value_updates=jnp.zeros((), jnp.int32))
+        """Like ``init_state`` without copy or placement (for eval_shape)."""
+        return self._initial_state(self.reference_params)
 
     # --- host-side helpers used by the loop ---------------------------------------------------
     def put_batch(self, tree: Any) -> Any:
