@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from vard_jax.algorithms import vard
-from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.diffusion.schedule import make_ddim_schedule
 from vard_jax.models import loader, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
@@ -160,16 +160,14 @@ class Trainer:
         state_sharding = self.state_shardings(abstract_state)
         self.abstract_state = abstract_state
 
+        sampler_spec = sampler_lib.SamplerSpec(self.num_steps, config.sample.eta,
+                                               config.sample.guidance_scale,
+                                               config.sample.python_loop)
+
         def sample(policy_params, frozen, ids, key):
-            context = pipeline.encode_ids(frozen["text_encoder"], ids)
-            null_context = pipeline.encode_ids(frozen["text_encoder"], self.null_ids)
-            x_T, noise = rollout_lib.sample_noise(key, ids.shape[0], self.num_steps, shape)
-            trajectory, _ = rollout_lib.rollout(
-                pipeline.eps_fn, policy_params, schedule, x_T, noise, context, null_context,
-                eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-                python_loop=config.sample.python_loop)
-            return Rollout(images=pipeline.decode(frozen, trajectory.x0),
-                           states=trajectory.x_prev, context=context, x0=trajectory.x0)
+            samples = sampler_lib.sample(pipeline, frozen, policy_params, ids, key, sampler_spec)
+            return Rollout(images=samples.images, states=samples.trajectory.x_prev,
+                           context=samples.context, x0=samples.trajectory.x0)
 
         def value_predict(value_params, stats, frozen, reference_params, batch):
             aux = self.value_aux(stats, frozen, reference_params, batch.get("reward_ids"))
