@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     pretrained.family = "shapes"  # Model loader: shapes (embedded tiny world) | stable_diffusion.
     pretrained.path = ""  # Hub id or local directory; "" = the family's default (shipped assets).
     pretrained.random_init = False  # Use randomly initialised weights of the family's shape.
+    pretrained.dtype = "float32"  # Computation dtype of UNet, VAE, text encoder: float32 | bfloat16.
+    pretrained.param_dtype = "float32"  # Storage dtype of frozen pretrained weights (bfloat16 halves).
 
     # --- the DDIM sampler -------------------------------------------------------------------
     config.sample = sample = ml_collections.ConfigDict()
@@ -64,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
     policy.updates_per_epoch = 1  # Policy gradient steps per rollout batch.
     policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
+    policy.lora_rank = 0  # LoRA rank on the UNet; 0 = full fine-tuning of every UNet weight.
+    policy.lora_alpha = 0.0  # LoRA scale numerator: update (alpha / rank) * A @ B; 0 = alpha = rank.
+    policy.lora_targets = "to_q,to_k,to_v,to_out_0"  # Module names of the adapted Dense layers.
     policy.scan_unroll = 0  # Unroll of the differentiated scan: 0 = auto (full on CPU, else 1).
 
     # --- training schedule --------------------------------------------------------------------

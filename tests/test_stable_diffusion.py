@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from configs import base
@@ -371,3 +372,52 @@ def test_pretrained_reward_paths():
         pretrained_rewards.path_for("pickscore=/a;oops", "pickscore")
     for name in ("pickscore", "aesthetic", "clip_score"):
         assert name in registry.names()
+
+
+# --- configs/pickscore.py end to end on the tiny checkpoints -----------------------------------
+
+def test_pickscore_config_two_epochs_lora_bf16(flax_checkpoint, clip_dirs, tmp_path):
+    """Two VARD epochs of configs/pickscore.py (LoRA, bfloat16, reward-initialised value),
+    overriding only paths, sizes and batches; only the LoRA adapters train."""
+    from configs import pickscore
+    from vard_jax.models import lora
+    from vard_jax.training.loop import Loop
+
+    model_dir, processor_dir = clip_dirs
+    config = pickscore.get_config("tiny")
+    config.pretrained.path = str(flax_checkpoint)
+    config.reward.path = f"{model_dir}::{processor_dir}"
+    config.sample.num_steps = 2
+    config.train.eval_every = 2
+    validate(config, device_count=1)
+    loop = Loop(config, tmp_path / "run")
+    trainer = loop.trainer
+    assert trainer.pipeline.is_latent and trainer.config.value.arch == "reward_init"
+    reference_before = jax.tree_util.tree_map(np.asarray, trainer.reference_params)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trainer.reference_params)} == {
+        jnp.dtype(jnp.bfloat16)}
+    rows = loop.run()
+
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    for key in ("reward_mean", "value_loss", "policy_loss", "policy_grad_norm"):
+        assert all(np.isfinite(row[key]) for row in rows[1:]), key
+    assert np.isfinite(rows[-1]["eval_reward_mean"])
+    assert rows[-1]["eps_distance"] > 0.0  # the policy moved after the first update
+
+    state = loop.final_state
+    adapters = state.policy_params
+    layers = lora.target_layers(trainer.reference_params, lora.ATTENTION_TARGETS)
+    assert set(flatten_dict(adapters)) == {p + (n,) for p in layers for n in ("a", "b")}
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(adapters))
+    assert any(np.any(np.asarray(leaf)) for path, leaf in flatten_dict(adapters).items()
+               if path[-1] == "b")  # trained away from B = 0
+    # Optimiser state exists for the adapters only: its largest leaf is an adapter's size.
+    adapter_sizes = {leaf.size for leaf in jax.tree_util.tree_leaves(adapters)}
+    opt_sizes = {leaf.size for leaf in jax.tree_util.tree_leaves(state.policy_opt_state)}
+    assert max(opt_sizes) <= max(adapter_sizes)
+    assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.policy_opt_state)) < (
+        3 * lora.count(adapters))
+    # The pretrained UNet is untouched (the policy shares it as its base).
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           jax.tree_util.tree_map(np.asarray, trainer.reference_params),
+                           reference_before)

@@ -18,6 +18,7 @@ MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
 LR_SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,8 @@ _Rule = tuple[str, Callable[[Any], bool], str]
 _RULES: tuple[_Rule, ...] = (
     ("config.algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}"),
     ("config.pretrained.family", lambda v: v in MODEL_FAMILIES, f"one of {', '.join(MODEL_FAMILIES)}"),
+    ("config.pretrained.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    ("config.pretrained.param_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
     ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     ("config.sample.guidance_scale", lambda v: v >= 0.0, "a number >= 0"),
@@ -116,6 +119,9 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.train_fraction", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("config.policy.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.policy.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("config.policy.lora_rank", lambda v: v >= 0, "an integer >= 0 (0 = full fine-tuning)"),
+    ("config.policy.lora_alpha", lambda v: v >= 0.0, "a number >= 0 (0 = the rank)"),
+    ("config.policy.lora_targets", lambda v: bool(v.strip()), "comma-separated Dense layer names"),
     ("config.policy.scan_unroll", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
     ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("config.train.eval_every", lambda v: v >= 1, "an integer >= 1"),

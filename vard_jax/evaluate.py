@@ -243,14 +243,7 @@ def load_policy(spec: ModelSpec, resolved: ResolvedConfig) -> LoadedPolicy:
     except (FileNotFoundError, ValueError) as error:
         raise EvaluationError(_first_line(error)) from None
     if spec.pretrained:
-        import jax
-
-        from vard_jax.parallel import mesh as mesh_lib
-
-        # Placed like a trained policy, so the trainer's jitted sampler accepts it as is.
-        params = jax.device_put(trainer.reference_params,
-                                mesh_lib.param_shardings(trainer.mesh, trainer.reference_params))
-        return LoadedPolicy(config, trainer, params, 0, True)
+        return LoadedPolicy(config, trainer, trainer.pretrained_policy_params(), 0, True)
     checkpointer = _open_checkpointer(spec.workdir)
     abstract = abstract_with_shardings(trainer.abstract_state,
                                        trainer.state_shardings(trainer.abstract_state))

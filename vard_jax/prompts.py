@@ -14,13 +14,22 @@ EVAL_NOISE_SEED_OFFSET = 1_000_003
 
 
 def load_prompts(spec: str) -> list[str]:
-    """The prompts of ``spec``: "train"/"heldout" (shapes world) or a path to a text file."""
+#: Prompt sets shipped with the package, by name (one prompt a line): the 45 animal names
+#: of DDPO's training prompts, and 16 other animals as held-out prompts.
+PROMPT_SET_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "prompts"
+PROMPT_SETS = ("animals", "animals_heldout")
+
+
+    """The prompts of ``spec``: "train"/"heldout" (shapes world), a shipped set (``PROMPT_SETS``)
+    or a path to a text file."""
     if spec in world.SPLITS:
         return world.all_prompts(spec)
     path = pathlib.Path(spec)
+    if spec in PROMPT_SETS:
+        spec = str(PROMPT_SET_DIR / f"{spec}.txt")
     if not path.is_file():
-        raise ValueError(f"prompt set {spec!r} is neither a split ({', '.join(world.SPLITS)}) "
-                         "nor an existing file")
+        raise ValueError(f"prompt set {spec!r} is neither a split ({', '.join(world.SPLITS)}), "
+                         f"a shipped set ({', '.join(PROMPT_SETS)}) nor an existing file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

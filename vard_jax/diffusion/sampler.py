@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.diffusion import ddim, rollout as rollout_lib
 from vard_jax.diffusion.schedule import DDIMSchedule, make_ddim_schedule
 from vard_jax.models.pipeline import Pipeline
 
@@ -35,10 +35,11 @@ def null_ids(pipeline: Pipeline) -> jax.Array:
 
 
 def sample(pipeline: Pipeline, params: dict, unet_params: Any, input_ids: jax.Array,
-           key: jax.Array, spec: SamplerSpec) -> Samples:
+           key: jax.Array, spec: SamplerSpec, eps_fn: Optional[ddim.EpsFn] = None) -> Samples:
     """Samples one image per row of ``input_ids`` [B, L] (traceable; jit the caller).
 
-    ``params`` holds the frozen parts (text encoder, VAE); ``unet_params`` the policy.
+    ``params`` holds the frozen parts (text encoder, VAE); ``unet_params`` the policy, as
+    ``eps_fn`` takes it (default ``pipeline.eps_fn``: plain UNet params).
     """
     schedule = make_schedule(pipeline, spec.num_steps)
     batch = input_ids.shape[0]
@@ -46,7 +47,7 @@ def sample(pipeline: Pipeline, params: dict, unet_params: Any, input_ids: jax.Ar
     null_context = pipeline.encode_ids(params["text_encoder"], null_ids(pipeline))
     x_T, noise = rollout_lib.sample_noise(key, batch, spec.num_steps, pipeline.sample_shape)
     trajectory, _ = rollout_lib.rollout(
-        pipeline.eps_fn, unet_params, schedule, x_T, noise, context, null_context,
+        eps_fn or pipeline.eps_fn, unet_params, schedule, x_T, noise, context, null_context,
         eta=spec.eta, guidance_scale=spec.guidance_scale, python_loop=spec.python_loop)
     return Samples(images=pipeline.decode(params, trajectory.x0), trajectory=trajectory,
                    context=context)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.rewards.registry import RewardContext
 
@@ -29,7 +32,8 @@ def _load_shapes(config) -> LoadedModel:
     from vard_jax.models import shapes as shapes_model
 
     pipeline, params, clip_model, clip_params = shapes_model.load(
-        config.pretrained.path, random_init=config.pretrained.random_init, seed=config.train.seed)
+        config.pretrained.path, random_init=config.pretrained.random_init, seed=config.train.seed,
+        dtype=config.pretrained.dtype)
     context = RewardContext(path=config.reward.path or config.pretrained.path,
                             world_clip=(clip_model, clip_params, pipeline.tokenizer))
     return LoadedModel(pipeline, params, context)
@@ -42,13 +46,28 @@ def _load_stable_diffusion(config) -> LoadedModel:
     if config.pretrained.random_init:
         raise ValueError("pretrained.random_init is for the shapes family; Stable Diffusion "
                          "is always loaded from its weights")
-    pipeline, params = stable_diffusion.load(config.pretrained.path)
+    pipeline, params = stable_diffusion.load(config.pretrained.path,
+                                             dtype=config.pretrained.dtype)
     # The reward's weights are its own (reward.path); a SD checkpoint holds no reward model.
     return LoadedModel(pipeline, params, RewardContext(path=config.reward.path))
 
 
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """Floating-point leaves of ``tree`` as ``dtype`` (other leaves unchanged)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(leaf):
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
 def load(config) -> LoadedModel:
+    """The family's model; its frozen weights stored as ``pretrained.param_dtype``."""
     family = config.pretrained.family
     if family not in _LOADERS:
         raise ValueError(f"pretrained.family {family!r} is unknown; known: {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[family](config)
+    loaded = _LOADERS[family](config)
+    if jnp.dtype(config.pretrained.param_dtype) == jnp.float32:
+        return loaded
+    return loaded._replace(params=cast_floats(loaded.params, config.pretrained.param_dtype))

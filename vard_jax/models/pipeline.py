@@ -38,8 +38,9 @@ class Pipeline:
 
     def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
                context: jax.Array) -> jax.Array:
-        """The UNet's noise prediction for x [B, C, H, W]."""
-        return self.unet.apply({"params": unet_params}, x, timesteps, context).sample
+        """The UNet's noise prediction for x [B, C, H, W], in float32 whatever its dtype."""
+        eps = self.unet.apply({"params": unet_params}, x, timesteps, context).sample
+        return eps.astype(jnp.float32)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int32, padded/truncated to ``max_length``."""
@@ -56,5 +57,5 @@ class Pipeline:
         if self.vae is not None:
             x0 = self.vae.apply({"params": params["vae"]}, x0 / self.vae_scaling_factor,
                                 method=self.vae.decode).sample
-        images = jnp.transpose(x0, (0, 2, 3, 1))
+        images = jnp.transpose(x0, (0, 2, 3, 1)).astype(jnp.float32)
         return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)

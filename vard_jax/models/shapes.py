@@ -70,15 +70,16 @@ def build_clip(tokenizer: Any) -> Any:
     return transformers.FlaxCLIPModel(config, seed=0, _do_init=False)
 
 
-def build_unet() -> Any:
-    return upstream.diffusers().FlaxUNet2DConditionModel(**UNET_CONFIG)
+def build_unet(dtype: Any = jnp.float32) -> Any:
+    return upstream.diffusers().FlaxUNet2DConditionModel(**UNET_CONFIG, dtype=dtype)
 
 
-def build_pipeline(tokenizer: Any, clip_model: Any) -> Pipeline:
+def build_pipeline(tokenizer: Any, clip_model: Any, dtype: Any = jnp.float32) -> Pipeline:
+    """The world's pipeline; ``dtype`` is the UNet's and text encoder's computation dtype."""
     transformers = upstream.transformers()
     text_encoder = transformers.FlaxCLIPTextModel(clip_model.config.text_config, seed=0,
-                                                  _do_init=False)
-    return Pipeline(unet=build_unet(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                                  _do_init=False, dtype=dtype)
+    return Pipeline(unet=build_unet(dtype), text_encoder=text_encoder, tokenizer=tokenizer,
                     schedule=SCHEDULE, sample_shape=(world.CHANNELS, world.IMAGE_SIZE,
                                                      world.IMAGE_SIZE),
                     max_length=tokenizer_files.MAX_LENGTH)
@@ -108,11 +109,13 @@ def _restore(path: pathlib.Path, abstract: Any) -> Any:
 
 
 def load(asset_dir: str | pathlib.Path = "", random_init: bool = False,
-         seed: int = 0) -> tuple[Pipeline, dict, Any, Any]:
+         seed: int = 0, dtype: Any = jnp.float32) -> tuple[Pipeline, dict, Any, Any]:
     """Loads the shipped world: (pipeline, params, clip_model, clip_params).
 
-    ``params`` = {"unet", "text_encoder"}. With ``random_init`` the UNet is freshly initialised
-    (the CLIP still comes from the assets when present, else is random too).
+    ``params`` = {"unet", "text_encoder"} (float32). With ``random_init`` the UNet is freshly
+    initialised (the CLIP still comes from the assets when present, else is random too).
+    ``dtype`` is the computation dtype of the pipeline's UNet and text encoder; the reward's
+    CLIP computes in float32.
     """
     directory = pathlib.Path(asset_dir) if asset_dir else ASSET_DIR
     tokenizer_dir = directory / "tokenizer"
@@ -121,7 +124,7 @@ def load(asset_dir: str | pathlib.Path = "", random_init: bool = False,
                                 "experiments/pretrain_shapes.py or point pretrained.path at them")
     tokenizer = tokenizer_files.load_tokenizer(tokenizer_dir)
     clip_model = build_clip(tokenizer)
-    pipeline = build_pipeline(tokenizer, clip_model)
+    pipeline = build_pipeline(tokenizer, clip_model, dtype)
     key_unet, key_clip = jax.random.split(jax.random.PRNGKey(seed))
     abstract_unet = jax.eval_shape(lambda: init_unet_params(pipeline.unet, key_unet))
     abstract_clip = jax.eval_shape(lambda: init_clip_params(clip_model, key_clip))

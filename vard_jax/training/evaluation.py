@@ -24,6 +24,7 @@ class EvalResult(NamedTuple):
 @functools.lru_cache(maxsize=8)
 def _distance_sampler(trainer: Trainer):
     pipeline, schedule, config = trainer.pipeline, trainer.schedule, trainer.config
+    policy = trainer.policy
 
     def fn(policy_params, reference_params, frozen, ids, key):
         context = pipeline.encode_ids(frozen["text_encoder"], ids)
@@ -32,12 +33,14 @@ def _distance_sampler(trainer: Trainer):
         x_T, noise = rollout_lib.sample_noise(key, batch, trainer.num_steps, pipeline.sample_shape)
 
         def hook(info):
-            return rollout_lib.reference_eps_distance(pipeline.eps_fn, reference_params, info,
+            return rollout_lib.reference_eps_distance(policy.eps_fn,
+                                                      policy.reference_unet(reference_params), info,
                                                       context, null_context,
                                                       config.sample.guidance_scale)
 
         trajectory, distances = rollout_lib.rollout(
-            pipeline.eps_fn, policy_params, schedule, x_T, noise, context, null_context,
+            policy.eps_fn, policy.unet(policy_params, reference_params), schedule, x_T, noise,
+            context, null_context,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale, step_hook=hook)
         return pipeline.decode(frozen, trajectory.x0), jnp.mean(distances)
 

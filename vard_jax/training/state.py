@@ -55,12 +55,16 @@ class TrainState:
 
 
 def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> optax.Schedule:
-    warmup_fn = optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else None
+    """Linear warm-up over ``warmup`` updates (the first update already gets peak / warmup,
+    not 0), then constant or cosine decay to 0 at update ``total``."""
+    def warmup_fn(step):
+        return peak * jnp.minimum((step + 1.0) / warmup, 1.0)
+
     if kind == "cosine":
         rest = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
     else:
         rest = optax.constant_schedule(peak)
-    if warmup_fn is None:
+    if not warmup:
         return rest
     return optax.join_schedules([warmup_fn, rest], [warmup])
 

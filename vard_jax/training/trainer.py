@@ -23,7 +23,7 @@ import optax
 from vard_jax.algorithms import vard
 from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.diffusion.schedule import make_ddim_schedule
-from vard_jax.models import loader, value as value_lib
+from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
 from vard_jax.training.state import RewardStats, TrainState, make_optimizer
@@ -42,6 +42,9 @@ def explained_variance(targets: np.ndarray, predictions: np.ndarray) -> float:
     variance = float(np.var(targets))
     if variance < 1e-12:
         return float("nan")
+    """1 - Var(targets - predictions) / Var(targets); NaN when the targets do not vary."""
+    if targets.size == 0:
+        return float("nan")
     return 1.0 - float(np.var(targets - predictions)) / variance
 
 
@@ -56,6 +59,7 @@ class Trainer:
         self.reward = registry.build(config.reward.name, loaded.reward_context)
         self.reward_evaluator = registry.RewardEvaluator(self.reward)
         extra = [n.strip() for n in config.reward.eval_extra.split(",") if n.strip()]
+        self.policy = policy_lib.make(config.policy, self.pipeline)
         self.eval_evaluators = {n: registry.RewardEvaluator(registry.build(n, loaded.reward_context))
                                 for n in extra if n != self.reward.name}
         if config.reward.direct_last_step and not self.reward.differentiable:
@@ -122,13 +126,25 @@ class Trainer:
                 "reference": reference_params, "frozen": frozen}
 
     # --- state -----------------------------------------------------------------------------
-    def _initial_state(self, policy_params: Any) -> TrainState:
+    def initial_policy_params(self) -> Any:
+        """The trainable parameters of the pretrained policy (unplaced): a float32 copy of the
+        UNet, or LoRA adapters with B = 0."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), 2)
+        return self.policy.init(self.reference_params, key)
+
+    def pretrained_policy_params(self) -> Any:
+        """``initial_policy_params`` placed like a trained policy (the jitted functions' input)."""
+        params = self.initial_policy_params()
+        return jax.device_put(params, mesh_lib.param_shardings(self.mesh, params))
+
+    def _initial_state(self) -> TrainState:
         key = jax.random.PRNGKey(self.config.train.seed)
         key, value_key = jax.random.split(key)
         value_params = self.value_model.init(value_key)
         return TrainState(
             epoch=jnp.zeros((), jnp.int32),
             policy_params=policy_params,
+        policy_params = self.initial_policy_params()
             policy_opt_state=self.policy_optimizer.init(policy_params),
             value_params=value_params,
             value_opt_state=self.value_optimizer.init(value_params),
@@ -140,8 +156,8 @@ class Trainer:
         )
 
     def init_state(self) -> TrainState:
-        """The placed initial state; the policy starts as its own copy of the reference."""
-        state = self._initial_state(jax.tree_util.tree_map(jnp.array, self.reference_params))
+        """The placed initial state; the policy starts equal to the reference."""
+        state = self._initial_state()
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: Any) -> Any:
@@ -164,8 +180,12 @@ class Trainer:
                                                config.sample.guidance_scale,
                                                config.sample.python_loop)
 
-        def sample(policy_params, frozen, ids, key):
-            samples = sampler_lib.sample(pipeline, frozen, policy_params, ids, key, sampler_spec)
+        policy = self.policy
+
+        def sample(policy_params, frozen, reference_params, ids, key):
+            samples = sampler_lib.sample(pipeline, frozen,
+                                         policy.unet(policy_params, reference_params), ids, key,
+                                         sampler_spec, eps_fn=policy.eps_fn)
             return Rollout(images=samples.images, states=samples.trajectory.x_prev,
                            context=samples.context, x0=samples.trajectory.x0)
 
@@ -210,7 +230,8 @@ class Trainer:
                     return stats.standardise(reward.score(images, batch["reward_input"]))
 
             def loss_fn(params):
-                return vard.policy_loss(pipeline.eps_fn, params, reference_params, value_apply,
+                return vard.policy_loss(policy.eps_fn, policy.unet(params, reference_params),
+                                        policy.reference_unet(reference_params), value_apply,
                                         state.value_params, schedule, inputs, self.loss_config,
                                         last_step_reward)
 
@@ -227,8 +248,8 @@ class Trainer:
         frozen_sharding = mesh_lib.param_shardings(self.mesh, self.frozen)
         reference_sharding = mesh_lib.param_shardings(self.mesh, self.reference_params)
         policy_sharding = state_sharding.policy_params
-        self.sample = jax.jit(sample, in_shardings=(policy_sharding, frozen_sharding, batch,
-                                                    replicated),
+        self.sample = jax.jit(sample, in_shardings=(policy_sharding, frozen_sharding,
+                                                    reference_sharding, batch, replicated),
                               out_shardings=Rollout(batch, batch, batch, batch))
         self.value_predict = jax.jit(value_predict, in_shardings=(
             state_sharding.value_params, state_sharding.reward_stats, frozen_sharding,
@@ -244,8 +265,8 @@ class Trainer:
             out_shardings=(state_sharding, replicated), donate_argnums=0)
 
     def init_state_abstract(self) -> TrainState:
-        """Like ``init_state`` without copy or placement (for eval_shape)."""
-        return self._initial_state(self.reference_params)
+        """Like ``init_state`` without placement (for eval_shape)."""
+        return self._initial_state()
 
     # --- host-side helpers used by the loop ---------------------------------------------------
     def put_batch(self, tree: Any) -> Any:
@@ -253,7 +274,7 @@ class Trainer:
 
     def rollout_batch(self, policy_params, prompts: list[str], key) -> Rollout:
         ids = self.put_batch(jnp.asarray(self.pipeline.tokenize(prompts)))
-        return self.sample(policy_params, self.frozen, ids, key)
+        return self.sample(policy_params, self.frozen, self.reference_params, ids, key)
 
     def policy_update(self, state: TrainState, prompts: list[str], key):
         batch = {"ids": jnp.asarray(self.pipeline.tokenize(prompts))}
