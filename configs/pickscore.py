@@ -6,7 +6,7 @@ Needs the weights (downloaded from the hub, or local directories):
     --config.pretrained.path=/models/stable-diffusion-v1-5
     --config.reward.path=/models/PickScore_v1::/models/CLIP-ViT-H-14
 
-Choices (documented in docs/ALGORITHM.md, "Stable Diffusion configs"):
+Choices (documented in docs/STABLE_DIFFUSION.md):
 - DDIM with 50 steps, eta 1 and guidance 5 (DDPO's sampler settings), 128 images an epoch;
 - LoRA rank 8 on the attention projections of the UNet (the frozen UNet is shared with the
   reference model), bfloat16 computation and bfloat16 storage of the frozen weights,

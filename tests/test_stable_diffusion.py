@@ -6,6 +6,7 @@ for the hub checkpoints, which cannot be downloaded here: the loading code is th
 
 import json
 import pathlib
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -106,6 +107,34 @@ def flax_checkpoint(tmp_path_factory) -> pathlib.Path:
     text_params = _random_params(lambda: text.init_weights(key, (1, tokenizer_files.MAX_LENGTH)), 2)
     text.save_pretrained(str(root / "text_encoder"), params=text_params)
     return root
+
+
+@pytest.fixture(scope="module")
+def safetensors_checkpoint(flax_checkpoint, tmp_path_factory) -> pathlib.Path:
+    """The same tiny checkpoint with the UNet and VAE as PyTorch-layout safetensors (the
+    hub's usual format), written by the project's exporter."""
+    root = tmp_path_factory.mktemp("sd_safetensors")
+    pipeline, params = sd.load(str(flax_checkpoint))
+    for sub in ("tokenizer", "scheduler", "text_encoder"):
+        shutil.copytree(flax_checkpoint / sub, root / sub)
+    sd.save_diffusers_model(pipeline.unet, params["unet"], root / "unet")
+    sd.save_diffusers_model(pipeline.vae, params["vae"], root / "vae")
+    return root
+
+
+def test_safetensors_export_round_trip(flax_checkpoint, safetensors_checkpoint):
+    for sub in ("unet", "vae"):
+        files = {p.name for p in (safetensors_checkpoint / sub).iterdir()}
+        assert files == {"config.json", "diffusion_pytorch_model.safetensors"}
+        config = json.loads((safetensors_checkpoint / sub / "config.json").read_text())
+        assert not config["_class_name"].startswith("Flax")
+    _, params = sd.load(str(flax_checkpoint))
+    _, again = sd.load(str(safetensors_checkpoint))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+    state = sd.diffusers_state_dict(params["unet"])
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight" in state
+    assert "time_embedding.linear_1.weight" in state
+    assert state["conv_in.weight"].shape == (32, 4, 3, 3)  # [out, in, kh, kw]
 
 
 def test_load_flax_checkpoint_and_sample(flax_checkpoint):
@@ -217,6 +246,14 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
     np.testing.assert_allclose(context, text_ref.numpy(), atol=1e-4)
     np.testing.assert_allclose(eps, eps_ref.numpy(), atol=2e-4)
     np.testing.assert_allclose(decoded, decoded_ref.numpy(), atol=2e-4)
+
+    # The exporter writes PyTorch's own names and layouts.
+    for module, flax_params in ((unet, params["unet"]), (vae, params["vae"])):
+        exported = sd.diffusers_state_dict(flax_params)
+        reference = {k: v.numpy() for k, v in module.state_dict().items()}
+        assert set(exported) == set(reference)
+        for key, value in reference.items():
+            np.testing.assert_allclose(exported[key], value, atol=1e-6, err_msg=key)
 
     # The same UNet as a pickled state dict (read with torch.load(weights_only=True)).
     pickled = tmp_path / "sd_bin"
@@ -376,7 +413,7 @@ def test_pretrained_reward_paths():
 
 # --- configs/pickscore.py end to end on the tiny checkpoints -----------------------------------
 
-def test_pickscore_config_two_epochs_lora_bf16(flax_checkpoint, clip_dirs, tmp_path):
+def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs, tmp_path):
     """Two VARD epochs of configs/pickscore.py (LoRA, bfloat16, reward-initialised value),
     overriding only paths, sizes and batches; only the LoRA adapters train."""
     from configs import pickscore
@@ -385,7 +422,7 @@ def test_pickscore_config_two_epochs_lora_bf16(flax_checkpoint, clip_dirs, tmp_p
 
     model_dir, processor_dir = clip_dirs
     config = pickscore.get_config("tiny")
-    config.pretrained.path = str(flax_checkpoint)
+    config.pretrained.path = str(safetensors_checkpoint)
     config.reward.path = f"{model_dir}::{processor_dir}"
     config.sample.num_steps = 2
     config.train.eval_every = 2
@@ -421,3 +458,21 @@ def test_pickscore_config_two_epochs_lora_bf16(flax_checkpoint, clip_dirs, tmp_p
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.tree_util.tree_map(np.asarray, trainer.reference_params),
                            reference_before)
+
+
+def test_pickscore_config_offline_is_one_line(tmp_path):
+    """Without network or weights, the headline command stops at once, naming the model id
+    and the config field that points at a local directory."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "vard_jax.main", "--config=configs/pickscore.py",
+         f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120,
+        cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in lines[0]
+    assert "--config.pretrained.path=/local/dir" in lines[0]
