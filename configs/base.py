@@ -76,11 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
     train.seed = 0  # Seed of every random draw (prompts, noise, initialisation).
     train.epochs = 20  # Epochs of (rollout -> value update -> policy update).
     train.eval_every = 5  # Evaluate held-out prompts and write a sample grid every N epochs.
+    train.max_nonfinite_in_a_row = 10  # Stop when N updates of one kind in a row are non-finite.
 
     # --- device mesh ------------------------------------------------------------------------------
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # Devices along the data-parallel axis (-1 = all that remain).
-    mesh.fsdp = 1  # Devices along the parameter-sharding axis.
+    mesh.fsdp = 1  # Devices along the parameter-sharding axis (-1 = all that remain).
+    mesh.distributed = False  # Multi-process run: jax.distributed.initialize (also if env asks).
+    mesh.coordinator_address = ""  # host:port of process 0 ("" = detected, or from the env).
+    mesh.num_processes = 0  # Processes of the run; 0 = detected.
+    mesh.process_id = -1  # This process's index in [0, num_processes); -1 = detected.
 
     # --- checkpoints -----------------------------------------------------------------------------
     config.checkpoint = checkpoint = ml_collections.ConfigDict()

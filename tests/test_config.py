@@ -32,6 +32,7 @@ def test_shipped_configs_validate():
     ("reward.name", "pixel_count", "unknown reward 'pixel_count'"),
     ("reward.name", "clip_alignment:abc", "weight 'abc'"),
     ("policy.learning_rate", float("nan"), "must be finite"),
+    ("train.max_nonfinite_in_a_row", 0, "config.train.max_nonfinite_in_a_row = 0: not allowed"),
 ])
 def test_impossible_values(field, value, message):
     config = good()
@@ -56,7 +57,7 @@ class _null:
 def test_unknown_key_and_wrong_type():
     config = good()
     config.train.sed = 3
-    with pytest.raises(ConfigError, match=r"config.train.sed: unknown key; config.train has: epochs, eval_every, seed"):
+    with pytest.raises(ConfigError, match=r"config.train.sed: unknown key; config.train has: epochs, eval_every, max_nonfinite_in_a_row, seed"):
         validate(config)
     config = good()
     config.extra = ml_collections.ConfigDict({"a": 1})
@@ -82,7 +83,7 @@ def test_batch_divisible_by_devices_and_mesh_size():
     config.mesh.data = 4
     config.mesh.fsdp = 2
     assert mesh_shape(config, 8) == (4, 2)
-    with pytest.raises(ConfigError, match="needs more devices than the 4 available"):
+    with pytest.raises(ConfigError, match="needs 8 devices, more than the 4 available"):
         validate(config, device_count=4)
     config.mesh.data, config.mesh.fsdp = -1, 2
     assert mesh_shape(config, 8) == (4, 2)

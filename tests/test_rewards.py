@@ -65,6 +65,6 @@ def test_weighted_sum_reports_parts():
 ])
 def test_bad_reward_outputs_are_clear_errors(score, message):
     reward = registry.Reward(name="broken", score=score, differentiable=False, jittable=False)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(registry.RewardError) as error:  # main.py reports it as one line
         registry.RewardEvaluator(reward)(np.zeros((2, 4, 4, 3), np.float32), ["p", "q"])
     assert "reward 'broken'" in str(error.value) and message in str(error.value)

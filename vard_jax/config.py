@@ -125,8 +125,11 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.scan_unroll", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
     ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("config.train.eval_every", lambda v: v >= 1, "an integer >= 1"),
+    ("config.train.max_nonfinite_in_a_row", lambda v: v >= 1, "an integer >= 1"),
     ("config.mesh.data", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),
     ("config.mesh.fsdp", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),
+    ("config.mesh.num_processes", lambda v: v >= 0, "an integer >= 0 (0 = detected)"),
+    ("config.mesh.process_id", lambda v: v >= -1, "an integer >= -1 (-1 = detected)"),
     ("config.checkpoint.every", lambda v: v >= 1, "an integer >= 1"),
     ("config.checkpoint.keep", lambda v: v >= 1, "an integer >= 1"),
     ("config.logging.grid_columns", lambda v: v >= 1, "an integer >= 1"),
@@ -148,30 +151,48 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> tuple[int, int]:
-    """(data, fsdp) sizes with -1 resolved against ``device_count``; raises ConfigError."""
+    """(data, fsdp) sizes with -1 ("the rest of the devices") resolved; raises ConfigError."""
     data, fsdp = config.mesh.data, config.mesh.fsdp
     if data == -1 and fsdp == -1:
-        raise ConfigError("config.mesh: at most one of mesh.data and mesh.fsdp may be -1")
-    if data == -1:
-        data = device_count // fsdp if fsdp and device_count % fsdp == 0 else 0
-    if fsdp == -1:
-        fsdp = device_count // data if data and device_count % data == 0 else 0
-    if data < 1 or fsdp < 1 or data * fsdp > device_count:
-        raise ConfigError(f"config.mesh = (data={config.mesh.data}, fsdp={config.mesh.fsdp}): "
-                          f"needs more devices than the {device_count} available")
+        raise ConfigError("config.mesh: mesh.data and mesh.fsdp are both -1; set one of them")
+    for name, size, other in (("fsdp", fsdp, data), ("data", data, fsdp)):
+        if other == -1 and device_count % size:
+            raise ConfigError(f"config.mesh.{name} = {size}: does not divide the {device_count} "
+                              f"devices, so -1 cannot take the rest; use a divisor of "
+                              f"{device_count}")
+    data = device_count // fsdp if data == -1 else data
+    fsdp = device_count // data if fsdp == -1 else fsdp
+    if data * fsdp > device_count:
+        raise ConfigError(f"config.mesh = (data={data}, fsdp={fsdp}): needs {data * fsdp} "
+                          f"devices, more than the {device_count} available; shrink an axis or "
+                          "set it to -1")
     return data, fsdp
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-process fields of ``config.mesh`` (checked before ``jax.distributed`` starts)."""
+    mesh = config.mesh
+    address = mesh.coordinator_address
+    if address and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
+        raise ConfigError(f"config.mesh.coordinator_address = {address!r}: must be host:port "
+                          "(or \"\" to detect it)")
+    if mesh.num_processes > 0 and mesh.process_id >= mesh.num_processes:
+        raise ConfigError(f"config.mesh.process_id = {mesh.process_id}: must be below "
+                          f"mesh.num_processes = {mesh.num_processes}")
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """Raises ConfigError (one line) for the first field that cannot run."""
     _check_schema(config, base_config())
     _check_values(config)
+    check_distributed(config)
     data, _ = mesh_shape(config, device_count)
-    for path in ("config.sample.batch_size", "config.sample.eval_batch_size"):
+    for path in ("config.sample.batch_size", "config.sample.eval_batch_size",
+                 "config.value.batch_size"):
         value = _get(config, path)
         if value % data:
             raise ConfigError(f"{path} = {value}: must be divisible by the {data} devices of the "
-                              f"data axis (mesh.data)")
+                              f"data axis (mesh.data); use a multiple of {data} or another mesh")
     from vard_jax.rewards import registry  # late: the registry imports model code
 
     try:

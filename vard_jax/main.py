@@ -4,6 +4,8 @@
     python -m vard_jax.main --config=configs/shapes.py --config.train.seed=3 --workdir=DIR
 
 Re-running the same command resumes from the latest checkpoint under WORKDIR/checkpoints.
+SIGTERM stops it after the current epoch with a checkpoint (exit status 0). Exit status 2: bad
+input (config, workdir, prompts, checkpoint, reward); 3: training diverged (non-finite updates).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv: list[str]) -> None:
     from vard_jax.config import ConfigError, validate
 
     config = cli.config_or_fail(_CONFIG)
+    from vard_jax.parallel import distributed
+
+    try:
+        distributed.initialize(config)  # before anything touches a device
+    except (ConfigError, distributed.DistributedError) as error:
+        cli.fail(str(error))
     try:
         validate(config, jax.device_count())
     except ConfigError as error:
@@ -46,13 +54,21 @@ def main(argv: list[str]) -> None:
     except OSError as error:
         cli.fail(f"workdir {workdir} is not writable ({error.strerror}); choose another --workdir")
 
+    from vard_jax.rewards.registry import RewardError
+    from vard_jax.training.checkpoints import CheckpointError
+    from vard_jax.training.faults import NonFiniteError
     from vard_jax.training.loop import Loop
 
     try:
         loop = Loop(config, workdir)
     except (FileNotFoundError, ValueError) as error:
         cli.fail(str(error).splitlines()[0])
-    rows = loop.run()
+    try:
+        rows = loop.run()
+    except (CheckpointError, RewardError) as error:
+        cli.fail(str(error).splitlines()[0])
+    except NonFiniteError as error:  # the last good checkpoint is kept; see docs/RELIABILITY.md
+        cli.fail(str(error), status=3)
     if rows:
         final = rows[-1]
         keys = [k for k in final if k.startswith("eval_") and k.endswith("_mean")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from vard_jax.worlds import shapes as world
 
@@ -13,20 +14,20 @@ from vard_jax.worlds import shapes as world
 EVAL_NOISE_SEED_OFFSET = 1_000_003
 
 
-def load_prompts(spec: str) -> list[str]:
 #: Prompt sets shipped with the package, by name (one prompt a line): the 45 animal names
 #: of DDPO's training prompts, and 16 other animals as held-out prompts.
 PROMPT_SET_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "prompts"
 PROMPT_SETS = ("animals", "animals_heldout")
 
 
+def load_prompts(spec: str) -> list[str]:
     """The prompts of ``spec``: "train"/"heldout" (shapes world), a shipped set (``PROMPT_SETS``)
     or a path to a text file."""
     if spec in world.SPLITS:
         return world.all_prompts(spec)
-    path = pathlib.Path(spec)
     if spec in PROMPT_SETS:
         spec = str(PROMPT_SET_DIR / f"{spec}.txt")
+    path = pathlib.Path(spec)
     if not path.is_file():
         raise ValueError(f"prompt set {spec!r} is neither a split ({', '.join(world.SPLITS)}), "
                          f"a shipped set ({', '.join(PROMPT_SETS)}) nor an existing file")
@@ -39,6 +40,20 @@ PROMPT_SETS = ("animals", "animals_heldout")
     if not prompts:
         raise ValueError(f"prompts file {spec} has no prompts; write one prompt per line")
     return prompts
+
+
+def warn_if_truncated(prompts: list[str], pipeline, source: str) -> int:
+    """Logs one warning when prompts are longer than the tokenizer's ``pipeline.max_length``
+    tokens (the model sees them truncated to it); returns how many are."""
+    ids = pipeline.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+    lengths = [len(row) for row in ids]
+    long = [i for i, length in enumerate(lengths) if length > pipeline.max_length]
+    if long:
+        first = prompts[long[0]]
+        logging.warning("prompt set %s: %d of %d prompts are longer than the tokenizer's %d tokens "
+                        "and are truncated to them (first: %r, %d tokens)", source, len(long),
+                        len(prompts), pipeline.max_length, first[:80], lengths[long[0]])
+    return len(long)
 
 
 def draw(prompts: list[str], count: int, seed: int, *salt: int) -> list[str]:

@@ -118,11 +118,15 @@ def weighted_sum(parts: tuple[tuple[Reward, float], ...]) -> Reward:
                   prepare=prepare, parts=parts)
 
 
+class RewardError(ValueError):
+    """A reward that raised or returned something unusable; one line naming the reward."""
+
+
 class RewardEvaluator:
     """Evaluates a reward on a batch outside of any gradient, checking what it returns.
 
     Returns numpy ``[B]`` totals and ``{part name: [B]}``; a reward returning the wrong shape,
-    a non-finite value or raising gives one ValueError line naming the reward.
+    a non-finite value or raising gives one RewardError (a ValueError) line naming the reward.
     """
 
     def __init__(self, reward: Reward):
@@ -138,14 +142,14 @@ class RewardEvaluator:
             else:
                 values = np.asarray(reward.score(np.asarray(images, np.float32), list(prompts)))
         except Exception as error:  # noqa: BLE001 - re-raised as one clear line
-            raise ValueError(f"reward {reward.name!r} raised {type(error).__name__}: {error}") from error
+            raise RewardError(f"reward {reward.name!r} raised {type(error).__name__}: {error}") from error
         batch = len(prompts)
         if values.shape != (batch,):
-            raise ValueError(f"reward {reward.name!r} returned shape {values.shape}; expected ({batch},)")
+            raise RewardError(f"reward {reward.name!r} returned shape {values.shape}; expected ({batch},)")
         if not np.issubdtype(values.dtype, np.number):
-            raise ValueError(f"reward {reward.name!r} returned dtype {values.dtype}; expected numbers")
+            raise RewardError(f"reward {reward.name!r} returned dtype {values.dtype}; expected numbers")
         if not np.all(np.isfinite(values)):
-            raise ValueError(f"reward {reward.name!r} returned non-finite values "
+            raise RewardError(f"reward {reward.name!r} returned non-finite values "
                              f"{values[~np.isfinite(values)][:4].tolist()}")
         return values.astype(np.float32)
 

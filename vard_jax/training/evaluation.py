@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.training.trainer import Trainer
 
 
@@ -59,7 +60,7 @@ def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_siz
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
         batch_images, distance = fn(policy_params, trainer.reference_params, trainer.frozen, ids,
                                     key)
-        images.append(np.asarray(batch_images)[:len(chunk)])
+        images.append(mesh_lib.to_host(batch_images)[:len(chunk)])
         distances.append(float(distance))
     images = np.concatenate(images)
     total, parts = trainer.reward_evaluator(images, prompts)

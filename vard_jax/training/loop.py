@@ -1,7 +1,9 @@
 """The outer loop: sample -> reward -> value update -> policy update -> log -> checkpoint.
 
 Every random draw is a function of the seed, the epoch and the state's key, so a run resumed
-from a checkpoint continues exactly as an uninterrupted run would.
+from a checkpoint continues exactly as an uninterrupted run would. SIGTERM stops the run after
+the current epoch with a checkpoint; updates that keep failing stop it without one
+(``vard_jax.training.faults``; the guarantees are listed in docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from absl import logging
 
 from vard_jax import prompts as prompts_lib
-from vard_jax.training import evaluation
+from vard_jax.parallel import mesh as mesh_lib
+from vard_jax.training import evaluation, faults
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
 from vard_jax.training.images import save_grid
 from vard_jax.training.metrics import MetricWriter
@@ -29,20 +33,27 @@ class Loop:
         self.trainer = trainer or Trainer(config)
         self.train_prompts = prompts_lib.load_prompts(config.sample.train_prompts)
         eval_set = prompts_lib.load_prompts(config.sample.eval_prompts)
+        for spec, prompts in ((config.sample.train_prompts, self.train_prompts),
+                              (config.sample.eval_prompts, eval_set)):
+            prompts_lib.warn_if_truncated(prompts, self.trainer.pipeline, spec)
         count = config.sample.eval_batch_size * config.sample.eval_batches
         self.eval_prompts = prompts_lib.fixed(eval_set, count, config.train.seed)
         self.grid_train_prompts = prompts_lib.fixed(self.train_prompts,
                                                     config.sample.eval_batch_size,
                                                     config.train.seed)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
+        self.last_checkpoint: Optional[int] = None  # the latest step saved or restored
 
     # --- one epoch's pieces ------------------------------------------------------------------------
     def _split_key(self, state: TrainState) -> tuple[TrainState, jax.Array]:
         key, sub = jax.random.split(state.key)
         return state.replace(key=key), sub
 
-    def collect(self, state: TrainState, salt: tuple[int, int], key: jax.Array):
-        """Rollouts of the current policy and their rewards (host); ``salt`` seeds prompts."""
+    def collect(self, state: TrainState, salt: tuple[int, int], key: jax.Array, step: int = 0):
+        """Rollouts of the current policy and their rewards (host); ``salt`` seeds prompts.
+
+        Raises NonFiniteError when the images are not finite (before the reward sees them).
+        """
         cfg = self.config.sample
         rollouts, rewards, prompts = [], [], []
         for b in range(cfg.batches_per_epoch):
@@ -50,7 +61,9 @@ class Loop:
                                              self.config.train.seed, *salt, b)
             rollout = self.trainer.rollout_batch(state.policy_params, batch_prompts,
                                                  jax.random.fold_in(key, b))
-            values, _ = self.trainer.reward_evaluator(np.asarray(rollout.images), batch_prompts)
+            images = mesh_lib.to_host(rollout.images)  # the whole batch, on every process
+            faults.check_images(images, step, self.last_checkpoint)
+            values, _ = self.trainer.reward_evaluator(images, batch_prompts)
             rollouts.append(rollout)
             rewards.append(values)
             prompts.append(batch_prompts)
@@ -59,7 +72,7 @@ class Loop:
     def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray, prompts,
                     salt: tuple[int, int]):
         state = state.replace(
-            reward_stats=state.reward_stats.update(jax.numpy.asarray(rewards),
+            reward_stats=state.reward_stats.update(self.trainer.put_batch(rewards),
                                                    self.config.value.stats_decay),
             reward_queries=state.reward_queries + rewards.size)
         flat_prompts = [p for batch_prompts in prompts for p in batch_prompts]
@@ -76,8 +89,7 @@ class Loop:
                 step_key = jax.random.fold_in(jax.random.fold_in(key, b), u)
                 state, m = self.trainer.policy_update(state, batch_prompts, step_key)
                 metrics.append(m)
-        metrics = jax.device_get(metrics)
-        return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        return state, faults.aggregate(metrics)
 
     def evaluate(self, state: TrainState, step: int) -> dict:
         cfg = self.config.sample
@@ -102,16 +114,30 @@ class Loop:
 
     # --- the run -------------------------------------------------------------------------------------
     def restore_or_init(self) -> tuple[TrainState, int]:
+        """The latest checkpoint's state and step, or the initial state and 0.
+
+        A checkpoint that cannot be restored raises CheckpointError and is left as it is.
+        """
         trainer = self.trainer
         if self.checkpointer.latest_step() is None:
             return trainer.init_state(), 0
         abstract = abstract_with_shardings(trainer.abstract_state,
                                            trainer.state_shardings(trainer.abstract_state))
-        state, step = self.checkpointer.restore(abstract)
+        state, step = self.checkpointer.restore(abstract, config_json=self.config.to_json())
+        self.last_checkpoint = int(step)
         return state, int(step)
 
+    def _save(self, step: int, state: TrainState) -> None:
+        self.checkpointer.save(step, state, self.config.to_json())
+        self.last_checkpoint = step
+
     def run(self, until: Optional[int] = None) -> list[dict]:
-        """Trains to ``train.epochs`` (or stops after step ``until``, checkpointing there)."""
+        """Trains to ``train.epochs`` (or stops after step ``until``, checkpointing there).
+
+        On SIGTERM it stops after the current epoch and saves it (``self.preempted`` is then
+        true); when updates keep being skipped (``train.max_nonfinite_in_a_row``) or the samples
+        are not finite it raises NonFiniteError and saves nothing more.
+        """
         config = self.config
         state, start = self.restore_or_init()
         is_main = jax.process_index() == 0
@@ -119,49 +145,75 @@ class Loop:
                               tensorboard=config.logging.tensorboard, enabled=is_main)
         rows = []
         began = time.time()
+        limit = config.train.max_nonfinite_in_a_row
+        self.preempted = False
+        progress = None
+        step = start
 
         def wall() -> float:
             return writer.wall_offset + time.time() - began
 
-        if start == 0:
-            pre = {}
-            for p in range(config.value.pretrain_epochs):
-                state, key = self._split_key(state)
-                rollouts, rewards, prompts = self.collect(state, (1, p), key)
-                state, pre = self.value_stage(state, rollouts, rewards, prompts, (1, p))
-            row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
-                   **{f"pretrain_{k}": v for k, v in pre.items()}, **self.evaluate(state, 0)}
-            rows.append(writer.write(0, row))
-        progress = _progress(config, start)
-        last = config.train.epochs if until is None else min(until, config.train.epochs)
-        for epoch in range(start, last):
-            epoch_start = time.time()
-            state, key = self._split_key(state)
-            key_sample, key_policy = jax.random.split(key)
-            rollouts, rewards, prompts = self.collect(state, (0, epoch), key_sample)
-            state, value_metrics = self.value_stage(state, rollouts, rewards, prompts, (0, epoch))
-            state, policy_metrics = self.policy_stage(state, prompts, key_policy)
-            state = state.replace(epoch=state.epoch + 1)
-            step = epoch + 1
-            images = rewards.size * (1 + config.policy.updates_per_epoch)
-            row = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                   **value_metrics, **policy_metrics,
-                   "reward_queries": int(state.reward_queries),
-                   "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
-            if step % config.train.eval_every == 0 or step == config.train.epochs:
-                row.update(self.evaluate(state, step))
-            row["wall_s"] = wall()
-            rows.append(writer.write(step, row))
-            if step % config.checkpoint.every == 0 or step == last:
-                self.checkpointer.save(step, state, config.to_json())
+        try:
+            with faults.Preemption() as preemption:
+                if start == 0:
+                    pre = {}
+                    for p in range(config.value.pretrain_epochs):
+                        state, key = self._split_key(state)
+                        rollouts, rewards, prompts = self.collect(state, (1, p), key)
+                        state, pre = self.value_stage(state, rollouts, rewards, prompts, (1, p))
+                        faults.check_streak(state, limit, 0, pre, self.last_checkpoint)
+                    row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
+                           **{f"pretrain_{k}": v for k, v in pre.items()},
+                           **self.evaluate(state, 0)}
+                    rows.append(writer.write(0, row))
+                progress = _progress(config, start)
+                last = config.train.epochs if until is None else min(until, config.train.epochs)
+                for epoch in range(start, last):
+                    if preemption.stop_now():
+                        self.preempted = True
+                        break
+                    epoch_start = time.time()
+                    state, key = self._split_key(state)
+                    key_sample, key_policy = jax.random.split(key)
+                    rollouts, rewards, prompts = self.collect(state, (0, epoch), key_sample,
+                                                              step=epoch + 1)
+                    state, value_metrics = self.value_stage(state, rollouts, rewards, prompts,
+                                                            (0, epoch))
+                    faults.check_streak(state, limit, epoch + 1, value_metrics,
+                                        self.last_checkpoint)
+                    state, policy_metrics = self.policy_stage(state, prompts, key_policy)
+                    faults.check_streak(state, limit, epoch + 1, policy_metrics,
+                                        self.last_checkpoint)
+                    state = state.replace(epoch=state.epoch + 1)
+                    step = epoch + 1
+                    images = rewards.size * (1 + config.policy.updates_per_epoch)
+                    row = {"reward_mean": float(np.mean(rewards)),
+                           "reward_std": float(np.std(rewards)),
+                           **value_metrics, **policy_metrics,
+                           "nonfinite_skips": int(state.nonfinite_skips),
+                           "reward_queries": int(state.reward_queries),
+                           "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
+                    if step % config.train.eval_every == 0 or step == config.train.epochs:
+                        row.update(self.evaluate(state, step))
+                    row["wall_s"] = wall()
+                    rows.append(writer.write(step, row))
+                    if step % config.checkpoint.every == 0 or step == last:
+                        self._save(step, state)
+                    if progress is not None:
+                        progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                             eval=_fmt(row.get("eval_reward_mean")))
+                        progress.update(1)
+                if self.preempted:
+                    if step > 0 and step != self.last_checkpoint:
+                        self._save(step, state)
+                    logging.warning("SIGTERM: stopped after step %d%s; run the same command to "
+                                    "resume", step, " with a checkpoint" if step > 0 else
+                                    " (before the first epoch: nothing to save)")
+        finally:
             if progress is not None:
-                progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                     eval=_fmt(row.get("eval_reward_mean")))
-                progress.update(1)
-        if progress is not None:
-            progress.close()
-        self.checkpointer.wait()
-        writer.close()
+                progress.close()
+            self.checkpointer.wait()
+            writer.close()
         self.final_state = state
         return rows
 

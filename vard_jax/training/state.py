@@ -52,6 +52,8 @@ class TrainState:
     reward_queries: jax.Array  # [] int32: rewards evaluated so far
     policy_updates: jax.Array  # [] int32
     value_updates: jax.Array  # [] int32
+    nonfinite_skips: jax.Array  # [] int32: updates skipped for a non-finite loss or gradient
+    nonfinite_streak: jax.Array  # [2] int32: (value, policy) updates skipped in a row
 
 
 def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> optax.Schedule:

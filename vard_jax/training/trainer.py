@@ -7,6 +7,8 @@ exposes functions of explicit state:
 * ``value_step(state, frozen, reference, batch) -> (state, metrics)`` and
   ``policy_step(state, frozen, reference, batch, key) -> (state, metrics)``: jitted once with
   explicit in/out shardings and the state donated (frozen weights are inputs, not constants).
+  An update whose loss or gradient is not finite leaves the state as it was, except for the
+  skip counters (``faults.keep_finite``).
 
 The epoch loop (``vard_jax.training.loop``) calls them in order.
 """
@@ -26,6 +28,7 @@ from vard_jax.diffusion.schedule import make_ddim_schedule
 from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
+from vard_jax.training import faults
 from vard_jax.training.state import RewardStats, TrainState, make_optimizer
 
 EV_BUCKETS = 4  # explained variance of V is reported per quarter of the denoising steps
@@ -39,11 +42,11 @@ class Rollout(NamedTuple):
 
 
 def explained_variance(targets: np.ndarray, predictions: np.ndarray) -> float:
-    variance = float(np.var(targets))
-    if variance < 1e-12:
-        return float("nan")
     """1 - Var(targets - predictions) / Var(targets); NaN when the targets do not vary."""
     if targets.size == 0:
+        return float("nan")
+    variance = float(np.var(targets))
+    if variance < 1e-12:
         return float("nan")
     return 1.0 - float(np.var(targets - predictions)) / variance
 
@@ -56,10 +59,10 @@ class Trainer:
         self.pipeline = loaded.pipeline
         self.frozen = {k: v for k, v in loaded.params.items() if k != "unet"}
         self.reference_params = loaded.params["unet"]
+        self.policy = policy_lib.make(config.policy, self.pipeline)
         self.reward = registry.build(config.reward.name, loaded.reward_context)
         self.reward_evaluator = registry.RewardEvaluator(self.reward)
         extra = [n.strip() for n in config.reward.eval_extra.split(",") if n.strip()]
-        self.policy = policy_lib.make(config.policy, self.pipeline)
         self.eval_evaluators = {n: registry.RewardEvaluator(registry.build(n, loaded.reward_context))
                                 for n in extra if n != self.reward.name}
         if config.reward.direct_last_step and not self.reward.differentiable:
@@ -85,6 +88,10 @@ class Trainer:
             unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll))
         self._replicated = mesh_lib.replicated(self.mesh)
         self._batch = mesh_lib.batch_sharding(self.mesh)
+        # The frozen weights are placed on the mesh once (sharded like parameters).
+        self.frozen = mesh_lib.put(self.frozen, mesh_lib.param_shardings(self.mesh, self.frozen))
+        self.reference_params = mesh_lib.put(
+            self.reference_params, mesh_lib.param_shardings(self.mesh, self.reference_params))
         self._build_functions()
 
     def _make_value_model(self) -> value_lib.ValueModel:
@@ -135,16 +142,16 @@ class Trainer:
     def pretrained_policy_params(self) -> Any:
         """``initial_policy_params`` placed like a trained policy (the jitted functions' input)."""
         params = self.initial_policy_params()
-        return jax.device_put(params, mesh_lib.param_shardings(self.mesh, params))
+        return mesh_lib.put(params, mesh_lib.param_shardings(self.mesh, params))
 
     def _initial_state(self) -> TrainState:
         key = jax.random.PRNGKey(self.config.train.seed)
         key, value_key = jax.random.split(key)
         value_params = self.value_model.init(value_key)
+        policy_params = self.initial_policy_params()
         return TrainState(
             epoch=jnp.zeros((), jnp.int32),
             policy_params=policy_params,
-        policy_params = self.initial_policy_params()
             policy_opt_state=self.policy_optimizer.init(policy_params),
             value_params=value_params,
             value_opt_state=self.value_optimizer.init(value_params),
@@ -153,12 +160,14 @@ class Trainer:
             reward_queries=jnp.zeros((), jnp.int32),
             policy_updates=jnp.zeros((), jnp.int32),
             value_updates=jnp.zeros((), jnp.int32),
+            nonfinite_skips=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32),
         )
 
     def init_state(self) -> TrainState:
         """The placed initial state; the policy starts equal to the reference."""
         state = self._initial_state()
-        return jax.device_put(state, self.state_shardings(state))
+        return mesh_lib.put(state, self.state_shardings(state))
 
     def state_shardings(self, state: Any) -> Any:
         return mesh_lib.param_shardings(self.mesh, state)
@@ -208,7 +217,9 @@ class Trainer:
             new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
                                       value_opt_state=opt_state,
                                       value_updates=state.value_updates + 1)
-            return new_state, {"value_loss": loss, "value_grad_norm": optax.global_norm(grads)}
+            grad_norm = optax.global_norm(grads)
+            state, skipped = faults.keep_finite(state, new_state, "value", loss, grad_norm)
+            return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
 
         def policy_step(state: TrainState, frozen: dict, reference_params, batch: dict, key):
             key_noise, key_mask = jax.random.split(key)
@@ -242,7 +253,9 @@ class Trainer:
                 policy_params=optax.apply_updates(state.policy_params, updates),
                 policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
             metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
-            return new_state, metrics
+            state, skipped = faults.keep_finite(state, new_state, "policy", loss,
+                                                metrics["policy_grad_norm"])
+            return state, {**metrics, **skipped}
 
         replicated, batch = self._replicated, self._batch
         frozen_sharding = mesh_lib.param_shardings(self.mesh, self.frozen)
@@ -270,7 +283,9 @@ class Trainer:
 
     # --- host-side helpers used by the loop ---------------------------------------------------
     def put_batch(self, tree: Any) -> Any:
-        return jax.device_put(tree, self._batch)
+        """Places host values (the whole batch, the same on every process) split over ``data``;
+        each process copies only the rows its own devices hold."""
+        return mesh_lib.put(tree, self._batch)
 
     def rollout_batch(self, policy_params, prompts: list[str], key) -> Rollout:
         ids = self.put_batch(jnp.asarray(self.pipeline.tokenize(prompts)))
@@ -285,8 +300,8 @@ class Trainer:
     def value_dataset(self, rollouts: list[Rollout], rewards: np.ndarray, stats: RewardStats,
                       prompts: list[str]) -> dict:
         """Every state after a step, labelled with its chain's standardised reward (numpy)."""
-        states = np.concatenate([np.asarray(r.states) for r in rollouts])  # [N, T, ...]
-        context = np.concatenate([np.asarray(r.context) for r in rollouts])  # [N, L, D]
+        states = np.concatenate([mesh_lib.to_host(r.states) for r in rollouts])  # [N, T, ...]
+        context = np.concatenate([mesh_lib.to_host(r.context) for r in rollouts])  # [N, L, D]
         n, t = states.shape[:2]
         targets = np.asarray(stats.standardise(jnp.asarray(rewards)))  # [N]
         prev_timesteps = np.asarray(self.schedule.prev_timesteps)  # [T]
@@ -321,7 +336,7 @@ class Trainer:
             pad = (-len(idx)) % data_axis
             idx_padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
             batch = self._value_batch(dataset, idx_padded)
-            predictions.append(np.asarray(self.value_predict(
+            predictions.append(mesh_lib.to_host(self.value_predict(
                 state.value_params, state.reward_stats, self.frozen, self.reference_params,
                 batch))[:len(idx)])
         predictions = np.concatenate(predictions)
@@ -335,15 +350,14 @@ class Trainer:
         return metrics
 
     def value_updates(self, state: TrainState, dataset: dict, rng: np.random.Generator):
-        """``value.updates_per_epoch`` minibatch steps on the dataset; returns (state, metrics)."""
+        """``value.updates_per_epoch`` minibatch steps on the dataset; returns (state, metrics):
+        means over the applied updates and counts of the skipped ones (``faults.aggregate``)."""
         size = min(self.config.value.batch_size, dataset["states"].shape[0])
         size -= size % self.mesh.shape[mesh_lib.DATA] or 0
-        losses, norms = [], []
+        per_update = []
         for _ in range(self.config.value.updates_per_epoch):
             idx = rng.choice(dataset["states"].shape[0], size=size, replace=False)
             batch = self._value_batch(dataset, idx)
             state, metrics = self.value_step(state, self.frozen, self.reference_params, batch)
-            losses.append(metrics["value_loss"])
-            norms.append(metrics["value_grad_norm"])
-        return state, {"value_loss": float(np.mean(jax.device_get(losses))),
-                       "value_grad_norm": float(np.mean(jax.device_get(norms)))}
+            per_update.append(metrics)
+        return state, faults.aggregate(per_update)

@@ -1,0 +1,535 @@
+"""The guarantees of docs/RELIABILITY.md: crash-safe training, bad inputs, numerical faults.
+
+Real training processes (``python -m vard_jax.main``) are started once for the module by the
+``runs`` fixture and driven by a background thread; the session's compilation cache
+(tests/conftest.py) serves the later ones, and this process, the programs the first compiled:
+
+* ``killed``: SIGKILLed at a random moment after its first checkpoint (step 3); then the same
+  command resumes it in the same workdir and is sent SIGTERM after its first new epoch;
+* ``reference``: the same run uninterrupted, keeping a checkpoint of every step;
+* two start-up failures (an unwritable workdir, a directory that is not a checkpoint).
+
+The in-process tests use a copy of the killed run's workdir; they run while the resumed process
+is still training. The config is ``tests/test_training.py``'s (the same compiled programs), with
+more epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import shapes_fidelity
+from vard_jax import prompts as prompts_lib
+from vard_jax.training import faults
+from vard_jax.training.checkpoints import CheckpointError, Checkpointer
+from vard_jax.training.loop import Loop
+from vard_jax.training.metrics import read_rows
+from vard_jax.training.state import TrainState
+from vard_jax.training.trainer import Trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EPOCHS = 6
+EVERY = 3  # checkpoint interval: the SIGTERM checkpoint (step 4 or 5) is not a regular one
+ARGS = ("--config=configs/shapes_fidelity.py:tiny", f"--config.train.epochs={EPOCHS}",
+        "--config.train.eval_every=100", "--config.reward.eval_extra=",
+        "--config.logging.tensorboard=False", f"--config.checkpoint.every={EVERY}")
+PLANTED_TMP = "99.orbax-checkpoint-tmp-1700000000"  # an unfinished save, as orbax names one
+TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
+
+
+def tiny_config():
+    """The config of ``ARGS``, built in this process (same programs, so the cache applies)."""
+    config = shapes_fidelity.get_config("tiny")
+    config.train.epochs = EPOCHS
+    config.train.eval_every = 100
+    config.reward.eval_extra = ""
+    config.logging.tensorboard = False
+    config.checkpoint.every = EVERY
+    return config
+
+
+class Process:
+    """``python -m vard_jax.main ARGS --workdir=WORKDIR``, its output in LOGS/NAME.out/.err."""
+
+    def __init__(self, logs: pathlib.Path, name: str, workdir: pathlib.Path, env: dict,
+                 *args: str):
+        self.name, self.workdir = name, workdir
+        self.stdout_path, self.stderr_path = logs / f"{name}.out", logs / f"{name}.err"
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "vard_jax.main", *args, f"--workdir={workdir}"],
+                cwd=REPO, env=env, stdout=out, stderr=err)
+
+    def wait(self, timeout: float = TIMEOUT_S) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stderr_lines(self) -> list[str]:
+        """stderr without absl/orbax log lines (I/W + date)."""
+        return [line for line in self.stderr.splitlines()
+                if line.strip() and not re.match(r"[IW]\d{4} ", line)]
+
+    def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.time() + TIMEOUT_S
+        while not condition():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before "
+                                     f"{what}:\n{self.stderr[-3000:]}")
+            if time.time() > deadline:
+                raise AssertionError(f"{self.name}: no {what} after {TIMEOUT_S} s")
+            time.sleep(0.05)
+
+
+def step_dirs(checkpoints: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+
+def tree_digest(directory: pathlib.Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``directory``."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def checkpoint_state(checkpoints: pathlib.Path, step: int) -> dict:
+    """The saved train state as a flat {path: numpy array} (no trainer needed)."""
+    manager = ocp.CheckpointManager(checkpoints, item_names=("state", "config"))
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+    manager.close()
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+class Runs:
+    """The module's training processes, driven by one background thread, and what it saw.
+
+    Phase one: ``killed`` and ``reference`` start together (and the two start-up failures);
+    ``killed`` gets SIGKILL at a random moment after its checkpoint 3. Phase two: the same
+    command resumes it, and gets SIGTERM shortly after it writes its first new epoch.
+    """
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.env = dict(os.environ)  # with the compilation cache's variables (conftest.py)
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                               self.env.get("PYTHONPATH")]))
+        self.rng = random.Random()
+        self.processes: list[Process] = []
+        self.killed_event = threading.Event()
+        self.sigterm_sent = False
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._drive, daemon=True)
+
+    def start(self, name: str, workdir: pathlib.Path, *args: str) -> Process:
+        process = Process(self.root, name, workdir, self.env, *args)
+        self.processes.append(process)
+        return process
+
+    def _drive(self) -> None:
+        try:
+            self._phase_one()
+            self.killed_event.set()
+            self._phase_two()
+        except BaseException as error:  # noqa: BLE001 - re-raised by the waiting test
+            self.error = error
+            self.killed_event.set()
+
+    def _phase_one(self) -> None:
+        checkpoints = self.killed.workdir / "checkpoints"
+        self.killed.wait_until(lambda: (checkpoints / str(EVERY)).is_dir(), "checkpoint 3")
+        self.kill_delay = self.rng.uniform(0.0, 1.5)
+        time.sleep(self.kill_delay)
+        assert self.killed.popen.poll() is None, "the run ended before it could be killed"
+        self.killed.popen.send_signal(signal.SIGKILL)
+        self.killed.wait()
+        # What the kill left, before anything reads it; then an unfinished save of a later step
+        # (a copy of a complete one) and a torn last metrics line, which must both be ignored.
+        self.steps_after_kill = step_dirs(checkpoints)
+        self.rows_after_kill = read_rows(self.killed.workdir / "metrics.jsonl")
+        shutil.copytree(checkpoints / str(max(self.steps_after_kill)), checkpoints / PLANTED_TMP)
+        with (self.killed.workdir / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 5, "reward_me')
+        shutil.copytree(self.killed.workdir, self.after_kill)
+
+    def _phase_two(self) -> None:
+        metrics = self.killed.workdir / "metrics.jsonl"
+        stale_inode = metrics.stat().st_ino  # the resumed run rewrites the file, then appends
+        self.resumed = self.start("resumed", self.killed.workdir, *ARGS)
+        first_new = max(self.steps_after_kill) + 1
+
+        def first_new_row() -> bool:
+            try:
+                return (metrics.stat().st_ino != stale_inode
+                        and any(r["step"] == first_new for r in read_rows(metrics)))
+            except FileNotFoundError:
+                return False
+
+        self.resumed.wait_until(first_new_row, f"row {first_new}")
+        time.sleep(self.rng.uniform(0.0, 0.3))
+        self.resumed.popen.send_signal(signal.SIGTERM)
+        self.sigterm_sent = True
+
+    def begin(self) -> None:
+        self.unwritable_parent = self.root / "a_file"
+        self.unwritable_parent.write_text("not a directory")
+        self.unwritable = self.start("unwritable", self.unwritable_parent / "run", *ARGS)
+        self.not_checkpoint = self.root / "not_checkpoint"
+        (self.not_checkpoint / "checkpoints" / "7").mkdir(parents=True)
+        (self.not_checkpoint / "checkpoints" / "7" / "notes.txt").write_text("my notes")
+        self.not_checkpoint_before = tree_digest(self.not_checkpoint)
+        self.refused = self.start("refused", self.not_checkpoint, *ARGS)
+        self.killed = self.start("killed", self.root / "killed", *ARGS)
+        self.reference = self.start("reference", self.root / "reference", *ARGS,
+                                    "--config.checkpoint.every=1", "--config.checkpoint.keep=100")
+        self.after_kill = self.root / "after_kill"  # a copy, for the in-process tests
+        self.thread.start()
+
+    def wait_killed(self) -> None:
+        self.killed_event.wait(TIMEOUT_S)
+        if self.error is not None:
+            raise self.error
+        assert self.killed_event.is_set(), "the killed run never reached its checkpoint 3"
+
+    def wait_resumed(self) -> int:
+        self.thread.join(TIMEOUT_S)
+        if self.error is not None:
+            raise self.error
+        return self.resumed.wait()
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.popen.poll() is None:
+                process.popen.kill()
+                process.popen.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    runs = Runs(tmp_path_factory.mktemp("reliability"))
+    try:
+        runs.begin()
+        yield runs
+    finally:
+        runs.stop_all()
+        runs.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def trainer(runs):
+    runs.wait_killed()  # every program is compiled (and cached) by then
+    return Trainer(tiny_config())
+
+
+def copy_of(source: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    return workdir
+
+
+# --- start-up failures (these requests start all the module's processes) -------------------------
+def test_startup_failures_are_one_line_and_touch_nothing(runs):
+    assert runs.unwritable.wait() == 2, runs.unwritable.stderr
+    lines = runs.unwritable.stderr_lines()
+    assert lines == [f"error: workdir {runs.unwritable_parent / 'run'} is not writable "
+                     "(Not a directory); choose another --workdir"], lines
+
+    assert runs.refused.wait() == 2, runs.refused.stderr
+    lines = runs.refused.stderr_lines()
+    assert len(lines) == 1 and "Traceback" not in runs.refused.stderr, lines
+    assert lines[0].startswith(f"error: checkpoint {runs.not_checkpoint.resolve()}/checkpoints/7 "
+                               "cannot be restored ("), lines
+    assert lines[0].endswith("it holds no readable config (not a checkpoint of this program?); "
+                             "resume it with the config it was written with, or use another "
+                             "--workdir (it was left as it is)"), lines
+    assert tree_digest(runs.not_checkpoint) == runs.not_checkpoint_before
+
+
+# --- no process needed (these run while the processes compile) -----------------------------------
+def test_keep_finite_keeps_the_old_state_and_counts():
+    @dataclasses.dataclass
+    class Counters:
+        nonfinite_skips: jax.Array
+        nonfinite_streak: jax.Array
+
+        def replace(self, **changes):
+            return dataclasses.replace(self, **changes)
+
+    jax.tree_util.register_dataclass(Counters, ["nonfinite_skips", "nonfinite_streak"], [])
+
+    @jax.jit
+    def step(old, new, loss, norm):
+        return faults.keep_finite(old, new, "policy", loss, norm)
+
+    old = Counters(jnp.array(4), jnp.array([0, 2]))
+    new = Counters(jnp.array(100), jnp.array([7, 7]))
+    kept, flags = step(old, new, jnp.nan, 1.0)
+    assert int(kept.nonfinite_skips) == 5 and kept.nonfinite_streak.tolist() == [0, 3]
+    assert float(flags["policy_nonfinite_loss"]) == 1 and float(flags["policy_nonfinite_grad"]) == 0
+    kept, flags = step(old, new, 1.0, jnp.inf)
+    assert int(kept.nonfinite_skips) == 5 and kept.nonfinite_streak.tolist() == [0, 3]
+    assert float(flags["policy_nonfinite_loss"]) == 0 and float(flags["policy_nonfinite_grad"]) == 1
+    kept, flags = step(old, new, 1.0, 2.0)  # applied: the new state, but counted from the old
+    assert int(kept.nonfinite_skips) == 4 and kept.nonfinite_streak.tolist() == [0, 0]
+
+    summary = faults.aggregate([{"policy_loss": 1.0, **flags},
+                                {"policy_loss": np.nan, "policy_nonfinite_loss": 1.0,
+                                 "policy_nonfinite_grad": 0.0},
+                                {"policy_loss": 3.0, **flags}])
+    assert summary == {"policy_loss": 2.0, "policy_nonfinite_loss": 1, "policy_nonfinite_grad": 0}
+
+
+def test_nonfinite_images_stop_with_the_step():
+    images = np.zeros((2, 4, 4, 3), np.float32)
+    faults.check_images(images, 3, 2)
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(faults.NonFiniteError, match="step 3: the policy's sampled images are not "
+                       "finite.*the last good checkpoint is step 2"):
+        faults.check_images(images, 3, 2)
+
+
+def test_over_long_prompts_are_reported(tmp_path, caplog):
+    from vard_jax.models import shapes as shapes_model
+    from vard_jax.worlds import tokenizer_files
+
+    # The shapes model's tokenizer and length, without loading its weights.
+    pipeline = types.SimpleNamespace(
+        tokenizer=tokenizer_files.load_tokenizer(shapes_model.ASSET_DIR / "tokenizer"),
+        max_length=tokenizer_files.MAX_LENGTH)
+    for split in ("train", "heldout"):
+        assert prompts_lib.warn_if_truncated(prompts_lib.load_prompts(split), pipeline, split) == 0
+    path = write_long_prompts(tmp_path)
+    with caplog.at_level("WARNING"):
+        count = prompts_lib.warn_if_truncated(prompts_lib.load_prompts(str(path)), pipeline,
+                                              str(path))
+    assert count == 1
+    assert long_prompt_warning(path, pipeline.max_length) in caplog.text
+
+
+def write_long_prompts(directory: pathlib.Path) -> pathlib.Path:
+    path = directory / "prompts.txt"
+    path.write_text("a red circle\n" + "two blue squares on a white background " * 4 + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def long_prompt_warning(path: pathlib.Path, max_length: int) -> str:
+    return (f"prompt set {path}: 1 of 2 prompts are longer than the tokenizer's {max_length} "
+            "tokens and are truncated")
+
+
+def test_only_safe_formats_are_loaded():
+    """No pickle from users' paths, no remote code: checked over the package's source."""
+    sources = {p: p.read_text() for p in (REPO / "vard_jax").rglob("*.py")}
+    for path, text in sources.items():
+        assert not re.search(r"^\s*(import|from)\s+(pickle|cloudpickle|dill|joblib)\b", text,
+                             re.M), path
+        assert "trust_remote_code" not in text, path
+        assert "allow_pickle=True" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        for value in re.findall(r"from_pt=([^,)]+)", text):
+            # PyTorch .bin weights only after require_torch (the explicit ``pt`` extra)
+            assert value.strip() == 'kind == "pickle"', (path, value)
+    # transformers converts .bin weights with torch.load(weights_only=True) (pinned version).
+    import inspect
+
+    from transformers import modeling_flax_pytorch_utils
+
+    source = inspect.getsource(modeling_flax_pytorch_utils)
+    calls = re.findall(r"torch\.load\([^)]*\)", source)
+    assert calls and all("weights_only=True" in call for call in calls), calls
+
+
+# --- the killed run ------------------------------------------------------------------------------
+def test_sigkill_leaves_the_last_complete_checkpoint(runs):
+    runs.wait_killed()
+    assert runs.killed.popen.returncode == -signal.SIGKILL
+    assert runs.steps_after_kill == [EVERY], (runs.steps_after_kill, runs.kill_delay)
+    steps = [row["step"] for row in runs.rows_after_kill]
+    assert steps[: EVERY + 1] == list(range(EVERY + 1)), steps  # rows may run ahead of it
+    # An unfinished save is never listed, even a later one holding complete-looking files.
+    checkpointer = Checkpointer(runs.after_kill / "checkpoints", keep=3)
+    assert checkpointer.latest_step() == EVERY
+    checkpointer.close()
+
+
+# --- in this process, while the resumed run trains -----------------------------------------------
+def _fields_that_differ(a: TrainState, b: TrainState) -> set[str]:
+    differ = set()
+    for field in dataclasses.fields(TrainState):
+        x, y = jax.tree_util.tree_leaves(getattr(a, field.name)), jax.tree_util.tree_leaves(
+            getattr(b, field.name))
+        if any(not np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True)
+               for u, v in zip(x, y)):
+            differ.add(field.name)
+    return differ
+
+
+def test_loop_warns_about_over_long_prompts(trainer, tmp_path, caplog):
+    config = tiny_config()
+    config.sample.train_prompts = str(write_long_prompts(tmp_path))
+    with caplog.at_level("WARNING"):
+        Loop(config, tmp_path / "run", trainer=trainer)
+    assert long_prompt_warning(tmp_path / "prompts.txt", trainer.pipeline.max_length) in caplog.text
+
+
+def test_nonfinite_updates_are_skipped_and_counted(trainer):
+    config = trainer.config
+    prompts = ["a red circle on a white background"] * config.sample.batch_size
+    state = trainer.init_state()
+    rollout = trainer.rollout_batch(state.policy_params, prompts, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    updates = config.value.updates_per_epoch
+
+    nan_rewards = np.full(len(prompts), np.nan, np.float32)
+    dataset = trainer.value_dataset([rollout], nan_rewards, state.reward_stats, prompts)
+    before = jax.device_get(state)
+    state, metrics = trainer.value_updates(state, dataset, rng)
+    after = jax.device_get(state)
+    assert _fields_that_differ(before, after) == {"nonfinite_skips", "nonfinite_streak"}
+    assert int(after.nonfinite_skips) == updates and after.nonfinite_streak.tolist() == [updates, 0]
+    assert metrics["value_nonfinite_loss"] == updates and np.isnan(metrics["value_loss"])
+
+    rewards = np.linspace(0.0, 1.0, len(prompts), dtype=np.float32)
+    dataset = trainer.value_dataset([rollout], rewards, state.reward_stats, prompts)
+    state, metrics = trainer.value_updates(state, dataset, rng)
+    applied = jax.device_get(state)
+    assert {"value_params", "value_opt_state", "value_updates"} <= _fields_that_differ(after,
+                                                                                        applied)
+    assert int(applied.nonfinite_skips) == updates and applied.nonfinite_streak.tolist() == [0, 0]
+    assert metrics["value_nonfinite_loss"] == 0 and np.isfinite(metrics["value_loss"])
+
+    # Inputs are built from step outputs only: a host copy put back would be placed differently
+    # and lower to another program (compiled anew instead of loaded from the cache).
+    good_value = state.value_params
+    poisoned = state.replace(value_params=jax.tree_util.tree_map(
+        lambda x: jnp.full_like(x, jnp.nan), good_value))
+    before = jax.device_get(poisoned)
+    state, metrics = trainer.policy_update(poisoned, prompts, jax.random.PRNGKey(1))
+    after = jax.device_get(state)
+    assert _fields_that_differ(before, after) == {"nonfinite_skips", "nonfinite_streak"}
+    assert after.nonfinite_streak.tolist() == [0, 1] and int(after.nonfinite_skips) == updates + 1
+    assert float(metrics["policy_nonfinite_loss"]) == 1
+
+    state, metrics = trainer.policy_update(state.replace(value_params=good_value), prompts,
+                                           jax.random.PRNGKey(1))
+    applied = jax.device_get(state)
+    assert {"policy_params", "policy_updates"} <= _fields_that_differ(after, applied)
+    assert applied.nonfinite_streak.tolist() == [0, 0]
+    assert float(metrics["policy_nonfinite_loss"]) == 0
+
+
+def test_repeated_nonfinite_updates_stop_and_keep_the_last_good_checkpoint(trainer, runs,
+                                                                            tmp_path):
+    workdir = copy_of(runs.after_kill, tmp_path)
+    config = tiny_config()
+    config.train.max_nonfinite_in_a_row = 2  # = value.updates_per_epoch: one bad epoch
+    loop = Loop(config, workdir, trainer=trainer)
+    restore = loop.restore_or_init
+
+    def restore_diverged():
+        state, step = restore()
+        return state.replace(value_params=jax.tree_util.tree_map(
+            lambda x: jnp.full_like(x, jnp.inf), state.value_params)), step
+
+    loop.restore_or_init = restore_diverged
+    saved = tree_digest(workdir / "checkpoints")
+    with pytest.raises(faults.NonFiniteError) as error:
+        loop.run()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"step {EVERY + 1}: 2 value updates in a row had a non-finite value "
+                              "loss and were skipped"), message
+    assert f"the last good checkpoint is step {EVERY}" in message
+    assert tree_digest(workdir / "checkpoints") == saved  # nothing saved, nothing deleted
+    assert [r["step"] for r in read_rows(workdir / "metrics.jsonl")] == list(range(EVERY + 1))
+
+
+def test_checkpoint_of_another_config_is_refused_and_kept(runs, tmp_path):
+    runs.wait_killed()
+    workdir = copy_of(runs.after_kill, tmp_path)
+    config = tiny_config()
+    config.value.width = 16
+    loop = Loop(config, workdir, trainer=Trainer(config))
+    saved = tree_digest(workdir / "checkpoints")
+    with pytest.raises(CheckpointError) as error:
+        loop.restore_or_init()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {(workdir / 'checkpoints').resolve()}/{EVERY} cannot "
+                              "be restored ("), message
+    assert "; it was written with value.width = 32 (now 16); resume it with" in message, message
+    assert tree_digest(workdir / "checkpoints") == saved
+
+
+def test_truncated_checkpoint_is_refused_and_kept(trainer, runs, tmp_path):
+    workdir = copy_of(runs.after_kill, tmp_path)
+    data = workdir / "checkpoints" / str(EVERY) / "state" / "ocdbt.process_0" / "d"
+    for file in data.iterdir():
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    saved = tree_digest(workdir / "checkpoints")
+    loop = Loop(tiny_config(), workdir, trainer=trainer)
+    with pytest.raises(CheckpointError, match=f"/{EVERY} cannot be restored .*; its config "
+                       "equals this one"):
+        loop.restore_or_init()
+    assert tree_digest(workdir / "checkpoints") == saved
+
+
+# --- the resumed and the reference run -----------------------------------------------------------
+def test_resumed_run_matches_the_uninterrupted_run(runs):
+    assert runs.wait_resumed() == 0, runs.resumed.stderr
+    assert runs.reference.wait() == 0, runs.reference.stderr
+    checkpoints = runs.killed.workdir / "checkpoints"
+    stopped = max(step_dirs(checkpoints))
+    expected = checkpoint_state(runs.reference.workdir / "checkpoints", stopped)
+    actual = checkpoint_state(checkpoints, stopped)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+    # metrics.jsonl: every step once, and the same numbers as the uninterrupted run
+    rows = read_rows(runs.killed.workdir / "metrics.jsonl")
+    reference = read_rows(runs.reference.workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(stopped + 1))
+    for row, ref in zip(rows, reference):
+        keys = set(ref) - {"wall_s", "images_per_s"}
+        assert set(row) - {"wall_s", "images_per_s"} == keys
+        assert {k: row[k] for k in keys} == {k: ref[k] for k in keys}, row["step"]
+
+
+def test_sigterm_saves_the_last_epoch_and_exits_0(runs):
+    assert runs.wait_resumed() == 0, runs.resumed.stderr
+    assert runs.sigterm_sent
+    checkpoints = runs.killed.workdir / "checkpoints"
+    steps = step_dirs(checkpoints)
+    stopped = max(steps)
+    # Resumed from step 3, stopped after step 4 or 5: a checkpoint only the SIGTERM path writes.
+    assert EVERY < stopped < EPOCHS and stopped % EVERY != 0, steps
+    assert read_rows(runs.killed.workdir / "metrics.jsonl")[-1]["step"] == stopped
+    assert f"SIGTERM: stopped after step {stopped} with a checkpoint" in runs.resumed.stderr
+    assert json.loads(runs.resumed.stdout_path.read_text().splitlines()[-1])["step"] == stopped
+    # The checkpoint it resumed from and the planted unfinished save are still there.
+    assert EVERY in steps and (checkpoints / PLANTED_TMP).is_dir()
