@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.algorithm = "vard"  # Training objective over the shared rollout (vard).
+    config.algorithm = "vard"  # Training objective over the shared rollout: vard | ddpo | draft.
 
     # --- the pretrained text-to-image model -------------------------------------------------
     config.pretrained = pretrained = ml_collections.ConfigDict()
@@ -70,6 +70,18 @@ def get_config() -> ml_collections.ConfigDict:
     policy.lora_alpha = 0.0  # LoRA scale numerator: update (alpha / rank) * A @ B; 0 = alpha = rank.
     policy.lora_targets = "to_q,to_k,to_v,to_out_0"  # Module names of the adapted Dense layers.
     policy.scan_unroll = 0  # Unroll of the differentiated scan: 0 = auto (full on CPU, else 1).
+
+    # --- baselines (config.algorithm = ddpo | draft; policy.* sets their optimiser) -----------
+    config.ddpo = ddpo = ml_collections.ConfigDict()
+    ddpo.clip_range = 1e-4  # PPO clip range c of the probability ratio.
+    ddpo.adv_clip = 5.0  # Advantages clipped to [-adv_clip, adv_clip] (0 = no clipping).
+    ddpo.inner_epochs = 1  # Passes over an epoch's stored transitions.
+    ddpo.minibatch_size = 32  # Transitions (chain, step) per PPO gradient step.
+    ddpo.reduce = "mean"  # Log-prob over dimensions: mean (DDPO's) | sum (exact density).
+    config.draft = draft = ml_collections.ConfigDict()
+    draft.grad_depth = 1  # K: the reward gradient flows through the last K denoising steps.
+    draft.random_depth = False  # AlignProp: K drawn uniformly from {1..grad_depth} per update.
+    draft.beta = 0.0  # DRaFT+: weight of the eps distance to the pretrained model (0 = off).
 
     # --- training schedule --------------------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
-ALGORITHMS = ("vard",)  # ddpo and draft join when their losses are wired into the trainer
+ALGORITHMS = ("vard", "ddpo", "draft")
+DDPO_REDUCTIONS = ("mean", "sum")
 MODEL_FAMILIES = ("shapes",)
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "reward_init")
@@ -123,6 +124,13 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.lora_alpha", lambda v: v >= 0.0, "a number >= 0 (0 = the rank)"),
     ("config.policy.lora_targets", lambda v: bool(v.strip()), "comma-separated Dense layer names"),
     ("config.policy.scan_unroll", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
+    ("config.ddpo.clip_range", lambda v: v > 0.0, "a number > 0"),
+    ("config.ddpo.adv_clip", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),
+    ("config.ddpo.inner_epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("config.ddpo.minibatch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("config.ddpo.reduce", lambda v: v in DDPO_REDUCTIONS, f"one of {', '.join(DDPO_REDUCTIONS)}"),
+    ("config.draft.grad_depth", lambda v: v >= 1, "an integer >= 1"),
+    ("config.draft.beta", lambda v: v >= 0.0, "a number >= 0"),
     ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("config.train.eval_every", lambda v: v >= 1, "an integer >= 1"),
     ("config.train.max_nonfinite_in_a_row", lambda v: v >= 1, "an integer >= 1"),
@@ -144,6 +152,12 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         if not allowed(value):
             raise ConfigError(f"{path} = {value!r}: not allowed; must be {description}")
     steps = config.sample.num_steps
+    if config.algorithm == "ddpo" and config.sample.eta <= 0.0:
+        raise ConfigError(f"config.sample.eta = {config.sample.eta!r}: ddpo needs eta > 0 "
+                          "(a deterministic DDIM step has no log-probability)")
+    if config.algorithm == "draft" and config.draft.grad_depth > steps:
+        raise ConfigError(f"config.draft.grad_depth = {config.draft.grad_depth}: must be at "
+                          f"most sample.num_steps = {steps}")
     depth = config.policy.grad_depth
     if not 1 <= depth <= steps:
         raise ConfigError(f"config.policy.grad_depth = {depth!r}: must be in [1, sample.num_steps"

@@ -18,7 +18,7 @@ from absl import logging
 
 from vard_jax import prompts as prompts_lib
 from vard_jax.parallel import mesh as mesh_lib
-from vard_jax.training import evaluation, faults
+from vard_jax.training import evaluation, faults, stages
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
 from vard_jax.training.images import save_grid
 from vard_jax.training.metrics import MetricWriter
@@ -42,6 +42,7 @@ class Loop:
                                                     config.sample.eval_batch_size,
                                                     config.train.seed)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
+        self.stage = stages.make(self)  # what an epoch does: config.algorithm
         self.last_checkpoint: Optional[int] = None  # the latest step saved or restored
 
     # --- one epoch's pieces ------------------------------------------------------------------------
@@ -145,7 +146,6 @@ class Loop:
                               tensorboard=config.logging.tensorboard, enabled=is_main)
         rows = []
         began = time.time()
-        limit = config.train.max_nonfinite_in_a_row
         self.preempted = False
         progress = None
         step = start
@@ -156,12 +156,7 @@ class Loop:
         try:
             with faults.Preemption() as preemption:
                 if start == 0:
-                    pre = {}
-                    for p in range(config.value.pretrain_epochs):
-                        state, key = self._split_key(state)
-                        rollouts, rewards, prompts = self.collect(state, (1, p), key)
-                        state, pre = self.value_stage(state, rollouts, rewards, prompts, (1, p))
-                        faults.check_streak(state, limit, 0, pre, self.last_checkpoint)
+                    state, pre = self.stage.pretrain(state)
                     row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
                            **{f"pretrain_{k}": v for k, v in pre.items()},
                            **self.evaluate(state, 0)}
@@ -174,22 +169,11 @@ class Loop:
                         break
                     epoch_start = time.time()
                     state, key = self._split_key(state)
-                    key_sample, key_policy = jax.random.split(key)
-                    rollouts, rewards, prompts = self.collect(state, (0, epoch), key_sample,
-                                                              step=epoch + 1)
-                    state, value_metrics = self.value_stage(state, rollouts, rewards, prompts,
-                                                            (0, epoch))
-                    faults.check_streak(state, limit, epoch + 1, value_metrics,
-                                        self.last_checkpoint)
-                    state, policy_metrics = self.policy_stage(state, prompts, key_policy)
-                    faults.check_streak(state, limit, epoch + 1, policy_metrics,
-                                        self.last_checkpoint)
+                    state, metrics = self.stage.epoch(state, epoch, key)
                     state = state.replace(epoch=state.epoch + 1)
                     step = epoch + 1
-                    images = rewards.size * (1 + config.policy.updates_per_epoch)
-                    row = {"reward_mean": float(np.mean(rewards)),
-                           "reward_std": float(np.std(rewards)),
-                           **value_metrics, **policy_metrics,
+                    images = metrics.pop("images")
+                    row = {**metrics,
                            "nonfinite_skips": int(state.nonfinite_skips),
                            "reward_queries": int(state.reward_queries),
                            "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
@@ -227,4 +211,4 @@ def _progress(config, start: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=config.train.epochs, initial=start, desc="vard", unit="epoch")
+    return tqdm(total=config.train.epochs, initial=start, desc=config.algorithm, unit="epoch")

@@ -41,6 +41,14 @@ class Rollout(NamedTuple):
     x0: jax.Array  # [B, ...]
 
 
+class StepShardings(NamedTuple):
+    state: Any  # TrainState of shardings
+    frozen: Any  # text encoder / VAE params
+    reference: Any  # the pretrained UNet params
+    batch: Any  # split over the data axis
+    replicated: Any
+
+
 def explained_variance(targets: np.ndarray, predictions: np.ndarray) -> float:
     """1 - Var(targets - predictions) / Var(targets); NaN when the targets do not vary."""
     if targets.size == 0:
@@ -261,6 +269,8 @@ class Trainer:
         frozen_sharding = mesh_lib.param_shardings(self.mesh, self.frozen)
         reference_sharding = mesh_lib.param_shardings(self.mesh, self.reference_params)
         policy_sharding = state_sharding.policy_params
+        self._step_shardings = StepShardings(state_sharding, frozen_sharding, reference_sharding,
+                                             batch, replicated)
         self.sample = jax.jit(sample, in_shardings=(policy_sharding, frozen_sharding,
                                                     reference_sharding, batch, replicated),
                               out_shardings=Rollout(batch, batch, batch, batch))
@@ -276,6 +286,11 @@ class Trainer:
         self.policy_step = jax.jit(policy_step, in_shardings=(
             state_sharding, frozen_sharding, reference_sharding, policy_batch_sharding, replicated),
             out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+    def step_shardings(self) -> "StepShardings":
+        """The shardings of the update steps' inputs (for steps built elsewhere, e.g. the
+        baselines in ``vard_jax.training.baselines``)."""
+        return self._step_shardings
 
     def init_state_abstract(self) -> TrainState:
         """Like ``init_state`` without placement (for eval_shape)."""

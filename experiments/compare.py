@@ -1,0 +1,236 @@
+"""VARD vs DDPO vs DRaFT on the shapes world, at equal budgets of reward queries.
+
+Runs every applicable (reward, method, seed) with ``python -m vard_jax.main`` (one process
+per run, so one failure does not end the comparison), then reads each run's
+``metrics.jsonl`` and writes:
+
+* ``OUT/results.json``: per run the held-out evaluation curve (reward queries, wall seconds,
+  held-out reward, eps distance to the pretrained model); per (reward, method) the final
+  held-out reward over seeds; and the two targets of the comparison: the reward queries VARD
+  needs to reach DDPO's final held-out reward, and VARD's vs DRaFT's eps distance at equal
+  held-out reward;
+* ``OUT/<reward>_vs_queries.png``, ``_vs_wall.png``, ``_vs_distance.png``: the curves with
+  seed bands (mean +- std over seeds; matplotlib needed).
+
+    PYTHONPATH=. python experiments/compare.py --out=runs/compare            # full: 3 seeds
+    PYTHONPATH=. python experiments/compare.py --out=runs/compare_quick --quick
+    PYTHONPATH=. python experiments/compare.py --out=/tmp/c --smoke          # seconds-scale
+
+Budgets: every method gets ``--budget`` reward queries for training. VARD spends
+``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
+DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
+Method settings are each method's own defaults in ``configs/base.py`` (DDPO: clip 1e-4, one
+inner epoch of 32-transition minibatches; DRaFT: K = 1); all share the demo's sampler, the
+policy optimiser and learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+# reward -> methods that can train on it (DRaFT needs a differentiable reward).
+MATRIX = {
+    "clip_alignment": ("vard", "ddpo", "draft"),
+    "shape_fidelity": ("vard", "ddpo"),
+    "jpeg_compressibility": ("vard", "ddpo"),
+}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="Output directory.")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
+    parser.add_argument("--rewards", default=",".join(MATRIX), help="Rewards to compare.")
+    parser.add_argument("--budget", type=int, default=256, help="Reward queries per run.")
+    parser.add_argument("--evals", type=int, default=4, help="Held-out evaluations per run.")
+    parser.add_argument("--quick", action="store_true",
+                        help="One seed, 96 queries: under 20 minutes on 2 CPU cores.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="The tiny config, 2 steps, one reward, one seed: a check of the "
+                             "machinery, not a result.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budget = "0", 96
+    if args.smoke:
+        args.seeds, args.budget, args.evals, args.rewards = "0", 8, 1, "clip_alignment"
+    return args
+
+
+def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
+                  smoke: bool) -> list[str]:
+    """Command-line overrides of configs/shapes.py for one run at the query budget."""
+    batch = 4 if smoke else 16
+    pretrain = 1 if method == "vard" else 0  # one batch of value pre-training
+    epochs = max(budget // batch - pretrain, 1)
+    every = max(epochs // max(evals, 1), 1)
+    overrides = [f"--config.algorithm={method}", f"--config.reward.name={reward}",
+                 "--config.reward.eval_extra=", f"--config.train.seed={seed}",
+                 f"--config.train.epochs={epochs}", f"--config.train.eval_every={every}",
+                 f"--config.checkpoint.every={epochs}", "--config.logging.progress_bar=False",
+                 "--config.logging.tensorboard=False"]
+    if method == "vard":
+        overrides.append(f"--config.value.pretrain_epochs={pretrain}")
+    if smoke:
+        overrides.append("--config.sample.num_steps=2")
+    return overrides
+
+
+def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dict:
+    workdir = out / "runs" / f"{reward}-{method}-seed{seed}"
+    config = "configs/shapes.py:tiny" if args.smoke else "configs/shapes.py"
+    command = [sys.executable, "-m", "vard_jax.main", f"--config={config}",
+               f"--workdir={workdir}"] + run_overrides(reward, method, seed, args.budget,
+                                                        args.evals, args.smoke)
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / ".jax_cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    record = {"reward": reward, "method": method, "seed": seed, "command": " ".join(command[1:]),
+              "returncode": result.returncode, "seconds": round(time.time() - started, 1)}
+    if result.returncode != 0:
+        record["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return record
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    curve = [{"step": r["step"], "reward_queries": r["reward_queries"], "wall_s": r["wall_s"],
+              "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"]}
+             for r in rows if "eval_reward_mean" in r]
+    record["curve"] = curve
+    record["final_eval_reward"] = curve[-1]["eval_reward"]
+    record["final_eps_distance"] = curve[-1]["eps_distance"]
+    record["reward_queries"] = curve[-1]["reward_queries"]
+    return record
+
+
+def queries_to_reach(curve: list[dict], target: float) -> Optional[int]:
+    """The first evaluated reward-query count at which the held-out reward reaches ``target``."""
+    for point in curve:
+        if point["eval_reward"] >= target:
+            return point["reward_queries"]
+    return None
+
+
+def distance_at(curve: list[dict], reward: float) -> Optional[float]:
+    """Eps distance where the curve first reaches held-out ``reward`` (linear interpolation)."""
+    for before, after in zip(curve, curve[1:]):
+        if before["eval_reward"] < reward <= after["eval_reward"]:
+            w = (reward - before["eval_reward"]) / (after["eval_reward"] - before["eval_reward"])
+            return before["eps_distance"] + w * (after["eps_distance"] - before["eps_distance"])
+    if curve and curve[0]["eval_reward"] >= reward:
+        return curve[0]["eps_distance"]
+    return None
+
+
+def summarise(records: list[dict]) -> dict:
+    ok = [r for r in records if r.get("returncode") == 0]
+    summary: dict = {}
+    for reward in sorted({r["reward"] for r in ok}):
+        methods = {}
+        for method in sorted({r["method"] for r in ok if r["reward"] == reward}):
+            runs = [r for r in ok if r["reward"] == reward and r["method"] == method]
+            finals = [r["final_eval_reward"] for r in runs]
+            methods[method] = {"seeds": [r["seed"] for r in runs],
+                               "final_eval_reward_mean": float(np.mean(finals)),
+                               "final_eval_reward_std": float(np.std(finals)),
+                               "final_eps_distance_mean": float(np.mean(
+                                   [r["final_eps_distance"] for r in runs])),
+                               "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
+        entry = {"methods": methods}
+        vard_runs = {r["seed"]: r for r in ok if r["reward"] == reward and r["method"] == "vard"}
+        if "ddpo" in methods and vard_runs:
+            ratios = []
+            for r in ok:
+                if r["reward"] == reward and r["method"] == "ddpo" and r["seed"] in vard_runs:
+                    needed = queries_to_reach(vard_runs[r["seed"]]["curve"],
+                                              r["final_eval_reward"])
+                    ratios.append(None if needed is None else needed / r["reward_queries"])
+            entry["vard_queries_to_ddpo_final_over_ddpo_queries"] = ratios
+        if "draft" in methods and vard_runs:
+            pairs = []
+            for r in ok:
+                if r["reward"] == reward and r["method"] == "draft" and r["seed"] in vard_runs:
+                    vard_curve = vard_runs[r["seed"]]["curve"]
+                    level = min(vard_curve[-1]["eval_reward"], r["final_eval_reward"])
+                    pairs.append({"seed": r["seed"], "reward_level": level,
+                                  "vard_eps_distance": distance_at(vard_curve, level),
+                                  "draft_eps_distance": distance_at(r["curve"], level)})
+            entry["eps_distance_at_equal_reward"] = pairs
+        summary[reward] = entry
+    return summary
+
+
+def plot(records: list[dict], out: pathlib.Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    written = []
+    ok = [r for r in records if r.get("returncode") == 0]
+    for reward in sorted({r["reward"] for r in ok}):
+        for x_key, label, suffix in (("reward_queries", "reward queries", "queries"),
+                                     ("wall_s", "wall-clock seconds", "wall"),
+                                     ("eps_distance", "eps distance to the pretrained model",
+                                      "distance")):
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for method in sorted({r["method"] for r in ok if r["reward"] == reward}):
+                runs = [r["curve"] for r in ok if r["reward"] == reward and r["method"] == method]
+                length = min(len(c) for c in runs)
+                xs = np.array([[p[x_key] for p in c[:length]] for c in runs])
+                ys = np.array([[p["eval_reward"] for p in c[:length]] for c in runs])
+                x, mean, std = xs.mean(0), ys.mean(0), ys.std(0)
+                ax.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"held-out {reward}")
+            ax.legend()
+            fig.tight_layout()
+            path = out / f"{reward}_vs_{suffix}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path.name)
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    unknown = [r for r in rewards if r not in MATRIX]
+    if unknown:
+        raise SystemExit(f"--rewards: unknown {unknown}; choose from {', '.join(MATRIX)}")
+    records = []
+    for reward in rewards:
+        for method in MATRIX[reward]:
+            for seed in seeds:
+                record = run_one(out, reward, method, seed, args)
+                print(json.dumps({k: record.get(k) for k in (
+                    "reward", "method", "seed", "returncode", "seconds", "final_eval_reward",
+                    "error")}), flush=True)
+                records.append(record)
+    results = {"budget": args.budget, "seeds": seeds, "smoke": args.smoke, "quick": args.quick,
+               "summary": summarise(records), "runs": records}
+    results["plots"] = plot(records, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["summary"], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

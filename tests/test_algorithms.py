@@ -1,0 +1,81 @@
+"""config.algorithm = ddpo | draft: the baselines train through the shared loop and trainer."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes
+from vard_jax.config import ConfigError, validate
+from vard_jax.training.loop import Loop
+
+
+def _config(algorithm: str, reward: str):
+    config = shapes.get_config("tiny")
+    config.algorithm = algorithm
+    config.reward.name = reward
+    config.reward.eval_extra = ""
+    config.sample.num_steps = 2
+    config.train.epochs = 1
+    config.train.eval_every = 1
+    config.policy.learning_rate = 1e-3
+    validate(config)
+    return config
+
+
+def _moved(a, b) -> bool:
+    return any(bool(np.any(np.asarray(x) != np.asarray(y))) for x, y in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("algorithm,reward", [("ddpo", "jpeg_compressibility"),
+                                              ("draft", "clip_alignment")])
+def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
+    config = _config(algorithm, reward)
+    loop = Loop(config, tmp_path)
+    start = loop.trainer.pretrained_policy_params()
+    rows = loop.run()
+    assert [row["step"] for row in rows] == [0, 1]
+    last = rows[-1]
+    for key in ("reward_mean", "policy_loss", "policy_grad_norm", "eval_reward_mean",
+                "eval_eps_distance", "wall_s"):
+        assert np.isfinite(last[key]), key
+    assert last["reward_queries"] == config.sample.batch_size  # no value pre-training
+    assert int(loop.final_state.policy_updates) >= 1
+    assert _moved(loop.final_state.policy_params, start)
+    assert last["eval_eps_distance"] > 0.0
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    if algorithm == "ddpo":
+        assert "clipfrac" in last and "approx_kl" in last
+    else:
+        assert last["grad_depth"] == config.draft.grad_depth
+
+
+def test_baseline_config_errors(tmp_path):
+    config = shapes.get_config("tiny")
+    config.algorithm = "ddpo"
+    config.sample.eta = 0.0
+    with pytest.raises(ConfigError, match="ddpo needs eta > 0"):
+        validate(config)
+    config = _config("draft", "jpeg_compressibility")
+    with pytest.raises(ValueError) as error:
+        Loop(config, tmp_path)
+    assert "\n" not in str(error.value) and "differentiable" in str(error.value)
+
+
+@pytest.mark.slow
+def test_compare_smoke(tmp_path):
+    """experiments/compare.py end to end in its smoke form (three short runs)."""
+    from experiments import compare
+
+    results = compare.main([f"--out={tmp_path}", "--smoke"])
+    runs = results["runs"]
+    assert {r["method"] for r in runs} == {"vard", "ddpo", "draft"}
+    assert all(r["returncode"] == 0 for r in runs), [r.get("error") for r in runs]
+    summary = results["summary"]["clip_alignment"]
+    assert set(summary["methods"]) == {"vard", "ddpo", "draft"}
+    assert len(summary["vard_queries_to_ddpo_final_over_ddpo_queries"]) == 1
+    assert (tmp_path / "results.json").is_file()
+    assert (tmp_path / "clip_alignment_vs_queries.png").is_file()

@@ -1,0 +1,184 @@
+"""The DDPO and DRaFT/AlignProp update steps, built from a ``Trainer``'s parts.
+
+They share everything with VARD's steps: the policy parametrisation (full or LoRA), the
+sampler and rollout scan, the policy optimiser, the mesh shardings, state donation and the
+skipping of non-finite updates. Only the loss differs (``vard_jax.algorithms.ddpo`` and
+``vard_jax.algorithms.draft``); the epoch loop calls them through ``vard_jax.training.stages``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vard_jax.algorithms import ddpo, draft
+from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.training import faults
+from vard_jax.training.state import TrainState
+
+
+def apply_policy_gradient(optimizer: optax.GradientTransformation, state: TrainState, grads: Any,
+                          loss: jax.Array, metrics: dict, reward_queries: int = 0):
+    """One optimiser step of the policy (skipped when loss or gradient is not finite)."""
+    updates, opt_state = optimizer.update(grads, state.policy_opt_state, state.policy_params)
+    new_state = state.replace(
+        policy_params=optax.apply_updates(state.policy_params, updates),
+        policy_opt_state=opt_state, policy_updates=state.policy_updates + 1,
+        reward_queries=state.reward_queries + reward_queries)
+    grad_norm = optax.global_norm(grads)
+    state, skipped = faults.keep_finite(state, new_state, "policy", loss, grad_norm)
+    return state, {**metrics, "policy_loss": loss, "policy_grad_norm": grad_norm, **skipped}
+
+
+class Transitions(NamedTuple):
+    """A sampled batch with what DDPO stores of it."""
+
+    images: jax.Array  # [B, H, W, 3]
+    x_t: jax.Array  # [B, T, ...] state entering each step
+    x_prev: jax.Array  # [B, T, ...] state after each step
+    log_prob: jax.Array  # [B, T] log p_old(x_prev | x_t), summed over dimensions
+    context: jax.Array  # [B, L, D]
+
+
+class DDPOSteps:
+    """``sample(policy_params, ids, key) -> Transitions`` and the PPO ``update``."""
+
+    def __init__(self, trainer):
+        config = trainer.config
+        self.trainer = trainer
+        self.config = ddpo.DDPOConfig(
+            clip_range=config.ddpo.clip_range, eta=config.sample.eta,
+            guidance_scale=config.sample.guidance_scale,
+            adv_clip=config.ddpo.adv_clip or None, reduce=config.ddpo.reduce)
+        self.steps = ddpo.stochastic_steps(trainer.schedule, config.sample.eta)
+        pipeline, policy, schedule = trainer.pipeline, trainer.policy, trainer.schedule
+        null_ids, num_steps = trainer.null_ids, trainer.num_steps
+        loss_config = self.config
+        optimizer = trainer.policy_optimizer
+
+        def sample(policy_params, frozen, reference_params, ids, key):
+            context = pipeline.encode_ids(frozen["text_encoder"], ids)
+            null_context = pipeline.encode_ids(frozen["text_encoder"], null_ids)
+            x_T, noise = rollout_lib.sample_noise(key, ids.shape[0], num_steps,
+                                                  pipeline.sample_shape)
+            trajectory, _ = rollout_lib.rollout(
+                policy.eps_fn, policy.unet(policy_params, reference_params), schedule, x_T,
+                noise, context, null_context, eta=loss_config.eta,
+                guidance_scale=loss_config.guidance_scale)
+            return Transitions(images=pipeline.decode(frozen, trajectory.x0),
+                               x_t=trajectory.x_t, x_prev=trajectory.x_prev,
+                               log_prob=trajectory.log_prob, context=context)
+
+        def update(state: TrainState, frozen, reference_params, batch: ddpo.DDPOBatch):
+            def loss_fn(params):
+                return ddpo.ddpo_loss(policy.eps_fn, policy.unet(params, reference_params),
+                                      schedule, batch, loss_config)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.policy_params)
+            return apply_policy_gradient(optimizer, state, grads, loss, metrics)
+
+        shardings = trainer.step_shardings()
+        batch, replicated = shardings.batch, shardings.replicated
+        self._sample = jax.jit(sample, in_shardings=(
+            shardings.state.policy_params, shardings.frozen, shardings.reference, batch,
+            replicated), out_shardings=Transitions(batch, batch, batch, batch, batch))
+        batch_sharding = ddpo.DDPOBatch(batch, batch, batch, batch, batch, batch, replicated)
+        self._update = jax.jit(update, in_shardings=(
+            shardings.state, shardings.frozen, shardings.reference, batch_sharding),
+            out_shardings=(shardings.state, replicated), donate_argnums=0)
+
+    def sample(self, policy_params: Any, prompts: list[str], key: jax.Array) -> Transitions:
+        trainer = self.trainer
+        ids = trainer.put_batch(jnp.asarray(trainer.pipeline.tokenize(prompts)))
+        return self._sample(policy_params, trainer.frozen, trainer.reference_params, ids, key)
+
+    def transitions(self, samples: list[Transitions], rewards: np.ndarray,
+                    prompts: list[str]) -> ddpo.DDPOBatch:
+        """Every stochastic step of every chain, with per-prompt standardised advantages."""
+        advantages = ddpo.per_prompt_advantages(rewards, prompts)
+        trajectory = rollout_lib.Trajectory(
+            x_t=jnp.concatenate([s.x_t for s in samples]),
+            x_prev=jnp.concatenate([s.x_prev for s in samples]),
+            timesteps=None, noise=None,
+            log_prob=jnp.concatenate([s.log_prob for s in samples]), x0=None)
+        null_context = self.trainer.pipeline.encode_ids(self.trainer.frozen["text_encoder"],
+                                                        self.trainer.null_ids)
+        batch = ddpo.transitions_from_trajectory(
+            trajectory, jnp.asarray(advantages), jnp.concatenate([s.context for s in samples]),
+            null_context, steps=self.steps, reduce=self.config.reduce)
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(batch))  # minibatches on host
+
+    def update(self, state: TrainState, batch: ddpo.DDPOBatch):
+        trainer = self.trainer
+        placed = batch._replace(**{name: trainer.put_batch(getattr(batch, name))
+                                   for name in batch._fields[:-1]})
+        return self._update(state, trainer.frozen, trainer.reference_params, placed)
+
+
+class DraftSteps:
+    """``update(state, prompts, key)``: one DRaFT-K / AlignProp / DRaFT+ step on fresh samples."""
+
+    def __init__(self, trainer):
+        config = trainer.config
+        draft.check_reward(trainer.reward)
+        if not trainer.reward.jittable:
+            raise ValueError(f"draft needs a reward that runs inside jit; "
+                             f"{trainer.reward.name!r} does not")
+        self.trainer = trainer
+        num_steps = trainer.num_steps
+        self.random_depth = bool(config.draft.random_depth)
+        self.config = draft.DraftConfig(
+            grad_depth=min(config.draft.grad_depth, num_steps), beta=config.draft.beta,
+            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+            remat=config.policy.remat)
+        pipeline, policy, schedule, reward = (trainer.pipeline, trainer.policy, trainer.schedule,
+                                              trainer.reward)
+        null_ids = trainer.null_ids
+        loss_config, random_depth = self.config, self.random_depth
+        optimizer = trainer.policy_optimizer
+
+        def update(state: TrainState, frozen, reference_params, batch: dict, key):
+            key_noise, key_depth = jax.random.split(key)
+            context = pipeline.encode_ids(frozen["text_encoder"], batch["ids"])
+            null_context = pipeline.encode_ids(frozen["text_encoder"], null_ids)
+            x_T, noise = rollout_lib.sample_noise(key_noise, batch["ids"].shape[0], num_steps,
+                                                  pipeline.sample_shape)
+            inputs = draft.DraftInputs(context=context, null_context=null_context, x_T=x_T,
+                                       noise=noise)
+
+            def reward_fn(x0):
+                return reward.score(pipeline.decode(frozen, x0), batch["reward_input"])
+
+            def loss_fn(params):
+                unet = policy.unet(params, reference_params)
+                reference = policy.reference_unet(reference_params)
+                if random_depth:  # AlignProp: K ~ uniform on {1, ..., draft.grad_depth}
+                    depth = draft.sample_depth(key_depth, num_steps, 1, loss_config.grad_depth)
+                    return draft.draft_loss_random_depth(policy.eps_fn, unet, reference, schedule,
+                                                         inputs, reward_fn, loss_config, depth)
+                return draft.draft_loss(policy.eps_fn, unet, reference, schedule, inputs,
+                                        reward_fn, loss_config)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.policy_params)
+            return apply_policy_gradient(optimizer, state, grads, loss, metrics,
+                                         reward_queries=batch["ids"].shape[0])
+
+        shardings = trainer.step_shardings()
+        batch_sharding = {"ids": shardings.batch, "reward_input": shardings.batch}
+        self._update = jax.jit(update, in_shardings=(
+            shardings.state, shardings.frozen, shardings.reference, batch_sharding,
+            shardings.replicated), out_shardings=(shardings.state, shardings.replicated),
+            donate_argnums=0)
+
+    def update(self, state: TrainState, prompts: list[str], key: jax.Array):
+        trainer = self.trainer
+        batch = {"ids": jnp.asarray(trainer.pipeline.tokenize(prompts)),
+                 "reward_input": jnp.asarray(trainer.reward.prepare(prompts))}
+        return self._update(state, trainer.frozen, trainer.reference_params,
+                            trainer.put_batch(batch), key)

@@ -1,0 +1,130 @@
+"""What one epoch does, per algorithm (``config.algorithm``); the loop around it is shared.
+
+* ``vard``: roll out the policy -> rewards (host) -> value update(s) on the fresh states ->
+  dense policy update(s) through the value. Value pre-training epochs come first.
+* ``ddpo``: roll out the policy storing transitions and log-probs -> rewards (host) ->
+  per-prompt advantages -> PPO-clip epochs over minibatches of transitions.
+* ``draft``: per batch, one update that samples with gradients and backpropagates the
+  (differentiable, in-graph) reward through the last K steps (AlignProp: random K).
+
+Each stage returns the epoch's metrics, with ``reward_mean``/``reward_std`` of the samples
+it trained on and ``images`` (samples drawn, for the throughput figure). The state's
+``reward_queries`` counts every reward evaluated for training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from vard_jax import prompts as prompts_lib
+from vard_jax.training import faults
+from vard_jax.training.state import TrainState
+
+
+class VardStage:
+    def __init__(self, loop):
+        self.loop = loop
+
+    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
+        """``value.pretrain_epochs`` value-only epochs on the pretrained policy's samples."""
+        loop, pre = self.loop, {}
+        for p in range(loop.config.value.pretrain_epochs):
+            state, key = loop._split_key(state)
+            rollouts, rewards, prompts = loop.collect(state, (1, p), key)
+            state, pre = loop.value_stage(state, rollouts, rewards, prompts, (1, p))
+            faults.check_streak(state, loop.config.train.max_nonfinite_in_a_row, 0, pre,
+                                loop.last_checkpoint)
+        return state, pre
+
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        loop, limit = self.loop, self.loop.config.train.max_nonfinite_in_a_row
+        key_sample, key_policy = jax.random.split(key)
+        rollouts, rewards, prompts = loop.collect(state, (0, epoch), key_sample, step=epoch + 1)
+        state, value_metrics = loop.value_stage(state, rollouts, rewards, prompts, (0, epoch))
+        faults.check_streak(state, limit, epoch + 1, value_metrics, loop.last_checkpoint)
+        state, policy_metrics = loop.policy_stage(state, prompts, key_policy)
+        faults.check_streak(state, limit, epoch + 1, policy_metrics, loop.last_checkpoint)
+        images = rewards.size * (1 + loop.config.policy.updates_per_epoch)
+        return state, {"reward_mean": float(np.mean(rewards)),
+                       "reward_std": float(np.std(rewards)), **value_metrics, **policy_metrics,
+                       "images": images}
+
+
+class DDPOStage:
+    def __init__(self, loop):
+        from vard_jax.training.baselines import DDPOSteps
+
+        self.loop = loop
+        self.steps = DDPOSteps(loop.trainer)
+
+    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
+        return state, {}
+
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        loop, config = self.loop, self.loop.config
+        samples, rewards, prompts = [], [], []
+        for b in range(config.sample.batches_per_epoch):
+            batch_prompts = prompts_lib.draw(loop.train_prompts, config.sample.batch_size,
+                                             config.train.seed, 0, epoch, b)
+            sampled = self.steps.sample(state.policy_params, batch_prompts,
+                                        jax.random.fold_in(key, b))
+            images = np.asarray(jax.device_get(sampled.images))
+            faults.check_images(images, epoch + 1, loop.last_checkpoint)
+            values, _ = loop.trainer.reward_evaluator(images, batch_prompts)
+            samples.append(sampled)
+            rewards.append(values)
+            prompts.extend(batch_prompts)
+        rewards = np.concatenate(rewards)
+        state = state.replace(reward_queries=state.reward_queries + rewards.size)
+        transitions = self.steps.transitions(samples, rewards, prompts)
+        size = min(config.ddpo.minibatch_size, transitions.size)
+        size -= size % loop.trainer.mesh.shape["data"] or 0
+        rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
+        metrics = []
+        for _ in range(config.ddpo.inner_epochs):
+            order = rng.permutation(transitions.size)
+            for start in range(0, transitions.size - size + 1, size):
+                state, m = self.steps.update(state, transitions.take(order[start:start + size]))
+                metrics.append(m)
+        summary = faults.aggregate(metrics)
+        faults.check_streak(state, config.train.max_nonfinite_in_a_row, epoch + 1, summary,
+                            loop.last_checkpoint)
+        return state, {"reward_mean": float(np.mean(rewards)),
+                       "reward_std": float(np.std(rewards)), **summary,
+                       "images": int(rewards.size)}
+
+
+class DraftStage:
+    def __init__(self, loop):
+        from vard_jax.training.baselines import DraftSteps
+
+        self.loop = loop
+        self.steps = DraftSteps(loop.trainer)
+
+    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
+        return state, {}
+
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        loop, config = self.loop, self.loop.config
+        metrics = []
+        for b in range(config.sample.batches_per_epoch):
+            batch_prompts = prompts_lib.draw(loop.train_prompts, config.sample.batch_size,
+                                             config.train.seed, 0, epoch, b)
+            state, m = self.steps.update(state, batch_prompts, jax.random.fold_in(key, b))
+            metrics.append(m)
+        summary = faults.aggregate(metrics)
+        faults.check_streak(state, config.train.max_nonfinite_in_a_row, epoch + 1, summary,
+                            loop.last_checkpoint)
+        summary["images"] = config.sample.batches_per_epoch * config.sample.batch_size
+        return state, summary
+
+
+STAGES: dict[str, Any] = {"vard": VardStage, "ddpo": DDPOStage, "draft": DraftStage}
+
+
+def make(loop) -> Any:
+    """The stage of ``loop.config.algorithm``."""
+    return STAGES[loop.config.algorithm](loop)
