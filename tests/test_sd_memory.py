@@ -1,0 +1,35 @@
+"""experiments/sd_memory.py in its smoke mode (a two-block tiny UNet, T = 2), in-process.
+
+Compiling a policy step takes most of a minute on a small CPU even for the tiny UNet, so the
+policy steps are only traced and lowered here (the exact step functions, abstract inputs),
+and the value step is compiled for the XLA memory figures.
+"""
+
+import json
+
+from experiments import sd_memory
+
+
+def test_smoke_policy_sizes_and_value_memory(tmp_path):
+    out = tmp_path / "policy.json"
+    report = sd_memory.main(["--smoke", "--lower_only", f"--out={out}",
+                             "--configs=policy-lora-full-K1-T2,policy-full-full-K1-T2"])
+    assert json.loads(out.read_text()) == report
+    rows = {row["name"]: row for row in report["results"]}
+    lora, full = rows["policy-lora-full-K1-T2"], rows["policy-full-full-K1-T2"]
+    # Full fine-tuning trains every UNet parameter (a float32 copy of the bf16 reference);
+    # LoRA rank 8 on the attention projections trains a small fraction of them.
+    assert full["trainable_params"] == full["reference_params"]
+    assert full["trainable_bytes"] == 2 * full["reference_bytes"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
+    # Adam keeps two float32 moments per trainable parameter.
+    assert lora["opt_state_bytes"] >= 2 * lora["trainable_bytes"]
+    assert lora["opt_state_bytes"] < full["opt_state_bytes"] / 10
+
+    value = sd_memory.main(["--smoke", "--fast_compile", "--configs=value-b8"])["results"][0]
+    memory = value["memory"]
+    assert memory["temp_size_in_bytes"] > 0
+    # The arguments hold at least the whole train state (donated, hence aliased).
+    assert memory["argument_size_in_bytes"] >= value["state_bytes"]
+    assert value["peak_bytes"] > memory["argument_size_in_bytes"]
+    assert value["flops"] > 0
