@@ -14,6 +14,7 @@ code does not depend on the UNet's size.
 
 from __future__ import annotations
 
+import gc
 import json
 import pathlib
 import resource
@@ -73,6 +74,22 @@ def _max_abs_diff(a, b) -> float:
                for x, y in leaves)
 
 
+def _norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                             for x in jax.tree_util.tree_leaves(tree))))
+
+
+def _relative_update_diff(after, base_after, base_before) -> float:
+    """|after - base_after| / |base_after - base_before| (L2 over all leaves): how far a run's
+    update is from the one-device update, relative to that update. Adam turns gradients that
+    are zero up to rounding into steps of any size, so a maximum over elements is not robust."""
+    difference = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - b, after,
+                                        base_after)
+    update = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - b, base_after,
+                                    base_before)
+    return _norm(difference) / _norm(update)
+
+
 def one_epoch(data: int, fsdp: int, devices) -> dict:
     """Sampling, host reward, value stage and policy stage of one epoch on the given mesh."""
     from vard_jax.parallel import mesh as mesh_lib
@@ -80,7 +97,6 @@ def one_epoch(data: int, fsdp: int, devices) -> dict:
     from vard_jax.training.trainer import Trainer
 
     config = tiny_config(data, fsdp)
-    config.sample.num_steps = config.policy.grad_depth = 1  # the shortest policy step compiles
     trainer = Trainer(config, devices=devices)
     loop = Loop(config, tempfile.mkdtemp(), trainer=trainer)
     state = trainer.init_state()
@@ -129,6 +145,7 @@ def run_meshes(out: pathlib.Path) -> None:
     base = one_epoch(1, 1, devices[:1])
     report["one_device_s"] = time.time() - began
     for data, fsdp in ((8, 1), (2, 4)):
+        gc.collect()  # the previous mesh's trainer and its executables
         began = time.time()
         run = one_epoch(data, fsdp, devices)
         item = {key: run[key] for key in ("mesh", "rewards_spec", "reward_shards_match",
@@ -144,6 +161,12 @@ def run_meshes(out: pathlib.Path) -> None:
                                                                base[stage].value_params)
         item["value_update_size"] = _max_abs_diff(base["after_value"].value_params,
                                                   base["initial"].value_params)
+        item["value_update_relative_diff"] = _relative_update_diff(
+            run["after_value"].value_params, base["after_value"].value_params,
+            base["initial"].value_params)
+        item["policy_update_relative_diff"] = _relative_update_diff(
+            run["final"].policy_params, base["final"].policy_params,
+            base["initial"].policy_params)
         item["policy_params_diff"] = _max_abs_diff(run["final"].policy_params,
                                                    base["final"].policy_params)
         item["policy_update_size"] = _max_abs_diff(base["final"].policy_params,

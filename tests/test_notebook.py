@@ -2,7 +2,6 @@
 on this interpreter; the parameters are overridden by a cell inserted after the tagged one)."""
 
 import json
-import os
 import pathlib
 
 import nbformat
@@ -31,11 +30,8 @@ def executed(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("colab")
     notebook = _with_parameters(nbformat.read(NOTEBOOK, as_version=4), TINY=True,
                                 WORKDIR=str(workdir))
-    # XLA's backend optimisation off: the programs are tiny and it costs ~40% of compile time.
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"))
     NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(env=env)
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     return notebook, workdir
 
 

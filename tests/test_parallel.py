@@ -25,13 +25,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "parallel_worker.py"
 
 
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                   "JAX_LOCAL_DEVICE_IDS")
+
+
 def _env(device_count: int) -> dict:
-    """CPU with ``device_count`` devices; XLA's backend optimisation off (the programs are tiny
-    and it costs some 40% of their compile time)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    """CPU with ``device_count`` devices; the rest of this process's environment (the test
+    session's compilation cache included) less any multi-process settings."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count} "
-                         "--xla_backend_optimization_level=0")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
     return env
 
 
@@ -183,8 +186,12 @@ def meshes(workers):
 
 
 MESHES = ("8x1", "2x4")
+# Three subprocesses that compile the update steps for their meshes: about 4 minutes on 2 cores
+# (the two-process run on one core beside the 8-device one); run them with pytest -m slow.
+SUBPROCESSES = pytest.mark.slow
 
 
+@SUBPROCESSES
 @pytest.mark.parametrize("name", MESHES)
 def test_sharded_epoch_matches_one_device(meshes, name):
     run = meshes["meshes"][name]
@@ -192,14 +199,15 @@ def test_sharded_epoch_matches_one_device(meshes, name):
     assert run["images_diff"] < 1e-4  # the sampling scan, sharded over data (and fsdp)
     assert run["rewards_diff"] < 1e-3  # the host reward saw the same images, in batch order
     assert run["reward_mean_diff"] < 1e-4
-    assert run["value_update_size"] > 1e-4  # the value step moved the parameters ...
-    assert run["after_value_value_params_diff"] < 2e-2 * run["value_update_size"]  # ... alike
-    assert run["policy_update_size"] > 1e-5
-    assert run["policy_params_diff"] < 5e-2 * run["policy_update_size"]
+    # The updates moved the parameters, and the same way as on one device (L2 over all leaves).
+    assert run["value_update_size"] > 1e-4 and run["policy_update_size"] > 1e-5
+    assert run["value_update_relative_diff"] < 1e-3
+    assert run["policy_update_relative_diff"] < 1e-3
     assert run["policy_loss_diff"] < 1e-5
     assert run["policy_grad_norm_relative_diff"] < 1e-4
 
 
+@SUBPROCESSES
 def test_parameters_and_optimiser_state_are_sharded_along_fsdp(meshes):
     data_only, fsdp = meshes["meshes"]["8x1"], meshes["meshes"]["2x4"]
     assert data_only["mesh"] == {"data": 8, "fsdp": 1} and fsdp["mesh"] == {"data": 2, "fsdp": 4}
@@ -217,6 +225,7 @@ def test_parameters_and_optimiser_state_are_sharded_along_fsdp(meshes):
         assert run["rollout_spec"] == "P('data',)"
 
 
+@SUBPROCESSES
 def test_host_reward_sees_gathered_images_and_scores_return_batch_sharded(meshes):
     for name in MESHES:
         run = meshes["meshes"][name]
@@ -224,6 +233,7 @@ def test_host_reward_sees_gathered_images_and_scores_return_batch_sharded(meshes
         assert run["reward_shards_match"]  # device i holds the scores of the images it sampled
 
 
+@SUBPROCESSES
 def test_trainer_and_validation_refuse_impossible_meshes_on_8_devices(meshes):
     errors = meshes["errors"]
     assert errors["mesh_too_large"].startswith(
@@ -232,6 +242,7 @@ def test_trainer_and_validation_refuse_impossible_meshes_on_8_devices(meshes):
         "config.sample.batch_size = 12: must be divisible by the 8 devices")
 
 
+@SUBPROCESSES
 def test_two_processes_train_checkpoint_and_restore(workers):
     first, second = workers.reports("process_0", "process_1")
     for index, report in enumerate((first, second)):
