@@ -61,17 +61,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
+
 SECTIONS = ("sample", "policy", "value", "memory", "unet", "epoch")
 MIB = 2.0**20
 
-#: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+#: Stable Diffusion 1.5's UNet architecture (its ``unet/config.json``).
+SD15_UNET = SD15_UNET_CONFIG
 #: SD 1.5's text encoder (CLIP ViT-L/14's text tower), here with random weights.
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77)

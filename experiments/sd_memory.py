@@ -76,19 +76,14 @@ from vard_jax.diffusion import rollout as rollout_lib
 from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
 from vard_jax.models.pipeline import Pipeline
+from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
 from vard_jax.training import faults
 from vard_jax.training.state import RewardStats, TrainState, make_optimizer
 
 GIB = 2.0**30
 
-#: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+#: Stable Diffusion 1.5's UNet architecture (its ``unet/config.json``).
+SD15_UNET = SD15_UNET_CONFIG
 #: Stable Diffusion 1.5's ``scheduler/scheduler_config.json``.
 SD15_SCHEDULE = NoiseScheduleConfig(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", steps_offset=1,

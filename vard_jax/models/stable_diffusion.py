@@ -41,6 +41,16 @@ from vard_jax import upstream
 from vard_jax.diffusion.schedule import NoiseScheduleConfig
 from vard_jax.models.pipeline import Pipeline
 
+#: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes):
+#: for shape-only analyses (benchmarks, memory) without its weights.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
 #: The model used when ``pretrained.path`` is empty (the DDPO/VARD base model).
 DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
 
