@@ -78,7 +78,7 @@ from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, valu
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
 from vard_jax.training import faults
-from vard_jax.training.state import RewardStats, TrainState, make_optimizer
+from vard_jax.training.state import TrainState, make_optimizer
 
 GIB = 2.0**30
 
@@ -222,20 +222,7 @@ class Model:
             value_params = self.value_model.init(value_key)
             policy_key = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), 2)
             policy_params = policy.init(reference, policy_key)
-            return TrainState(
-                epoch=jnp.zeros((), jnp.int32),
-                policy_params=policy_params,
-                policy_opt_state=policy_opt.init(policy_params),
-                value_params=value_params,
-                value_opt_state=value_opt.init(value_params),
-                reward_stats=RewardStats.create(),
-                key=key,
-                reward_queries=jnp.zeros((), jnp.int32),
-                policy_updates=jnp.zeros((), jnp.int32),
-                value_updates=jnp.zeros((), jnp.int32),
-                nonfinite_skips=jnp.zeros((), jnp.int32),
-                nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32),
-            )
+            return TrainState.create(policy_params, policy_opt, value_params, value_opt, key)
 
         return jax.eval_shape(initial, self.reference)
 

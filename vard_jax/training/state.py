@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vard_jax.training import faults
+
 
 @flax.struct.dataclass
 class RewardStats:
@@ -54,6 +56,21 @@ class TrainState:
     value_updates: jax.Array  # [] int32
     nonfinite_skips: jax.Array  # [] int32: updates skipped for a non-finite loss or gradient
     nonfinite_streak: jax.Array  # [2] int32: (value, policy) updates skipped in a row
+
+    @classmethod
+    def create(cls, policy_params: Any, policy_optimizer: optax.GradientTransformation,
+               value_params: Any, value_optimizer: optax.GradientTransformation,
+               key: jax.Array) -> "TrainState":
+        """The state before any update: fresh optimiser states, zero counters."""
+        def zero():  # a buffer per counter: the update steps donate the state
+            return jnp.zeros((), jnp.int32)
+
+        return cls(epoch=zero(), policy_params=policy_params,
+                   policy_opt_state=policy_optimizer.init(policy_params),
+                   value_params=value_params, value_opt_state=value_optimizer.init(value_params),
+                   reward_stats=RewardStats.create(), key=key, reward_queries=zero(),
+                   policy_updates=zero(), value_updates=zero(), nonfinite_skips=zero(),
+                   nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32))
 
 
 def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> optax.Schedule:

@@ -157,20 +157,8 @@ class Trainer:
         key, value_key = jax.random.split(key)
         value_params = self.value_model.init(value_key)
         policy_params = self.initial_policy_params()
-        return TrainState(
-            epoch=jnp.zeros((), jnp.int32),
-            policy_params=policy_params,
-            policy_opt_state=self.policy_optimizer.init(policy_params),
-            value_params=value_params,
-            value_opt_state=self.value_optimizer.init(value_params),
-            reward_stats=RewardStats.create(),
-            key=key,
-            reward_queries=jnp.zeros((), jnp.int32),
-            policy_updates=jnp.zeros((), jnp.int32),
-            value_updates=jnp.zeros((), jnp.int32),
-            nonfinite_skips=jnp.zeros((), jnp.int32),
-            nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32),
-        )
+        return TrainState.create(policy_params, self.policy_optimizer, value_params,
+                                 self.value_optimizer, key)
 
     def init_state(self) -> TrainState:
         """The placed initial state; the policy starts equal to the reference."""
