@@ -31,6 +31,7 @@ def sd_base(arg: str = ""):
     config.pretrained.path = SD15
     config.pretrained.dtype = "bfloat16"
     config.pretrained.param_dtype = "bfloat16"
+    config.pretrained.memory_efficient_attention = True
     config.sample.num_steps = 50
     config.sample.eta = 1.0
     config.sample.guidance_scale = 5.0

@@ -176,6 +176,23 @@ def test_family_loader(flax_checkpoint):
         loader.load(config)
 
 
+def test_memory_efficient_attention_option_gives_the_same_noise_prediction(flax_checkpoint):
+    config = base.get_config()
+    config.pretrained.family = "stable_diffusion"
+    config.pretrained.path = str(flax_checkpoint)
+    plain = loader.load(config)
+    config.pretrained.memory_efficient_attention = True
+    chunked = loader.load(config)
+    assert chunked.pipeline.unet.use_memory_efficient_attention
+    assert not plain.pipeline.unet.use_memory_efficient_attention
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, LATENT_SIZE, LATENT_SIZE))
+    context = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
+    timesteps = jnp.array([10, 900])
+    np.testing.assert_allclose(
+        chunked.pipeline.eps_fn(chunked.params["unet"], x, timesteps, context),
+        plain.pipeline.eps_fn(plain.params["unet"], x, timesteps, context), atol=1e-4)
+
+
 def test_unknown_hub_id_is_one_clear_line(monkeypatch):
     from huggingface_hub import constants
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -63,11 +64,16 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def load(config) -> LoadedModel:
-    """The family's model; its frozen weights stored as ``pretrained.param_dtype``."""
+    """The family's model; its frozen weights stored as ``pretrained.param_dtype``, its UNet
+    with chunked attention when ``pretrained.memory_efficient_attention``."""
     family = config.pretrained.family
     if family not in _LOADERS:
         raise ValueError(f"pretrained.family {family!r} is unknown; known: {', '.join(sorted(_LOADERS))}")
     loaded = _LOADERS[family](config)
+    if config.pretrained.memory_efficient_attention:
+        # diffusers' chunked attention: the same function without [L, L] score matrices.
+        unet = loaded.pipeline.unet.clone(use_memory_efficient_attention=True)
+        loaded = loaded._replace(pipeline=dataclasses.replace(loaded.pipeline, unet=unet))
     if jnp.dtype(config.pretrained.param_dtype) == jnp.float32:
         return loaded
     return loaded._replace(params=cast_floats(loaded.params, config.pretrained.param_dtype))
