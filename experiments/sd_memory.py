@@ -3,7 +3,7 @@ without weights and without running anything.
 
     PYTHONPATH=. .venv/bin/python experiments/sd_memory.py [--configs=NAME,GLOB,...|all]
         [--batch=1] [--value_batch=64] [--out=FILE] [--smoke] [--list]
-        [--fast_compile] [--lower_only] [--memory_efficient_attention]
+        [--fast_compile] [--lower_only] [--attention=config|chunked|full]
 
 Every piece is abstract: the UNet's parameters are ``jax.eval_shape(unet.init_weights, key)``
 (diffusers' ``FlaxUNet2DConditionModel`` with SD 1.5's config, imported through
@@ -40,12 +40,12 @@ loop, as on GPU/TPU); ``rollout.resolve_unroll(0)`` would unroll it fully on the
 
 Configuration names: ``policy-{lora|full}-{none|full|dots}-K{1|T}-T{steps}``, ``value-b{N}``,
 ``sample-{lora|full}-T{steps}``; ``--list`` prints the known ones, ``--configs`` takes names
-and globs. Two what-ifs that are *not* the Trainer's computation: ``K1s`` (K = 1 with the
-state cut before the UNet calls instead of by the rollout's traced ``where``; see ``build``)
-and ``--memory_efficient_attention`` (diffusers' chunked attention, which the project's
-loader leaves off). ``--smoke`` uses a two-block tiny UNet with T = 2 (and implies
-``--fast_compile``, which skips LLVM's optimisations: identical memory figures, shorter
-compiles; still about a minute per policy step on a loaded 2-core CPU); ``--lower_only``
+and globs. ``--attention`` picks the UNet's attention: ``config`` (default) follows
+``pretrained.memory_efficient_attention`` of configs/pickscore.py (on: diffusers' chunked
+attention), ``full`` materialises the [L, L] scores (the what-if without the option).
+``--smoke`` uses a two-block tiny UNet with T = 2 (and implies ``--fast_compile``, which skips
+LLVM's optimisations: identical memory figures, shorter compiles; still about a minute per
+policy step on a loaded 2-core CPU); ``--lower_only``
 traces and lowers, reporting parameter and state sizes only.
 Prints one JSON object (and writes it to ``--out`` after every configuration); progress lines
 go to stderr.
@@ -127,7 +127,7 @@ class Variant:
     step: str  # policy | value | sample
     policy: str = "lora"  # lora | full
     remat: str = "full"
-    depth: str = "1"  # "1", "T", or "1s" (K = 1 with the cut made static; not the Trainer's)
+    depth: str = "1"  # "1" or "T"
     steps: int = 10
     batch: int = 0  # value batch (policy/sample use --batch)
 
@@ -139,7 +139,7 @@ class Variant:
                 _, policy, remat, depth, steps = parts
                 if policy not in ("lora", "full") or remat not in rollout_lib.REMAT_POLICIES:
                     raise ValueError
-                if depth not in ("K1", "KT", "K1s"):
+                if depth not in ("K1", "KT"):
                     raise ValueError
                 return cls("policy", policy, remat, depth[1:], int(steps.removeprefix("T")))
             if parts[0] == "value" and len(parts) == 2:
@@ -149,7 +149,7 @@ class Variant:
         except ValueError:
             pass
         raise ValueError(f"configuration {name!r}: use policy-{{lora|full}}-{{none|full|dots}}-"
-                         f"{{K1|KT|K1s}}-T<steps>, value-b<batch> or sample-{{lora|full}}-T<steps>")
+                         f"{{K1|KT}}-T<steps>, value-b<batch> or sample-{{lora|full}}-T<steps>")
 
 
 def all_configs(smoke: bool) -> list[str]:
@@ -158,7 +158,6 @@ def all_configs(smoke: bool) -> list[str]:
         return list(SMOKE_CONFIGS)
     names = [f"policy-{p}-{r}-{k}-T{t}" for p in ("lora", "full") for r in ("full", "none")
              for k in ("K1", "KT") for t in (10, 20, 50)]
-    names += [f"policy-{p}-full-K1s-T{t}" for p in ("lora", "full") for t in (10, 50)]
     return names + ["value-b64", "sample-lora-T50", "sample-full-T50"]
 
 
@@ -170,18 +169,21 @@ def tree_bytes(tree: Any) -> int:
 class Model:
     """The abstract SD-size pieces shared by every configuration."""
 
-    def __init__(self, smoke: bool, memory_efficient_attention: bool = False):
+    def __init__(self, smoke: bool, attention: str = "config"):
         self.smoke = smoke
         self.config = pickscore.sd_base()  # bf16 compute/storage, LoRA 8, remat full, K = 1
         self.compute_dtype = jnp.dtype(self.config.pretrained.dtype)
         self.param_dtype = jnp.dtype(self.config.pretrained.param_dtype)
         unet_config = SMOKE_UNET if smoke else SD15_UNET
         self.text_length = SMOKE_TEXT_LENGTH if smoke else SD15_TEXT_LENGTH
-        # The project's loader builds the UNet from the checkpoint's config, which leaves
-        # diffusers' chunked attention off; --memory_efficient_attention is a what-if.
+        # loader.load switches the UNet to chunked attention when the config asks for it.
+        if attention == "config":
+            self.chunked_attention = bool(self.config.pretrained.memory_efficient_attention)
+        else:
+            self.chunked_attention = attention == "chunked"
         unet = upstream.diffusers().FlaxUNet2DConditionModel(
             **unet_config, dtype=self.compute_dtype,
-            use_memory_efficient_attention=memory_efficient_attention)
+            use_memory_efficient_attention=self.chunked_attention)
         size = unet_config["sample_size"]
         self.pipeline = Pipeline(unet=unet, text_encoder=None, tokenizer=None,
                                  schedule=SD15_SCHEDULE,
@@ -302,21 +304,11 @@ def build(model: Model, variant: Variant, batch: int):
                 facts)
 
     grad_depth = num_steps if variant.depth == "T" else 1
-    eps_fn = policy.eps_fn
-    if variant.depth == "1s":
-        # What-if, not the Trainer's computation: with K = 1 every state entering a step is
-        # cut, but the rollout cuts with ``where(cuts[i], stop_gradient(x), x)`` on a traced
-        # index, so in a loop the backward pass still differentiates both UNet calls with
-        # respect to x (and keeps their activations) before the cut zeroes the result. Cutting
-        # x before the UNet calls gives the same parameter gradient without that work.
-        def eps_fn(unet_params, x, timesteps, context):
-            return policy.eps_fn(unet_params, jax.lax.stop_gradient(x), timesteps, context)
     loss_config = vard.PolicyLossConfig(
         beta=config.policy.beta, grad_depth=grad_depth, eta=config.sample.eta,
         guidance_scale=config.sample.guidance_scale, remat=variant.remat,
         python_loop=False, unroll=1)  # a loop, as on GPU/TPU (not resolve_unroll(0) on CPU)
-    facts.update(grad_depth=grad_depth, remat=variant.remat,
-                 static_cut=variant.depth == "1s")
+    facts.update(grad_depth=grad_depth, remat=variant.remat)
 
     def policy_step(state: TrainState, reference_params, batch: dict, key):
         # Trainer.policy_step, the text encoder left out (context and null context are inputs).
@@ -329,7 +321,7 @@ def build(model: Model, variant: Variant, batch: int):
             value_aux={})
 
         def loss_fn(params):
-            return vard.policy_loss(eps_fn, policy.unet(params, reference_params),
+            return vard.policy_loss(policy.eps_fn, policy.unet(params, reference_params),
                                     policy.reference_unet(reference_params), value_apply,
                                     state.value_params, schedule, inputs, loss_config, None)
 
@@ -425,8 +417,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny 2-block UNet, T = 2 (implies --fast_compile)")
     parser.add_argument("--list", action="store_true", help="print the configuration names")
-    parser.add_argument("--memory_efficient_attention", action="store_true",
-                        help="what-if: diffusers' chunked attention (the project leaves it off)")
+    parser.add_argument("--attention", choices=("config", "chunked", "full"), default="config",
+                        help="UNet attention: as configs/pickscore.py sets it (chunked), "
+                             "chunked, or full [L, L] scores")
     parser.add_argument("--lower_only", action="store_true",
                         help="trace and lower only: parameter and state sizes, no XLA figures")
     parser.add_argument("--fast_compile", action="store_true",
@@ -444,7 +437,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         names = [f"value-b{args.value_batch}" if n.startswith("value-") else n for n in names]
     args.fast_compile = args.fast_compile or args.smoke
     started = time.perf_counter()
-    model = Model(args.smoke, args.memory_efficient_attention)
+    model = Model(args.smoke, args.attention)
     report = {
         "unet": "smoke (2-block tiny)" if args.smoke else "Stable Diffusion 1.5",
         "unet_config": {k: list(v) if isinstance(v, tuple) else v
@@ -456,7 +449,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "guidance_scale": model.config.sample.guidance_scale,
         "batch_per_device": args.batch,
         "scan_unroll": 1,
-        "memory_efficient_attention": args.memory_efficient_attention,
+        "memory_efficient_attention": model.chunked_attention,
         "lower_only": args.lower_only,
         "fast_compile": args.fast_compile,
         "backend": jax.default_backend(),

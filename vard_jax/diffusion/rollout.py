@@ -216,13 +216,13 @@ def _segmented_scan(body: Callable, frozen_body: Callable, frozen_before: int, x
     """``lax.scan(body, x, (indices, noise))`` with the state cut at the runs of ``groups``;
     runs that end by step ``frozen_before`` use ``frozen_body`` (parameters cut)."""
 
-    def run(body: Callable, x: jax.Array, xs: tuple[jax.Array, jax.Array], cut: bool):
+    def run(step_body: Callable, x: jax.Array, xs: tuple[jax.Array, jax.Array], cut: bool):
         if cut:
             x = jax.lax.stop_gradient(x)
         if xs[0].shape[0] == 1:  # a one-step run: no inner loop
-            x, out = body(x, jax.tree_util.tree_map(lambda a: a[0], xs))
+            x, out = step_body(x, jax.tree_util.tree_map(lambda a: a[0], xs))
             return x, jax.tree_util.tree_map(lambda a: a[None], out)
-        return jax.lax.scan(body, x, xs, unroll=unroll)
+        return jax.lax.scan(step_body, x, xs, unroll=unroll)
 
     pieces = []
     for start, length, repeats, cut in groups:
