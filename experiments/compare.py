@@ -13,8 +13,11 @@ per run, so one failure does not end the comparison), then reads each run's
   seed bands (mean +- std over seeds; matplotlib needed).
 
     PYTHONPATH=. python experiments/compare.py --out=runs/compare            # full: 3 seeds
-    PYTHONPATH=. python experiments/compare.py --out=runs/compare_quick --quick
+    PYTHONPATH=. python experiments/compare.py --out=runs/compare_quick --quick   # 1 seed, 2 rewards
     PYTHONPATH=. python experiments/compare.py --out=/tmp/c --smoke          # seconds-scale
+
+A finished run already under ``OUT/runs`` is read, not run again, so an interrupted
+comparison continues with the same command.
 
 Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
@@ -51,28 +54,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--rewards", default=",".join(MATRIX), help="Rewards to compare.")
-    parser.add_argument("--budget", type=int, default=256, help="Reward queries per run.")
-    parser.add_argument("--evals", type=int, default=4, help="Held-out evaluations per run.")
+    parser.add_argument("--budget", type=int, default=128, help="Reward queries per run.")
+    parser.add_argument("--evals", type=int, default=8,
+                        help="Held-out evaluations per run besides the one at step 0 (8 at "
+                             "the default budget: every epoch, so VARD's reward at 1/4 of the "
+                             "budget, after its value pre-training batch, is on the curve).")
     parser.add_argument("--quick", action="store_true",
-                        help="One seed, 96 queries: under 20 minutes on 2 CPU cores.")
+                        help="One seed, 64 queries, clip_alignment and jpeg_compressibility "
+                             "(5 runs; ~3 minutes each on 2 CPU cores).")
     parser.add_argument("--smoke", action="store_true",
                         help="The tiny config, 2 steps, one reward, one seed: a check of the "
                              "machinery, not a result.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.budget = "0", 96
+        args.seeds, args.budget, args.evals = "0", 64, 4
+        args.rewards = "clip_alignment,jpeg_compressibility"
     if args.smoke:
         args.seeds, args.budget, args.evals, args.rewards = "0", 8, 1, "clip_alignment"
     return args
 
 
+def run_epochs(method: str, budget: int, smoke: bool) -> tuple[int, int, int]:
+    """(training epochs, value pre-training epochs, batch) of one run at the query budget."""
+    batch = 4 if smoke else 16
+    pretrain = 1 if method == "vard" else 0  # one batch of value pre-training
+    return max(budget // batch - pretrain, 1), pretrain, batch
+
+
 def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
                   smoke: bool) -> list[str]:
     """Command-line overrides of configs/shapes.py for one run at the query budget."""
-    batch = 4 if smoke else 16
-    pretrain = 1 if method == "vard" else 0  # one batch of value pre-training
-    epochs = max(budget // batch - pretrain, 1)
-    every = max(epochs // max(evals, 1), 1)
+    epochs, pretrain, batch = run_epochs(method, budget, smoke)
+    # The same evaluation grid (in epochs) for every method, whatever its pre-training.
+    every = max(budget // batch // max(evals, 1), 1)
     overrides = [f"--config.algorithm={method}", f"--config.reward.name={reward}",
                  "--config.reward.eval_extra=", f"--config.train.seed={seed}",
                  f"--config.train.epochs={epochs}", f"--config.train.eval_every={every}",
@@ -82,27 +96,50 @@ def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
         overrides.append(f"--config.value.pretrain_epochs={pretrain}")
     if smoke:
         overrides.append("--config.sample.num_steps=2")
+    else:  # 32 held-out images (2 batches of 16) and a 16-image training grid per evaluation
+        overrides += ["--config.sample.eval_batch_size=16", "--config.sample.eval_batches=2"]
     return overrides
 
 
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dict:
+    """One training run, or the finished run already in ``out`` (a comparison resumes).
+
+    ``seconds`` is the run's process wall time; for a finished run found from an earlier
+    invocation without its ``run.json``, the final ``wall_s`` of its metrics.
+    """
     workdir = out / "runs" / f"{reward}-{method}-seed{seed}"
     config = "configs/shapes.py:tiny" if args.smoke else "configs/shapes.py"
     command = [sys.executable, "-m", "vard_jax.main", f"--config={config}",
                f"--workdir={workdir}"] + run_overrides(reward, method, seed, args.budget,
                                                         args.evals, args.smoke)
-    env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / ".jax_cache"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    started = time.time()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    record = {"reward": reward, "method": method, "seed": seed, "command": " ".join(command[1:]),
-              "returncode": result.returncode, "seconds": round(time.time() - started, 1)}
-    if result.returncode != 0:
-        record["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return record
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    record = {"reward": reward, "method": method, "seed": seed, "command": " ".join(command[1:])}
+    epochs = run_epochs(method, args.budget, args.smoke)[0]
+    rows = read_metrics(workdir)
+    if rows and rows[-1]["step"] == epochs and "eval_reward_mean" in rows[-1]:
+        saved = workdir / "run.json"
+        seconds = (json.loads(saved.read_text())["seconds"] if saved.exists()
+                   else rows[-1]["wall_s"])
+        record.update(returncode=0, seconds=seconds, reused=True)
+    else:
+        env = dict(os.environ)
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / ".jax_cache"))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                          env.get("PYTHONPATH", "")]))
+        started = time.time()
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        record.update(returncode=result.returncode, seconds=round(time.time() - started, 1))
+        if result.returncode != 0:
+            record["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return record
+        (workdir / "run.json").write_text(json.dumps({"seconds": record["seconds"]}))
+        rows = read_metrics(workdir)
     curve = [{"step": r["step"], "reward_queries": r["reward_queries"], "wall_s": r["wall_s"],
               "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"]}
              for r in rows if "eval_reward_mean" in r]

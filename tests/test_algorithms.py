@@ -79,3 +79,41 @@ def test_compare_smoke(tmp_path):
     assert len(summary["vard_queries_to_ddpo_final_over_ddpo_queries"]) == 1
     assert (tmp_path / "results.json").is_file()
     assert (tmp_path / "clip_alignment_vs_queries.png").is_file()
+    again = compare.main([f"--out={tmp_path}", "--smoke"])  # finished runs are read back
+    assert all(r["reused"] for r in again["runs"])
+    assert again["summary"] == results["summary"]
+
+
+def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkeypatch):
+    """An interrupted comparison continues: finished runs are read from their metrics."""
+    import json
+    import subprocess
+
+    from experiments import compare
+
+    args = compare.parse_args([f"--out={tmp_path}", "--smoke"])
+    epochs = compare.run_epochs("ddpo", args.budget, args.smoke)[0]
+    workdir = tmp_path / "runs" / "clip_alignment-ddpo-seed0"
+    workdir.mkdir(parents=True)
+    rows = [{"step": s, "reward_queries": 4 * s, "wall_s": 10.0 * s, "eval_reward_mean": 1.0 * s,
+             "eval_eps_distance": 0.1 * s} for s in range(epochs + 1)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "Traceback\nValueError: boom")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    record = compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)
+    assert not calls and record["reused"] and record["returncode"] == 0
+    assert record["seconds"] == 10.0 * epochs  # no run.json: the metrics' final wall_s
+    assert record["final_eval_reward"] == epochs and len(record["curve"]) == epochs + 1
+    (workdir / "run.json").write_text(json.dumps({"seconds": 12.5}))
+    assert compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)["seconds"] == 12.5
+
+    # The last row is not the final epoch: the run is started (and its failure reported).
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    record = compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)
+    assert len(calls) == 1 and "reused" not in record
+    assert record["returncode"] == 1 and record["error"] == "ValueError: boom"
