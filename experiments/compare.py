@@ -9,8 +9,10 @@ per run, so one failure does not end the comparison), then reads each run's
   held-out reward over seeds; and the two targets of the comparison: the reward queries VARD
   needs to reach DDPO's final held-out reward, and VARD's vs DRaFT's eps distance at equal
   held-out reward;
-* ``OUT/<reward>_vs_queries.png``, ``_vs_wall.png``, ``_vs_distance.png``: the curves with
-  seed bands (mean +- std over seeds; matplotlib needed).
+* ``OUT/<reward>_vs_queries.png``, ``_vs_wall.png``, ``_vs_distance.png``: the held-out
+  reward's gain over the run's step-0 evaluation, with seed bands (mean +- std over seeds;
+  matplotlib needed). Each seed evaluates its own held-out prompts and noise, shared by the
+  methods of that seed.
 
     PYTHONPATH=. python experiments/compare.py --out=runs/compare            # full: 3 seeds
     PYTHONPATH=. python experiments/compare.py --out=runs/compare_quick --quick   # 1 seed, 2 rewards
@@ -177,9 +179,12 @@ def summarise(records: list[dict]) -> dict:
         for method in sorted({r["method"] for r in ok if r["reward"] == reward}):
             runs = [r for r in ok if r["reward"] == reward and r["method"] == method]
             finals = [r["final_eval_reward"] for r in runs]
+            gains = [r["final_eval_reward"] - r["curve"][0]["eval_reward"] for r in runs]
             methods[method] = {"seeds": [r["seed"] for r in runs],
                                "final_eval_reward_mean": float(np.mean(finals)),
                                "final_eval_reward_std": float(np.std(finals)),
+                               "final_gain_mean": float(np.mean(gains)),
+                               "final_gain_std": float(np.std(gains)),
                                "final_eps_distance_mean": float(np.mean(
                                    [r["final_eps_distance"] for r in runs])),
                                "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
@@ -228,12 +233,16 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
                 runs = [r["curve"] for r in ok if r["reward"] == reward and r["method"] == method]
                 length = min(len(c) for c in runs)
                 xs = np.array([[p[x_key] for p in c[:length]] for c in runs])
-                ys = np.array([[p["eval_reward"] for p in c[:length]] for c in runs])
+                # Gain over the run's step-0 evaluation: a seed's held-out prompts and noise
+                # (hence its base reward) are shared by its methods, so the bands show how
+                # training varies, not how the seeds' evaluation sets differ.
+                ys = np.array([[p["eval_reward"] - c[0]["eval_reward"] for p in c[:length]]
+                               for c in runs])
                 x, mean, std = xs.mean(0), ys.mean(0), ys.std(0)
                 ax.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             ax.set_xlabel(label)
-            ax.set_ylabel(f"held-out {reward}")
+            ax.set_ylabel(f"held-out {reward} gain over step 0")
             ax.legend()
             fig.tight_layout()
             path = out / f"{reward}_vs_{suffix}.png"
