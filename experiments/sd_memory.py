@@ -77,7 +77,7 @@ from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
-from vard_jax.training import faults
+from vard_jax.training import faults, trainer as trainer_lib
 from vard_jax.training.state import TrainState, make_optimizer
 
 GIB = 2.0**30
@@ -259,21 +259,7 @@ def build(model: Model, variant: Variant, batch: int):
         def value_step(state: TrainState, reference_params, batch: dict):
             # Trainer.value_step with the conv value (value_aux is empty).
             del reference_params
-            aux: dict = {}
-
-            def loss_fn(params):
-                return vard.value_loss(value_apply, params, batch["states"], batch["timesteps"],
-                                       batch["context"], batch["targets"], aux)
-
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.value_params)
-            updates, opt_state = value_opt.update(grads, state.value_opt_state,
-                                                  state.value_params)
-            new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
-                                      value_opt_state=opt_state,
-                                      value_updates=state.value_updates + 1)
-            grad_norm = optax.global_norm(grads)
-            state, skipped = faults.keep_finite(state, new_state, "value", loss, grad_norm)
-            return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
+            return trainer_lib.value_update(value_apply, value_opt, state, batch, {})
 
         value_batch = {
             "states": jax.ShapeDtypeStruct((n,) + tuple(shape), jnp.float32),

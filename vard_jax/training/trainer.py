@@ -59,6 +59,27 @@ def explained_variance(targets: np.ndarray, predictions: np.ndarray) -> float:
     return 1.0 - float(np.var(targets - predictions)) / variance
 
 
+def value_update(value_apply: Any, optimizer: optax.GradientTransformation, state: TrainState,
+                 batch: dict, aux: Any) -> tuple[TrainState, dict]:
+    """One value regression step (MSE to the batch's targets) with non-finite skipping.
+
+    ``batch``: states [N, ...], timesteps [N], context [N, L, D], targets [N]; ``aux`` the
+    value model's extra inputs. The body of ``Trainer.value_step``, shared with
+    experiments/sd_memory.py.
+    """
+    def loss_fn(params):
+        return vard.value_loss(value_apply, params, batch["states"], batch["timesteps"],
+                               batch["context"], batch["targets"], aux)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.value_params)
+    updates, opt_state = optimizer.update(grads, state.value_opt_state, state.value_params)
+    new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
+                              value_opt_state=opt_state, value_updates=state.value_updates + 1)
+    grad_norm = optax.global_norm(grads)
+    state, skipped = faults.keep_finite(state, new_state, "value", loss, grad_norm)
+    return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
+
+
 class Trainer:
     def __init__(self, config, devices=None):
         self.config = config
@@ -203,19 +224,7 @@ class Trainer:
             aux = self.value_aux(state.reward_stats, frozen, reference_params,
                                  batch.get("reward_ids"))
 
-            def loss_fn(params):
-                return vard.value_loss(value_apply, params, batch["states"], batch["timesteps"],
-                                       batch["context"], batch["targets"], aux)
-
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.value_params)
-            updates, opt_state = self.value_optimizer.update(grads, state.value_opt_state,
-                                                             state.value_params)
-            new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
-                                      value_opt_state=opt_state,
-                                      value_updates=state.value_updates + 1)
-            grad_norm = optax.global_norm(grads)
-            state, skipped = faults.keep_finite(state, new_state, "value", loss, grad_norm)
-            return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
+            return value_update(value_apply, self.value_optimizer, state, batch, aux)
 
         def policy_step(state: TrainState, frozen: dict, reference_params, batch: dict, key):
             key_noise, key_mask = jax.random.split(key)
