@@ -570,6 +570,24 @@ def _ratio(jax_s: float, torch_s: Optional[float]) -> Optional[float]:
     return None if not torch_s else jax_s / torch_s
 
 
+def time_against_torch(timer: Timer, name: str, jax_job: Callable[[], Any],
+                       torch_job: Optional[Callable[[], Any]]) -> dict:
+    """Warms each job up with one call, times them alternately: the JAX (and PyTorch)
+    summaries and their ratio, the section entries of the sample, value and policy steps."""
+    jobs = {"jax": jax_job}
+    if torch_job is not None:
+        jobs["torch"] = torch_job
+    for job in jobs.values():
+        job()
+    log(f"{name}: timing")
+    times = timer.run(jobs)
+    section = {"jax": summary(times["jax"])}
+    if torch_job is not None:
+        section["torch"] = summary(times["torch"])
+        section["ratio"] = _ratio(section["jax"]["median_s"], section["torch"]["median_s"])
+    return section
+
+
 def run(args: argparse.Namespace) -> dict:
     from vard_jax.training.trainer import Trainer
     from vard_jax.models import shapes as shapes_model
@@ -708,19 +726,13 @@ def run(args: argparse.Namespace) -> dict:
         compiled["sample"] = sample_c
         section = {"compile_s": sample_compile}
         if "sample" in sections:
-            _block(sample_c(policy_params, frozen, reference, ids, key))
-            jobs = {"jax": lambda: _block(sample_c(policy_params, frozen, reference, ids, key))}
-            if twin is not None:
-                jobs["torch"] = twin.sample
-                twin.sample()
-            log("sample: timing")
-            times = timer.run(jobs)
-            section["jax"] = summary(times["jax"])
+            section.update(time_against_torch(
+                timer, "sample",
+                lambda: _block(sample_c(policy_params, frozen, reference, ids, key)),
+                twin.sample if twin is not None else None))
             section["jax_images_per_s"] = batch / section["jax"]["median_s"]
             if twin is not None:
-                section["torch"] = summary(times["torch"])
                 section["torch_images_per_s"] = batch / section["torch"]["median_s"]
-                section["ratio"] = _ratio(section["jax"]["median_s"], section["torch"]["median_s"])
         result["sample"] = section
 
     # ---- the value step ----
@@ -747,20 +759,15 @@ def run(args: argparse.Namespace) -> dict:
                                                    value_batch_j)
                 _block(metrics)
 
-            jax_value()
-            jobs = {"jax": jax_value}
+            torch_value = None
             if twin is not None:
                 vt = {k: torch.from_numpy(v).to(twin.device) for k, v in vb_np.items()}
-                jobs["torch"] = lambda: twin.value_step(vt["states"], vt["timesteps"],
-                                                        vt["context"], vt["targets"])
-                jobs["torch"]()
-            log("value: timing")
-            times = timer.run(jobs)
+
+                def torch_value():
+                    twin.value_step(vt["states"], vt["timesteps"], vt["context"], vt["targets"])
+
+            section.update(time_against_torch(timer, "value", jax_value, torch_value))
             state = holder["state"]
-            section["jax"] = summary(times["jax"])
-            if twin is not None:
-                section["torch"] = summary(times["torch"])
-                section["ratio"] = _ratio(section["jax"]["median_s"], section["torch"]["median_s"])
         result["value"] = section
 
     # ---- the policy step ----
@@ -781,18 +788,9 @@ def run(args: argparse.Namespace) -> dict:
                                                     policy_batch, key)
                 _block(metrics)
 
-            jax_policy()
-            jobs = {"jax": jax_policy}
-            if twin is not None:
-                jobs["torch"] = twin.policy_step
-                twin.policy_step()
-            log("policy: timing")
-            times = timer.run(jobs)
+            section.update(time_against_torch(timer, "policy", jax_policy,
+                                              twin.policy_step if twin is not None else None))
             state = holder["state"]
-            section["jax"] = summary(times["jax"])
-            if twin is not None:
-                section["torch"] = summary(times["torch"])
-                section["ratio"] = _ratio(section["jax"]["median_s"], section["torch"]["median_s"])
         result["policy"] = section
 
     # ---- the epoch and its compute floor ----

@@ -18,18 +18,16 @@ while loop once, so with the rolled scan the flops are about those of *one* deno
 
 The steps:
 
-* ``policy``: the same computation as ``Trainer.policy_step`` (``vard_jax/training/trainer.py``),
-  *mirrored* here rather than called, because the Trainer needs loaded weights (and that file is
-  being edited elsewhere): ``vard.policy_loss`` over the differentiable rollout with the policy
-  parametrisation of ``vard_jax.models.policy`` (``FullPolicy``, or ``LoraPolicy`` rank 8 on
-  to_q,to_k,to_v,to_out_0), the conv value model on latents [4, 64, 64], Adam
-  (``training.state.make_optimizer``) on the trainable parameters only, and
-  ``faults.keep_finite``. PolicyInputs are built as the Trainer builds them (noise from
-  ``rollout.sample_noise``, ``vard.step_mask``, empty value aux for the conv value), except
-  that the text context [B, 77, 768] and the null context [1, 77, 768] are inputs: the text
-  encoder is frozen and outside the differentiated part, so it is left out.
-* ``value``: ``Trainer.value_step`` (conv value MSE + Adam) on a batch of ``--value_batch``
-  labelled states.
+* ``policy``: ``Trainer.policy_step`` (``vard_jax/training/trainer.py``) through the functions
+  it is built from, ``trainer.policy_inputs`` and ``trainer.policy_update``: ``vard.policy_loss``
+  over the differentiable rollout with the policy parametrisation of ``vard_jax.models.policy``
+  (``FullPolicy``, or ``LoraPolicy`` rank 8 on to_q,to_k,to_v,to_out_0), the conv value model on
+  latents [4, 64, 64], Adam (``training.state.make_optimizer``) on the trainable parameters
+  only, and ``faults.keep_finite``. The text context [B, 77, 768] and the null context
+  [1, 77, 768] are inputs: the text encoder is frozen and outside the differentiated part, so
+  it is left out (the Trainer needs loaded weights for it).
+* ``value``: ``Trainer.value_step`` through ``trainer.value_update`` (conv value MSE + Adam)
+  on a batch of ``--value_batch`` labelled states.
 * ``sample``: the sampling scan without gradients (``Trainer.sample`` less the text encoder
   and the VAE decode).
 
@@ -66,7 +64,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.core import unfreeze
 
 from configs import pickscore
@@ -77,7 +74,7 @@ from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
-from vard_jax.training import faults, trainer as trainer_lib
+from vard_jax.training import trainer as trainer_lib
 from vard_jax.training.state import TrainState, make_optimizer
 
 GIB = 2.0**30
@@ -298,28 +295,10 @@ def build(model: Model, variant: Variant, batch: int):
 
     def policy_step(state: TrainState, reference_params, batch: dict, key):
         # Trainer.policy_step, the text encoder left out (context and null context are inputs).
-        key_noise, key_mask = jax.random.split(key)
-        context, null_context = batch["context"], batch["null_context"]
-        x_T, noise = rollout_lib.sample_noise(key_noise, context.shape[0], num_steps, shape)
-        inputs = vard.PolicyInputs(
-            context=context, null_context=null_context, x_T=x_T, noise=noise,
-            step_mask=vard.step_mask(key_mask, num_steps, config.policy.train_fraction),
-            value_aux={})
-
-        def loss_fn(params):
-            return vard.policy_loss(policy.eps_fn, policy.unet(params, reference_params),
-                                    policy.reference_unet(reference_params), value_apply,
-                                    state.value_params, schedule, inputs, loss_config, None)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
-        updates, opt_state = policy_opt.update(grads, state.policy_opt_state, state.policy_params)
-        new_state = state.replace(
-            policy_params=optax.apply_updates(state.policy_params, updates),
-            policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
-        metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
-        state, skipped = faults.keep_finite(state, new_state, "policy", loss,
-                                            metrics["policy_grad_norm"])
-        return state, {**metrics, **skipped}
+        inputs = trainer_lib.policy_inputs(key, batch["context"], batch["null_context"],
+                                           num_steps, shape, config.policy.train_fraction, {})
+        return trainer_lib.policy_update(policy, value_apply, policy_opt, schedule, loss_config,
+                                         state, reference_params, inputs)
 
     policy_batch = {"context": context, "null_context": null_context}
     return (jax.jit(policy_step, donate_argnums=0), (state, reference, policy_batch, key), facts)

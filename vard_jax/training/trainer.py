@@ -80,6 +80,41 @@ def value_update(value_apply: Any, optimizer: optax.GradientTransformation, stat
     return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
 
 
+def policy_inputs(key: jax.Array, context: jax.Array, null_context: jax.Array, num_steps: int,
+                  sample_shape: tuple, train_fraction: float, value_aux: Any) -> vard.PolicyInputs:
+    """The rollout's inputs of one policy update: starting noise and per-step noise from one
+    half of ``key``, the trained-step mask from the other."""
+    key_noise, key_mask = jax.random.split(key)
+    x_T, noise = rollout_lib.sample_noise(key_noise, context.shape[0], num_steps, sample_shape)
+    return vard.PolicyInputs(context=context, null_context=null_context, x_T=x_T, noise=noise,
+                             step_mask=vard.step_mask(key_mask, num_steps, train_fraction),
+                             value_aux=value_aux)
+
+
+def policy_update(policy: policy_lib.PolicyModel, value_apply: Any,
+                  optimizer: optax.GradientTransformation, schedule: Any,
+                  loss_config: vard.PolicyLossConfig, state: TrainState, reference_params: Any,
+                  inputs: vard.PolicyInputs, last_step_reward: Any = None
+                  ) -> tuple[TrainState, dict]:
+    """One VARD policy step (``vard.policy_loss`` over the differentiable rollout, optimiser
+    on the trainable parameters) with non-finite skipping. The body of
+    ``Trainer.policy_step``, shared with experiments/sd_memory.py."""
+    def loss_fn(params):
+        return vard.policy_loss(policy.eps_fn, policy.unet(params, reference_params),
+                                policy.reference_unet(reference_params), value_apply,
+                                state.value_params, schedule, inputs, loss_config,
+                                last_step_reward)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
+    updates, opt_state = optimizer.update(grads, state.policy_opt_state, state.policy_params)
+    new_state = state.replace(policy_params=optax.apply_updates(state.policy_params, updates),
+                              policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
+    metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
+    state, skipped = faults.keep_finite(state, new_state, "policy", loss,
+                                        metrics["policy_grad_norm"])
+    return state, {**metrics, **skipped}
+
+
 class Trainer:
     def __init__(self, config, devices=None):
         self.config = config
@@ -227,16 +262,12 @@ class Trainer:
             return value_update(value_apply, self.value_optimizer, state, batch, aux)
 
         def policy_step(state: TrainState, frozen: dict, reference_params, batch: dict, key):
-            key_noise, key_mask = jax.random.split(key)
             context = pipeline.encode_ids(frozen["text_encoder"], batch["ids"])
             null_context = pipeline.encode_ids(frozen["text_encoder"], self.null_ids)
-            x_T, noise = rollout_lib.sample_noise(key_noise, batch["ids"].shape[0],
-                                                  self.num_steps, shape)
-            inputs = vard.PolicyInputs(
-                context=context, null_context=null_context, x_T=x_T, noise=noise,
-                step_mask=vard.step_mask(key_mask, self.num_steps, config.policy.train_fraction),
-                value_aux=self.value_aux(state.reward_stats, frozen, reference_params,
-                                         batch.get("reward_input")))
+            inputs = policy_inputs(
+                key, context, null_context, self.num_steps, shape, config.policy.train_fraction,
+                self.value_aux(state.reward_stats, frozen, reference_params,
+                               batch.get("reward_input")))
             last_step_reward = None
             if config.reward.direct_last_step:
                 stats = state.reward_stats
@@ -245,22 +276,9 @@ class Trainer:
                     images = pipeline.decode(frozen, x0)
                     return stats.standardise(reward.score(images, batch["reward_input"]))
 
-            def loss_fn(params):
-                return vard.policy_loss(policy.eps_fn, policy.unet(params, reference_params),
-                                        policy.reference_unet(reference_params), value_apply,
-                                        state.value_params, schedule, inputs, self.loss_config,
-                                        last_step_reward)
-
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
-            updates, opt_state = self.policy_optimizer.update(grads, state.policy_opt_state,
-                                                              state.policy_params)
-            new_state = state.replace(
-                policy_params=optax.apply_updates(state.policy_params, updates),
-                policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
-            metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
-            state, skipped = faults.keep_finite(state, new_state, "policy", loss,
-                                                metrics["policy_grad_norm"])
-            return state, {**metrics, **skipped}
+            return policy_update(policy, value_apply, self.policy_optimizer, schedule,
+                                 self.loss_config, state, reference_params, inputs,
+                                 last_step_reward)
 
         replicated, batch = self._replicated, self._batch
         frozen_sharding = mesh_lib.param_shardings(self.mesh, self.frozen)
