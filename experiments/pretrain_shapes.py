@@ -11,6 +11,11 @@
 
     python experiments/pretrain_shapes.py                  # ~40 min on 2 CPU cores
     python experiments/pretrain_shapes.py --clip_steps=50 --unet_steps=20 --out=/tmp/w  # smoke
+    python experiments/pretrain_shapes.py --init_from=DIR --evaluate_only   # figures of DIR again
+
+``--init_from`` continues from an asset directory; with ``--evaluate_only`` nothing is trained:
+the quality figures and the grid are measured again with the current sampler and written
+into ``--out`` with the weights of ``--init_from`` (the training figures are kept).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ flags.DEFINE_float("guidance_scale", 3.0, "Guidance for the quality figures (the
 flags.DEFINE_string("init_from", "", "Continue from the CLIP and UNet in this asset directory "
                     "(the CLIP is kept; the UNet training resumes from its weights).")
 flags.DEFINE_float("unet_lr", 1e-3, "Peak UNet learning rate.")
+flags.DEFINE_bool("evaluate_only", False, "With --init_from: train nothing, measure the quality "
+                  "figures of those weights again and write them with the weights to --out.")
 
 
 def train_clip(clip_model, tokenizer, key):
@@ -187,11 +194,17 @@ def main(argv):
 
     start = time.time()
     figures, init_unet = {}, None
+    if FLAGS.evaluate_only and not FLAGS.init_from:
+        raise app.UsageError("--evaluate_only needs --init_from=DIR (the weights to evaluate)")
     if FLAGS.init_from:
         _, previous, _, clip_params = shapes_model.load(FLAGS.init_from)
-        init_unet = previous["unet"]
         index = json.loads((pathlib.Path(FLAGS.init_from) / "model_index.json").read_text())
         earlier = index.get("quality", {})
+    if FLAGS.evaluate_only:
+        figures = {k: v for k, v in earlier.items() if k.startswith(("clip_", "unet_"))}
+        unet_params = previous["unet"]
+    elif FLAGS.init_from:
+        init_unet = previous["unet"]
         figures = {k: v for k, v in earlier.items() if k.startswith("clip_")}
         figures["unet_steps_before"] = earlier.get("unet_steps_before", 0) + earlier.get("unet_steps", 0)
         figures["unet_train_seconds_before"] = (earlier.get("unet_train_seconds_before", 0.0)
@@ -206,8 +219,9 @@ def main(argv):
     print(json.dumps(figures), flush=True)
 
     text_params = shapes_model.text_encoder_params(clip_params)
-    unet_params, unet_figures = train_unet(pipeline, text_params, key_unet, init_unet)
-    figures.update(unet_figures)
+    if not FLAGS.evaluate_only:
+        unet_params, unet_figures = train_unet(pipeline, text_params, key_unet, init_unet)
+        figures.update(unet_figures)
     params = {"unet": unet_params, "text_encoder": text_params}
     figures.update(evaluate_base(pipeline, params, clip_model, clip_params, out))
     real_train, real_train_caps = world.generate(256, seed=5, split="train")

@@ -87,3 +87,38 @@ def test_reward_initialised_value_equals_the_reward_at_the_final_state(loaded):
     grads = jax.grad(lambda p: jnp.sum(model.apply(p, x0, jnp.full((8,), -50), None, aux)))(
         value_params)
     assert float(jnp.abs(grads["backbone"]["text_projection"]["kernel"]).sum()) > 0
+
+
+def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
+    """--evaluate_only re-measures the quality figures of an asset directory with the current
+    sampler and writes them beside the same weights, keeping the training figures."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    out = tmp_path / "assets"
+    done = subprocess.run(
+        [sys.executable, "experiments/pretrain_shapes.py", "--evaluate_only",
+         f"--init_from={shapes_model.ASSET_DIR}", f"--out={out}", "--eval_samples=4",
+         "--eval_steps=2"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shipped = json.loads((shapes_model.ASSET_DIR / "model_index.json").read_text())["quality"]
+    written = json.loads((out / "model_index.json").read_text())
+    assert written["schedule"]["clip_sample"] is True
+    quality = written["quality"]
+    for key in ("unet_steps", "unet_final_loss", "clip_heldout_top1"):
+        assert quality[key] == shipped[key], key
+    assert quality["eval_steps"] == 2 and 0.0 <= quality["base_heldout_shape_fidelity"][0] <= 1.0
+    assert (out / "base_samples.png").stat().st_size > 0
+    _, params, _, _ = shapes_model.load(out)
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params["unet"],
+                                  loaded[1]["unet"])
+    assert all(jax.tree_util.tree_leaves(same))
+
+    missing = subprocess.run(
+        [sys.executable, "experiments/pretrain_shapes.py", "--evaluate_only", f"--out={out}"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "--evaluate_only needs --init_from" in missing.stderr
