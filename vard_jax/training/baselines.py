@@ -17,21 +17,8 @@ import optax
 
 from vard_jax.algorithms import ddpo, draft
 from vard_jax.diffusion import rollout as rollout_lib
-from vard_jax.training import faults
 from vard_jax.training.state import TrainState
-
-
-def apply_policy_gradient(optimizer: optax.GradientTransformation, state: TrainState, grads: Any,
-                          loss: jax.Array, metrics: dict, reward_queries: int = 0):
-    """One optimiser step of the policy (skipped when loss or gradient is not finite)."""
-    updates, opt_state = optimizer.update(grads, state.policy_opt_state, state.policy_params)
-    new_state = state.replace(
-        policy_params=optax.apply_updates(state.policy_params, updates),
-        policy_opt_state=opt_state, policy_updates=state.policy_updates + 1,
-        reward_queries=state.reward_queries + reward_queries)
-    grad_norm = optax.global_norm(grads)
-    state, skipped = faults.keep_finite(state, new_state, "policy", loss, grad_norm)
-    return state, {**metrics, "policy_loss": loss, "policy_grad_norm": grad_norm, **skipped}
+from vard_jax.training.trainer import apply_policy_gradient
 
 
 class Transitions(NamedTuple):

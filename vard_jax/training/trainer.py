@@ -80,6 +80,19 @@ def value_update(value_apply: Any, optimizer: optax.GradientTransformation, stat
     return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
 
 
+def apply_policy_gradient(optimizer: optax.GradientTransformation, state: TrainState, grads: Any,
+                          loss: jax.Array, metrics: dict, reward_queries: int = 0):
+    """One optimiser step of the policy (skipped when loss or gradient is not finite)."""
+    updates, opt_state = optimizer.update(grads, state.policy_opt_state, state.policy_params)
+    new_state = state.replace(
+        policy_params=optax.apply_updates(state.policy_params, updates),
+        policy_opt_state=opt_state, policy_updates=state.policy_updates + 1,
+        reward_queries=state.reward_queries + reward_queries)
+    grad_norm = optax.global_norm(grads)
+    state, skipped = faults.keep_finite(state, new_state, "policy", loss, grad_norm)
+    return state, {**metrics, "policy_loss": loss, "policy_grad_norm": grad_norm, **skipped}
+
+
 def policy_inputs(key: jax.Array, context: jax.Array, null_context: jax.Array, num_steps: int,
                   sample_shape: tuple, train_fraction: float, value_aux: Any) -> vard.PolicyInputs:
     """The rollout's inputs of one policy update: starting noise and per-step noise from one
@@ -106,13 +119,7 @@ def policy_update(policy: policy_lib.PolicyModel, value_apply: Any,
                                 last_step_reward)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.policy_params)
-    updates, opt_state = optimizer.update(grads, state.policy_opt_state, state.policy_params)
-    new_state = state.replace(policy_params=optax.apply_updates(state.policy_params, updates),
-                              policy_opt_state=opt_state, policy_updates=state.policy_updates + 1)
-    metrics = dict(metrics, policy_grad_norm=optax.global_norm(grads))
-    state, skipped = faults.keep_finite(state, new_state, "policy", loss,
-                                        metrics["policy_grad_norm"])
-    return state, {**metrics, **skipped}
+    return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
 
 class Trainer:
