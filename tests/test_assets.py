@@ -92,18 +92,12 @@ def test_reward_initialised_value_equals_the_reward_at_the_final_state(loaded):
 def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
     """--evaluate_only re-measures the quality figures of an asset directory with the current
     sampler and writes them beside the same weights, keeping the training figures."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
+    from tests.test_entry_points import run_module
 
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo))
     out = tmp_path / "assets"
-    done = subprocess.run(
-        [sys.executable, "experiments/pretrain_shapes.py", "--evaluate_only",
-         f"--init_from={shapes_model.ASSET_DIR}", f"--out={out}", "--eval_samples=4",
-         "--eval_steps=2"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    done = run_module("experiments.pretrain_shapes", "--evaluate_only",
+                      f"--init_from={shapes_model.ASSET_DIR}", f"--out={out}",
+                      "--eval_samples=4", "--eval_steps=2")
     assert done.returncode == 0, done.stderr[-2000:]
     shipped = json.loads((shapes_model.ASSET_DIR / "model_index.json").read_text())["quality"]
     written = json.loads((out / "model_index.json").read_text())
@@ -118,7 +112,5 @@ def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
                                   loaded[1]["unet"])
     assert all(jax.tree_util.tree_leaves(same))
 
-    missing = subprocess.run(
-        [sys.executable, "experiments/pretrain_shapes.py", "--evaluate_only", f"--out={out}"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    missing = run_module("experiments.pretrain_shapes", "--evaluate_only", f"--out={out}")
     assert missing.returncode != 0 and "--evaluate_only needs --init_from" in missing.stderr
