@@ -145,6 +145,11 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dic
     curve = [{"step": r["step"], "reward_queries": r["reward_queries"], "wall_s": r["wall_s"],
               "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"]}
              for r in rows if "eval_reward_mean" in r]
+    # Gain over the run's step-0 evaluation: a seed's held-out prompts and noise (hence its
+    # base reward) are shared by its methods, so gains across seeds show how training varies,
+    # not how the seeds' evaluation sets differ. The summary and the plots both read it.
+    for point in curve:
+        point["gain"] = point["eval_reward"] - curve[0]["eval_reward"]
     record["curve"] = curve
     record["final_eval_reward"] = curve[-1]["eval_reward"]
     record["final_eps_distance"] = curve[-1]["eps_distance"]
@@ -179,7 +184,7 @@ def summarise(records: list[dict]) -> dict:
         for method in sorted({r["method"] for r in ok if r["reward"] == reward}):
             runs = [r for r in ok if r["reward"] == reward and r["method"] == method]
             finals = [r["final_eval_reward"] for r in runs]
-            gains = [r["final_eval_reward"] - r["curve"][0]["eval_reward"] for r in runs]
+            gains = [r["curve"][-1]["gain"] for r in runs]
             methods[method] = {"seeds": [r["seed"] for r in runs],
                                "final_eval_reward_mean": float(np.mean(finals)),
                                "final_eval_reward_std": float(np.std(finals)),
@@ -233,11 +238,7 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
                 runs = [r["curve"] for r in ok if r["reward"] == reward and r["method"] == method]
                 length = min(len(c) for c in runs)
                 xs = np.array([[p[x_key] for p in c[:length]] for c in runs])
-                # Gain over the run's step-0 evaluation: a seed's held-out prompts and noise
-                # (hence its base reward) are shared by its methods, so the bands show how
-                # training varies, not how the seeds' evaluation sets differ.
-                ys = np.array([[p["eval_reward"] - c[0]["eval_reward"] for p in c[:length]]
-                               for c in runs])
+                ys = np.array([[p["gain"] for p in c[:length]] for c in runs])
                 x, mean, std = xs.mean(0), ys.mean(0), ys.std(0)
                 ax.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)

@@ -109,6 +109,9 @@ def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkey
     assert not calls and record["reused"] and record["returncode"] == 0
     assert record["seconds"] == 10.0 * epochs  # no run.json: the metrics' final wall_s
     assert record["final_eval_reward"] == epochs and len(record["curve"]) == epochs + 1
+    assert [p["gain"] for p in record["curve"]] == [1.0 * s for s in range(epochs + 1)]
+    summary = compare.summarise([record])["clip_alignment"]["methods"]["ddpo"]
+    assert summary["final_gain_mean"] == epochs and summary["final_gain_std"] == 0.0
     (workdir / "run.json").write_text(json.dumps({"seconds": 12.5}))
     assert compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)["seconds"] == 12.5
 
