@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
     policy.lora_alpha = 0.0  # LoRA scale numerator: update (alpha / rank) * A @ B; 0 = alpha = rank.
     policy.lora_targets = "to_q,to_k,to_v,to_out_0"  # Module names of the adapted Dense layers.
     policy.scan_unroll = 0  # Unroll of the differentiated scan: 0 = auto (full on CPU, else 1).
+    # Derivative of the sampler's x0 clip (clip_sample) in the differentiated rollouts of VARD
+    # and DRaFT: exact (zero where the clip is active) | straight_through (identity; forward
+    # values unchanged). Sampling, evaluation and DDPO always use the exact clip.
+    policy.clip_x0_gradient = "exact"
 
     # --- baselines (config.algorithm = ddpo | draft; policy.* sets their optimiser) -----------
     config.ddpo = ddpo = ml_collections.ConfigDict()

@@ -33,6 +33,9 @@ def test_shipped_configs_validate():
     ("reward.name", "clip_alignment:abc", "weight 'abc'"),
     ("policy.learning_rate", float("nan"), "must be finite"),
     ("train.max_nonfinite_in_a_row", 0, "config.train.max_nonfinite_in_a_row = 0: not allowed"),
+    ("policy.clip_x0_gradient", "identity",
+     "config.policy.clip_x0_gradient = 'identity': not allowed; must be one of exact, "
+     "straight_through"),
 ])
 def test_impossible_values(field, value, message):
     config = good()

@@ -39,6 +39,54 @@ def test_ddim_step_matches_diffusers(settings, eta, num_steps):
         np.testing.assert_allclose(step.std, eta * np.sqrt(variance), atol=1e-5, rtol=1e-5)
 
 
+def test_clip_straight_through_values_and_derivative():
+    x = jnp.array([-3.0, -1.0, 0.25, 0.9, 2.0])
+    np.testing.assert_array_equal(ddim.clip_straight_through(x, 1.0), jnp.clip(x, -1.0, 1.0))
+    weights = jnp.arange(1.0, 6.0)
+    for derivative in (jax.grad, lambda f: jax.jit(jax.grad(f)), jax.jacfwd):
+        np.testing.assert_array_equal(
+            derivative(lambda v: jnp.sum(weights * ddim.clip_straight_through(v, 1.0)))(x),
+            weights)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_straight_through_clip_keeps_the_step_and_takes_the_unclipped_derivative(eta):
+    # The first step of a pixel-space schedule: x0_hat ~ x / sqrt(a), a ~ 1e-4, mostly outside
+    # [-1, 1], so the exact clip's derivative with respect to the model output is zero there.
+    base = make_ddim_schedule(NoiseScheduleConfig(clip_sample=True), 10)
+    straight = base.replace(clip_gradient="straight_through")
+    unclipped = base.replace(clip_sample=False)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 4)), jnp.float32)
+    out = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    z = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    for i in (0, 9):
+        exact_step = ddim.ddim_step(base, i, x, out, z, eta)
+        straight_step = ddim.ddim_step(straight, i, x, out, z, eta)
+        for a, b in zip(exact_step, straight_step):
+            np.testing.assert_array_equal(a, b)
+
+        def objective(schedule, model_output):
+            return jnp.sum(weights * ddim.ddim_step(schedule, i, x, model_output, z, eta).x_prev)
+
+        grad_exact, grad_straight, grad_unclipped = (
+            jax.grad(objective, argnums=1)(s, out) for s in (base, straight, unclipped))
+        np.testing.assert_allclose(grad_straight, grad_unclipped, rtol=1e-5, atol=1e-6)
+        x0 = ddim.predict_x0_eps(unclipped, base.alpha_t[i], x, out)[0]
+        outside = np.abs(np.asarray(x0)) > 1.0
+        if i == 0:
+            assert outside.mean() > 0.9
+        # Where the clip is inactive all three agree; where it is active they differ.
+        np.testing.assert_allclose(np.asarray(grad_exact)[~outside],
+                                   np.asarray(grad_straight)[~outside], rtol=1e-5, atol=1e-6)
+        if outside.any():
+            assert not np.allclose(np.asarray(grad_exact)[outside],
+                                   np.asarray(grad_straight)[outside])
+    with pytest.raises(ValueError, match="clip_gradient 'identity' is not supported"):
+        ddim.ddim_step(base.replace(clip_gradient="identity"), 0, x, out, z, eta)
+
+
 def test_add_noise_matches_diffusers():
     diffusers = upstream.diffusers()
     scheduler = diffusers.FlaxDDIMScheduler(**SD_SCHEDULER)

@@ -63,6 +63,20 @@ def test_policy_update_never_calls_the_host_reward(trainer, counting_reward):
     assert counting_reward.calls == before + 1
 
 
+def test_only_the_differentiated_rollout_takes_the_straight_through_clip(trainer, config):
+    # Sampling, evaluation and DDPO's densities keep the exact clip; VARD's policy step and
+    # DRaFT differentiate with the configured derivative (the shapes world clips x0).
+    assert config.policy.clip_x0_gradient == "exact"
+    assert trainer.policy_schedule.clip_gradient == "exact"
+    straight = config.copy_and_resolve_references()
+    straight.policy.clip_x0_gradient = "straight_through"
+    other = Trainer(straight)
+    assert other.schedule.clip_sample and other.policy_schedule.clip_sample
+    assert other.schedule.clip_gradient == "exact"
+    assert other.policy_schedule.clip_gradient == "straight_through"
+    np.testing.assert_array_equal(other.policy_schedule.timesteps, other.schedule.timesteps)
+
+
 def _leaves_equal(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

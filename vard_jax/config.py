@@ -18,6 +18,7 @@ MODEL_FAMILIES = ("shapes",)
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
+CLIP_GRADIENTS = ("exact", "straight_through")  # = vard_jax.diffusion.ddim.CLIP_GRADIENTS
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 
@@ -124,6 +125,8 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.lora_alpha", lambda v: v >= 0.0, "a number >= 0 (0 = the rank)"),
     ("config.policy.lora_targets", lambda v: bool(v.strip()), "comma-separated Dense layer names"),
     ("config.policy.scan_unroll", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
+    ("config.policy.clip_x0_gradient", lambda v: v in CLIP_GRADIENTS,
+     f"one of {', '.join(CLIP_GRADIENTS)}"),
     ("config.ddpo.clip_range", lambda v: v > 0.0, "a number > 0"),
     ("config.ddpo.adv_clip", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),
     ("config.ddpo.inner_epochs", lambda v: v >= 1, "an integer >= 1"),

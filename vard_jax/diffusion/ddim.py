@@ -11,6 +11,7 @@ square root of their variance; the tests compare both against diffusers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -35,6 +36,21 @@ def _broadcast(value: jax.Array, like: jax.Array) -> jax.Array:
     return jnp.reshape(value, jnp.shape(value) + (1,) * (like.ndim - jnp.ndim(value)))
 
 
+CLIP_GRADIENTS = ("exact", "straight_through")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def clip_straight_through(x: jax.Array, limit: float) -> jax.Array:
+    """clip(x, -limit, limit) whose derivative is the identity (a straight-through estimator)."""
+    return jnp.clip(x, -limit, limit)
+
+
+@clip_straight_through.defjvp
+def _clip_straight_through_jvp(limit, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    return clip_straight_through(x, limit), x_dot
+
+
 def predict_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
                    model_output: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x0_hat, eps) from the model's output, for any prediction type; a_t: [] or [B]."""
@@ -51,7 +67,13 @@ def predict_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
     else:
         raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
     if schedule.clip_sample:
-        x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        if schedule.clip_gradient == "straight_through":
+            x0 = clip_straight_through(x0, schedule.clip_sample_range)
+        elif schedule.clip_gradient == "exact":
+            x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        else:
+            raise ValueError(f"clip_gradient {schedule.clip_gradient!r} is not supported; use "
+                             f"one of {', '.join(CLIP_GRADIENTS)}")
     return x0, eps
 
 

@@ -55,6 +55,9 @@ class DDIMSchedule:
     clip_sample: bool = flax.struct.field(pytree_node=False, default=False)
     clip_sample_range: float = flax.struct.field(pytree_node=False, default=1.0)
     prediction_type: str = flax.struct.field(pytree_node=False, default="epsilon")
+    # The derivative of the x0 clip: "exact" (zero outside the range) or "straight_through"
+    # (identity; the forward values are the same). Only differentiated rollouts read it.
+    clip_gradient: str = flax.struct.field(pytree_node=False, default="exact")
 
     @property
     def num_steps(self) -> int:

@@ -123,8 +123,8 @@ class DraftSteps:
             grad_depth=min(config.draft.grad_depth, num_steps), beta=config.draft.beta,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
             remat=config.policy.remat)
-        pipeline, policy, schedule, reward = (trainer.pipeline, trainer.policy, trainer.schedule,
-                                              trainer.reward)
+        pipeline, policy, schedule, reward = (trainer.pipeline, trainer.policy,
+                                              trainer.policy_schedule, trainer.reward)
         null_ids = trainer.null_ids
         loss_config, random_depth = self.config, self.random_depth
         optimizer = trainer.policy_optimizer

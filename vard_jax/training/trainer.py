@@ -141,6 +141,10 @@ class Trainer:
                              f"{self.reward.name!r} is not")
         self.num_steps = config.sample.num_steps
         self.schedule = make_ddim_schedule(self.pipeline.schedule, self.num_steps)
+        # The differentiated rollouts (VARD's policy step, DRaFT) may use the straight-through
+        # derivative of the x0 clip; sampling and DDPO's densities use ``self.schedule``.
+        self.policy_schedule = self.schedule.replace(
+            clip_gradient=config.policy.clip_x0_gradient)
         self.null_ids = jnp.asarray(self.pipeline.tokenize([""]))
         self.value_model = self._make_value_model()
         epochs = config.train.epochs
@@ -236,7 +240,7 @@ class Trainer:
         return self.pipeline.encode_ids(self.frozen["text_encoder"], ids)
 
     def _build_functions(self) -> None:
-        pipeline, schedule, config = self.pipeline, self.schedule, self.config
+        pipeline, policy_schedule, config = self.pipeline, self.policy_schedule, self.config
         shape = pipeline.sample_shape
         value_apply = self.value_model.apply
         reward = self.reward
@@ -283,7 +287,7 @@ class Trainer:
                     images = pipeline.decode(frozen, x0)
                     return stats.standardise(reward.score(images, batch["reward_input"]))
 
-            return policy_update(policy, value_apply, self.policy_optimizer, schedule,
+            return policy_update(policy, value_apply, self.policy_optimizer, policy_schedule,
                                  self.loss_config, state, reference_params, inputs,
                                  last_step_reward)
 
