@@ -390,13 +390,16 @@ class Trainer:
             metrics[f"value_ev_q{b + 1}"] = explained_variance(targets[sel], predictions[sel])
         return metrics
 
-    def value_updates(self, state: TrainState, dataset: dict, rng: np.random.Generator):
-        """``value.updates_per_epoch`` minibatch steps on the dataset; returns (state, metrics):
-        means over the applied updates and counts of the skipped ones (``faults.aggregate``)."""
+    def value_updates(self, state: TrainState, dataset: dict, rng: np.random.Generator,
+                      updates: int | None = None):
+        """``updates`` (default ``value.updates_per_epoch``) minibatch steps on the dataset;
+        returns (state, metrics): means over the applied updates and counts of the skipped
+        ones (``faults.aggregate``)."""
         size = min(self.config.value.batch_size, dataset["states"].shape[0])
         size -= size % self.mesh.shape[mesh_lib.DATA] or 0
         per_update = []
-        for _ in range(self.config.value.updates_per_epoch):
+        count = self.config.value.updates_per_epoch if updates is None else updates
+        for _ in range(count):
             idx = rng.choice(dataset["states"].shape[0], size=size, replace=False)
             batch = self._value_batch(dataset, idx)
             state, metrics = self.value_step(state, self.frozen, self.reference_params, batch)
