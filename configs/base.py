@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- the value model V(x_t, t, c) ---------------------------------------------------------
     config.value = value = ml_collections.ConfigDict()
-    value.arch = "conv"  # Architecture: conv | reward_init (reward backbone on x0_hat).
+    # Architecture: conv (on x_t) | conv_x0 (the same network on the reference model's one-step
+    # prediction x0_hat(x_t)) | reward_init (the reward's own backbone on x0_hat).
+    value.arch = "conv"
     value.width = 32  # Channels of the first conv layer (doubled per downsampling).
     value.learning_rate = 1e-3  # Peak learning rate of the value optimiser (Adam).
     value.weight_decay = 0.0  # Decoupled weight decay of the value optimiser.

@@ -89,6 +89,47 @@ def test_reward_initialised_value_equals_the_reward_at_the_final_state(loaded):
     assert float(jnp.abs(grads["backbone"]["text_projection"]["kernel"]).sum()) > 0
 
 
+def test_conv_x0_value_reads_the_reference_models_clipped_prediction():
+    """value.arch = conv_x0: the conv value of x0_hat(x_t) (reference model, clipped like the
+    sampler), x_t itself at the final state, differentiable in x_t."""
+    from configs import shapes
+    from vard_jax.models import value as value_lib
+    from vard_jax.training.trainer import Trainer
+
+    config = shapes.get_config("tiny")
+    config.value.arch = "conv_x0"
+    trainer = Trainer(config)
+    model, pipeline = trainer.value_model, trainer.pipeline
+    params = model.init(jax.random.PRNGKey(0))
+    # A non-zero head, so that the value depends on its input (the head starts at zero).
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+    conv = value_lib.conv_value(pipeline.sample_shape, (pipeline.max_length,
+                                                        pipeline.unet.cross_attention_dim),
+                                config.value.width)
+    stats = trainer.init_state().reward_stats
+    apply_x0, apply_conv = jax.jit(model.apply), jax.jit(conv.apply)
+    aux = trainer.value_aux(stats, trainer.frozen, trainer.reference_params, None)
+    key_x, key_c = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(key_x, (4,) + pipeline.sample_shape)
+    context = pipeline.encode_ids(trainer.frozen["text_encoder"], jnp.asarray(
+        pipeline.tokenize(["a red circle on a white background"] * 4)))
+    final = jnp.full((4,), -1, jnp.int32)
+    x_clean = jnp.clip(x, -1.0, 1.0)
+    np.testing.assert_allclose(apply_x0(params, x_clean, final, context, aux),
+                               apply_conv(params, x_clean, final, context, {}), rtol=1e-5,
+                               atol=1e-5)
+    t = jnp.full((4,), 500, jnp.int32)
+    a = trainer.schedule.alphas_cumprod[500]
+    eps = jax.jit(pipeline.eps_fn)(trainer.reference_params, x, t, context)
+    x0 = jnp.clip((x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a), -1.0, 1.0)
+    np.testing.assert_allclose(apply_x0(params, x, t, context, aux),
+                               apply_conv(params, x0, t, context, {}), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(apply_x0(params, x, t, context, aux),
+                           apply_conv(params, x, t, context, {}), atol=1e-3)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(params, v, t, context, aux))))(x)
+    assert float(jnp.abs(grad).sum()) > 0.0
+
+
 def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
     """--evaluate_only re-measures the quality figures of an asset directory with the current
     sampler and writes them beside the same weights, keeping the training figures."""

@@ -16,7 +16,7 @@ ALGORITHMS = ("vard", "ddpo", "draft")
 DDPO_REDUCTIONS = ("mean", "sum")
 MODEL_FAMILIES = ("shapes",)
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
-VALUE_ARCHS = ("conv", "reward_init")
+VALUE_ARCHS = ("conv", "conv_x0", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
 CLIP_GRADIENTS = ("exact", "straight_through")  # = vard_jax.diffusion.ddim.CLIP_GRADIENTS
 LR_SCHEDULES = ("constant", "cosine")

@@ -3,6 +3,8 @@
 * ``ConvValue`` (default, ``value.arch = "conv"``): a small convolutional encoder of the noisy
   state, FiLM-modulated by a sinusoidal timestep embedding and the mean-pooled prompt
   embedding, with a scalar head.
+* ``conv_x0_value`` (``value.arch = "conv_x0"``): the same network on the frozen reference
+  model's one-step prediction x0_hat(x_t) instead of the noisy state.
 * ``RewardInitValue`` (``value.arch = "reward_init"``): the reward network's own backbone (a
   CLIP) applied to the decoded one-step prediction x0_hat(x_t) of the frozen reference model,
   started from the reward's weights, plus a per-timestep affine correction initialised to the
@@ -81,6 +83,24 @@ def conv_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int
         return module.apply({"params": params}, x, timesteps, context)
 
     return ValueModel(init=init, apply=apply, name="conv")
+
+
+def conv_x0_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int],
+                  width: int,
+                  x0_hat_fn: Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
+                  ) -> ValueModel:
+    """``ConvValue`` applied to the frozen reference model's one-step prediction x0_hat(x_t)
+    (``x0_hat_fn(aux, x_t, t, context)``, differentiable in x_t) instead of x_t itself.
+
+    Every timestep then shows the network an image on the same scale, so what it learns of
+    the reward's dependence on the image at one noise level serves the others.
+    """
+    inner = conv_value(sample_shape, context_shape, width)
+
+    def apply(params, x, timesteps, context, aux):
+        return inner.apply(params, x0_hat_fn(aux, x, timesteps, context), timesteps, context, aux)
+
+    return ValueModel(init=inner.init, apply=apply, name="conv_x0")
 
 
 class _TimeAffine(nn.Module):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from vard_jax.algorithms import vard
-from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
+from vard_jax.diffusion import ddim, rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.diffusion.schedule import make_ddim_schedule
 from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
@@ -171,14 +171,9 @@ class Trainer:
 
     def _make_value_model(self) -> value_lib.ValueModel:
         config, pipeline = self.config, self.pipeline
+        context_shape = (pipeline.max_length, pipeline.unet.cross_attention_dim)
         if config.value.arch == "conv":
-            context_dim = pipeline.unet.cross_attention_dim
-            return value_lib.conv_value(pipeline.sample_shape, (pipeline.max_length, context_dim),
-                                        config.value.width)
-        if self.reward.backbone is None:
-            raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
-                             f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
-        _, backbone_params, score_fn = self.reward.backbone
+            return value_lib.conv_value(pipeline.sample_shape, context_shape, config.value.width)
         alphas_cumprod = jnp.asarray(self.schedule.alphas_cumprod)
 
         def x0_hat(aux, x, timesteps, context):
@@ -189,6 +184,27 @@ class Trainer:
             a = alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
             x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
             return jnp.where((timesteps < 0).reshape(a.shape), x, x0)
+
+        if config.value.arch == "conv_x0":
+            limit = self.schedule.clip_sample_range
+
+            def x0_hat_in_range(aux, x, timesteps, context):
+                # Clipped like the sampler's x0 (the shapes world's pixels): the early steps'
+                # predictions are otherwise ~1/sqrt(alpha_bar) ~ 100 times too large. The
+                # derivative follows policy.clip_x0_gradient.
+                x0 = x0_hat(aux, x, timesteps, context)
+                if not self.schedule.clip_sample:
+                    return x0
+                if self.policy_schedule.clip_gradient == "straight_through":
+                    return ddim.clip_straight_through(x0, limit)
+                return jnp.clip(x0, -limit, limit)
+
+            return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
+                                           config.value.width, x0_hat_in_range)
+        if self.reward.backbone is None:
+            raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
+                             f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
+        _, backbone_params, score_fn = self.reward.backbone
 
         def decode(aux, x0):
             return pipeline.decode(aux["frozen"], x0)
@@ -201,7 +217,10 @@ class Trainer:
 
     def value_aux(self, stats: RewardStats, frozen: dict, reference_params: Any,
                   reward_ids: Any) -> dict:
-        """Inputs of the value model beyond (x_t, t, c); empty for the conv value."""
+        """Inputs of the value model beyond (x_t, t, c): the reference UNet for the x0_hat
+        values, with the reward's prompt ids and statistics for reward_init; empty for conv."""
+        if self.config.value.arch == "conv_x0":
+            return {"reference": reference_params}
         if not self.value_needs_reward_ids:
             return {}
         return {"reward_ids": reward_ids, "reward_mean": stats.mean, "reward_std": stats.std,
