@@ -25,8 +25,9 @@ Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
 DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
 Method settings are each method's own defaults in ``configs/base.py`` (DDPO: clip 1e-4, one
-inner epoch of 32-transition minibatches; DRaFT: K = 1); all share the demo's sampler, the
-policy optimiser and learning rate.
+inner epoch of 32-transition minibatches; DRaFT: K = 1) and the reward's config (``CONFIGS``:
+VARD's value reads x0_hat for the non-differentiable rewards); all share the demo's sampler,
+the policy optimiser and learning rate.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ MATRIX = {
     "clip_alignment": ("vard", "ddpo", "draft"),
     "shape_fidelity": ("vard", "ddpo"),
     "jpeg_compressibility": ("vard", "ddpo"),
+}
+# reward -> its experiment config (the value architecture VARD uses for it, among others);
+# the overrides below set the budget, seed and evaluation grid.
+CONFIGS = {
+    "clip_alignment": "configs/shapes.py",
+    "shape_fidelity": "configs/shapes_fidelity.py",
+    "jpeg_compressibility": "configs/shapes_compressibility.py",
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,7 +93,8 @@ def run_epochs(method: str, budget: int, smoke: bool) -> tuple[int, int, int]:
 
 def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
                   smoke: bool) -> list[str]:
-    """Command-line overrides of configs/shapes.py for one run at the query budget."""
+    """Command-line overrides of the reward's config (``CONFIGS``) for one run at the query
+    budget."""
     epochs, pretrain, batch = run_epochs(method, budget, smoke)
     # The same evaluation grid (in epochs) for every method, whatever its pre-training.
     every = max(budget // batch // max(evals, 1), 1)
@@ -117,7 +126,7 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dic
     invocation without its ``run.json``, the final ``wall_s`` of its metrics.
     """
     workdir = out / "runs" / f"{reward}-{method}-seed{seed}"
-    config = "configs/shapes.py:tiny" if args.smoke else "configs/shapes.py"
+    config = CONFIGS[reward] + (":tiny" if args.smoke else "")
     command = [sys.executable, "-m", "vard_jax.main", f"--config={config}",
                f"--workdir={workdir}"] + run_overrides(reward, method, seed, args.budget,
                                                         args.evals, args.smoke)
