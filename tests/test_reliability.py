@@ -52,7 +52,10 @@ EPOCHS = 6
 EVERY = 3  # checkpoint interval: the SIGTERM checkpoint (step 4 or 5) is not a regular one
 ARGS = ("--config=configs/shapes_fidelity.py:tiny", f"--config.train.epochs={EPOCHS}",
         "--config.train.eval_every=100", "--config.reward.eval_extra=",
-        "--config.logging.tensorboard=False", f"--config.checkpoint.every={EVERY}")
+        "--config.logging.tensorboard=False", f"--config.checkpoint.every={EVERY}",
+        # Faults and checkpoints do not depend on the value network: the conv value on x_t
+        # keeps these multi-process tests' compiles small (test_training runs conv_x0).
+        "--config.value.arch=conv")
 PLANTED_TMP = "99.orbax-checkpoint-tmp-1700000000"  # an unfinished save, as orbax names one
 TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
 
@@ -65,6 +68,7 @@ def tiny_config():
     config.reward.eval_extra = ""
     config.logging.tensorboard = False
     config.checkpoint.every = EVERY
+    config.value.arch = "conv"
     return config
 
 
