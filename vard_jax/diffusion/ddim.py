@@ -66,15 +66,20 @@ def predict_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
         eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
     else:
         raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
-    if schedule.clip_sample:
-        if schedule.clip_gradient == "straight_through":
-            x0 = clip_straight_through(x0, schedule.clip_sample_range)
-        elif schedule.clip_gradient == "exact":
-            x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
-        else:
-            raise ValueError(f"clip_gradient {schedule.clip_gradient!r} is not supported; use "
-                             f"one of {', '.join(CLIP_GRADIENTS)}")
-    return x0, eps
+    return clip_x0(schedule, x0), eps
+
+
+def clip_x0(schedule: DDIMSchedule, x0: jax.Array) -> jax.Array:
+    """The sampler's clip of a one-step prediction (``clip_sample``; identity when off), with
+    the derivative ``schedule.clip_gradient``."""
+    if not schedule.clip_sample:
+        return x0
+    if schedule.clip_gradient == "straight_through":
+        return clip_straight_through(x0, schedule.clip_sample_range)
+    if schedule.clip_gradient == "exact":
+        return jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+    raise ValueError(f"clip_gradient {schedule.clip_gradient!r} is not supported; use one of "
+                     f"{', '.join(CLIP_GRADIENTS)}")
 
 
 def ddim_std(schedule: DDIMSchedule, i: jax.Array | int, eta: float) -> jax.Array:

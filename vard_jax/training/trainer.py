@@ -186,18 +186,11 @@ class Trainer:
             return jnp.where((timesteps < 0).reshape(a.shape), x, x0)
 
         if config.value.arch == "conv_x0":
-            limit = self.schedule.clip_sample_range
-
             def x0_hat_in_range(aux, x, timesteps, context):
                 # Clipped like the sampler's x0 (the shapes world's pixels): the early steps'
                 # predictions are otherwise ~1/sqrt(alpha_bar) ~ 100 times too large. The
                 # derivative follows policy.clip_x0_gradient.
-                x0 = x0_hat(aux, x, timesteps, context)
-                if not self.schedule.clip_sample:
-                    return x0
-                if self.policy_schedule.clip_gradient == "straight_through":
-                    return ddim.clip_straight_through(x0, limit)
-                return jnp.clip(x0, -limit, limit)
+                return ddim.clip_x0(self.policy_schedule, x0_hat(aux, x, timesteps, context))
 
             return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
                                            config.value.width, x0_hat_in_range)
