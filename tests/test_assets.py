@@ -61,31 +61,47 @@ def test_clip_alignment_prefers_the_true_caption(loaded):
     assert float(np.mean(right_scores - wrong_scores)) > 0.0
 
 
-def test_reward_initialised_value_equals_the_reward_at_the_final_state(loaded):
-    """value.arch = reward_init: V(x_0) is the standardised reward of x_0 before any training."""
-    from vard_jax.models import value as value_lib
+def test_reward_init_value_is_the_standardised_reward_of_the_clipped_prediction():
+    """value.arch = reward_init (through the trainer): before any training, V(x_0) is the
+    standardised reward of x_0, and V(x_t) that of the reference model's one-step prediction
+    (clipped like the sampler's; decoding to [0, 1] images clips the same pixels). The
+    backbone is trainable."""
+    from configs import shapes
+    from vard_jax.training.state import RewardStats
+    from vard_jax.training.trainer import Trainer
 
-    pipeline, params, clip_model, clip_params = loaded
-    context = registry.RewardContext(world_clip=(clip_model, clip_params, pipeline.tokenizer))
-    reward = registry.build("clip_alignment", context)
-    _, backbone_params, score_fn = reward.backbone
+    config = shapes.get_config("tiny")
+    config.value.arch = "reward_init"
+    trainer = Trainer(config)
+    model, pipeline, reward = trainer.value_model, trainer.pipeline, trainer.reward
+    params = model.init(jax.random.PRNGKey(0))
+    stats = RewardStats(mean=jnp.asarray(1.5), var=jnp.asarray(4.0), count=jnp.asarray(8.0))
+    apply = jax.jit(model.apply)
 
-    def x0_hat(aux, x, timesteps, context):  # final states are clean already
-        return x
+    def standardised_reward(images, ids):
+        return (reward.score(pipeline.decode(trainer.frozen, images), ids) - 1.5) / stats.std
 
-    model = value_lib.reward_init_value(score_fn, backbone_params, x0_hat,
-                                        lambda aux, x0: pipeline.decode(params, x0))
-    value_params = model.init(jax.random.PRNGKey(0))
+    # Final states (t < 0) are scored as they are.
     images, captions = world.generate(8, seed=4, split="train")
     x0 = jnp.transpose(jnp.asarray(images), (0, 3, 1, 2)) * 2.0 - 1.0
     ids = jnp.asarray(reward.prepare(captions))
-    aux = {"reward_ids": ids, "reward_mean": jnp.asarray(1.5), "reward_std": jnp.asarray(2.0)}
-    values = model.apply(value_params, x0, jnp.full((8,), -50), None, aux)
-    expected = (reward.score(pipeline.decode(params, x0), ids) - 1.5) / 2.0
-    np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4)
+    context = pipeline.encode_ids(trainer.frozen["text_encoder"],
+                                  jnp.asarray(pipeline.tokenize(captions)))
+    aux = trainer.value_aux(stats, trainer.frozen, trainer.reference_params, ids)
+    final = jnp.full((8,), -1, jnp.int32)
+    np.testing.assert_allclose(apply(params, x0, final, context, aux),
+                               standardised_reward(x0, ids), rtol=1e-4, atol=1e-4)
+    # Noisy states: the reference model's prediction, clipped.
+    x = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    t = jnp.full((8,), 500, jnp.int32)
+    a = trainer.schedule.alphas_cumprod[500]
+    eps = jax.jit(pipeline.eps_fn)(trainer.reference_params, x, t, context)
+    x0_hat = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    np.testing.assert_allclose(apply(params, x, t, context, aux),
+                               standardised_reward(jnp.clip(x0_hat, -1.0, 1.0), ids),
+                               rtol=1e-4, atol=1e-4)
     # The backbone is trainable: its gradient is not zero.
-    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x0, jnp.full((8,), -50), None, aux)))(
-        value_params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x0, final, context, aux))))(params)
     assert float(jnp.abs(grads["backbone"]["text_projection"]["kernel"]).sum()) > 0
 
 

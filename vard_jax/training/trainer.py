@@ -183,17 +183,16 @@ class Trainer:
             eps = pipeline.eps_fn(aux["reference"], x, t, context)
             a = alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
             x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-            return jnp.where((timesteps < 0).reshape(a.shape), x, x0)
+            # Clipped like the sampler's x0 (clip_sample, the shapes world's pixels; identity
+            # for Stable Diffusion's latents): the early steps' predictions are otherwise
+            # ~1/sqrt(alpha_bar) ~ 100 times too large. The derivative follows
+            # policy.clip_x0_gradient.
+            return ddim.clip_x0(self.policy_schedule,
+                                jnp.where((timesteps < 0).reshape(a.shape), x, x0))
 
         if config.value.arch == "conv_x0":
-            def x0_hat_in_range(aux, x, timesteps, context):
-                # Clipped like the sampler's x0 (the shapes world's pixels): the early steps'
-                # predictions are otherwise ~1/sqrt(alpha_bar) ~ 100 times too large. The
-                # derivative follows policy.clip_x0_gradient.
-                return ddim.clip_x0(self.policy_schedule, x0_hat(aux, x, timesteps, context))
-
             return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
-                                           config.value.width, x0_hat_in_range)
+                                           config.value.width, x0_hat)
         if self.reward.backbone is None:
             raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
                              f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
