@@ -72,18 +72,12 @@ def main(argv):
     train_prompts = prompts_lib.load_prompts(config.sample.train_prompts)
     policy_params = trainer.pretrained_policy_params()
     started = time.time()
-    rollouts, rewards, prompts = [], [], []
     key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 31)
-    for b in range(num_batches):
-        batch_prompts = prompts_lib.draw(train_prompts, batch, config.train.seed, 31, b)
-        rollout = trainer.rollout_batch(policy_params, batch_prompts, jax.random.fold_in(key, b))
-        values, _ = trainer.reward_evaluator(np.asarray(jax.device_get(rollout.images)),
-                                             batch_prompts)
-        rollouts.append(rollout)
-        rewards.append(values)
-        prompts.extend(batch_prompts)
+    prompt_batches = [prompts_lib.draw(train_prompts, batch, config.train.seed, 31, b)
+                      for b in range(num_batches)]
+    rollouts, rewards = trainer.rollouts_with_rewards(policy_params, prompt_batches, key)
+    prompts = [p for batch_prompts in prompt_batches for p in batch_prompts]
     sample_seconds = time.time() - started
-    rewards = np.concatenate(rewards)
     total = num_batches * batch
     held_start = total - _HELD_OUT.value
     # Standardised with the statistics of all training chains (decay 0: no history).

@@ -400,6 +400,33 @@ def test_loop_warns_about_over_long_prompts(trainer, tmp_path, caplog):
     assert long_prompt_warning(tmp_path / "prompts.txt", trainer.pipeline.max_length) in caplog.text
 
 
+def test_collect_scores_the_drawn_prompts_and_stops_on_nonfinite_images(trainer, tmp_path,
+                                                                          monkeypatch):
+    """Loop.collect: one reward per drawn prompt, the reward's own values; a policy whose
+    images are not finite stops with the step before the reward sees them."""
+    loop = Loop(trainer.config, tmp_path / "run", trainer=trainer)
+    state = trainer.init_state()
+    key = jax.random.PRNGKey(3)
+    rollouts, rewards, prompts = loop.collect(state, (5, 0), key, step=4)
+    sample = trainer.config.sample
+    assert prompts == [prompts_lib.draw(loop.train_prompts, sample.batch_size,
+                                        trainer.config.train.seed, 5, 0, b)
+                       for b in range(sample.batches_per_epoch)]
+    assert rewards.shape == (sample.batch_size * sample.batches_per_epoch,)
+    expected, _ = trainer.reward_evaluator(np.asarray(jax.device_get(rollouts[0].images)),
+                                           prompts[0])
+    np.testing.assert_allclose(rewards[:sample.batch_size], expected, rtol=1e-6)
+
+    scored = []
+    monkeypatch.setattr(trainer, "reward_evaluator",
+                        lambda images, batch_prompts: scored.append(images) or (None, None))
+    poisoned = state.replace(policy_params=jax.tree_util.tree_map(lambda x: x * jnp.nan,
+                                                                  state.policy_params))
+    with pytest.raises(faults.NonFiniteError, match="step 4: the policy's sampled images"):
+        loop.collect(poisoned, (5, 0), key, step=4)
+    assert scored == []
+
+
 def test_nonfinite_updates_are_skipped_and_counted(trainer):
     config = trainer.config
     prompts = ["a red circle on a white background"] * config.sample.batch_size

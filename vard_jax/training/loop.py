@@ -17,7 +17,6 @@ import numpy as np
 from absl import logging
 
 from vard_jax import prompts as prompts_lib
-from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.training import evaluation, faults, stages
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
 from vard_jax.training.images import save_grid
@@ -56,19 +55,12 @@ class Loop:
         Raises NonFiniteError when the images are not finite (before the reward sees them).
         """
         cfg = self.config.sample
-        rollouts, rewards, prompts = [], [], []
-        for b in range(cfg.batches_per_epoch):
-            batch_prompts = prompts_lib.draw(self.train_prompts, cfg.batch_size,
-                                             self.config.train.seed, *salt, b)
-            rollout = self.trainer.rollout_batch(state.policy_params, batch_prompts,
-                                                 jax.random.fold_in(key, b))
-            images = mesh_lib.to_host(rollout.images)  # the whole batch, on every process
-            faults.check_images(images, step, self.last_checkpoint)
-            values, _ = self.trainer.reward_evaluator(images, batch_prompts)
-            rollouts.append(rollout)
-            rewards.append(values)
-            prompts.append(batch_prompts)
-        return rollouts, np.concatenate(rewards), prompts
+        prompts = [prompts_lib.draw(self.train_prompts, cfg.batch_size, self.config.train.seed,
+                                    *salt, b) for b in range(cfg.batches_per_epoch)]
+        rollouts, rewards = self.trainer.rollouts_with_rewards(
+            state.policy_params, prompts, key,
+            check_images=lambda images: faults.check_images(images, step, self.last_checkpoint))
+        return rollouts, rewards, prompts
 
     def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray, prompts,
                     salt: tuple[int, int]):

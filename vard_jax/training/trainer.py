@@ -343,6 +343,22 @@ class Trainer:
         ids = self.put_batch(jnp.asarray(self.pipeline.tokenize(prompts)))
         return self.sample(policy_params, self.frozen, self.reference_params, ids, key)
 
+    def rollouts_with_rewards(self, policy_params, prompt_batches: list[list[str]], key,
+                              check_images=None) -> tuple[list[Rollout], np.ndarray]:
+        """Rollouts of the policy for each batch of prompts (batch b with key fold_in(key, b))
+        and their rewards, scored on the host: (rollouts, rewards [sum of batch sizes]).
+        ``check_images(images)`` sees each batch's host images before the reward does."""
+        rollouts, rewards = [], []
+        for b, prompts in enumerate(prompt_batches):
+            rollout = self.rollout_batch(policy_params, prompts, jax.random.fold_in(key, b))
+            images = mesh_lib.to_host(rollout.images)  # the whole batch, on every process
+            if check_images is not None:
+                check_images(images)
+            values, _ = self.reward_evaluator(images, prompts)
+            rollouts.append(rollout)
+            rewards.append(values)
+        return rollouts, np.concatenate(rewards)
+
     def policy_update(self, state: TrainState, prompts: list[str], key):
         batch = {"ids": jnp.asarray(self.pipeline.tokenize(prompts))}
         if self.config.reward.direct_last_step or self.value_needs_reward_ids:
