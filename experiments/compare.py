@@ -25,7 +25,7 @@ Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
 DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
 Method settings are each method's own defaults in ``configs/base.py`` (DDPO: clip 1e-4, one
-inner epoch of 32-transition minibatches; DRaFT: K = 1) and the reward's config (``CONFIGS``:
+inner epoch of 32-transition minibatches; DRaFT: K = 1) and the reward's config (``MATRIX``:
 VARD's value reads x0_hat for the non-differentiable rewards); all share the demo's sampler,
 the policy optimiser and learning rate.
 """
@@ -39,22 +39,21 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-# reward -> methods that can train on it (DRaFT needs a differentiable reward).
+
+class Comparison(NamedTuple):
+    config: str  # the reward's experiment config (the value architecture VARD uses for it, ...)
+    methods: tuple[str, ...]  # the methods that can train on it (DRaFT: differentiable only)
+
+
+# reward -> its comparison; run_overrides sets the budget, seed and evaluation grid.
 MATRIX = {
-    "clip_alignment": ("vard", "ddpo", "draft"),
-    "shape_fidelity": ("vard", "ddpo"),
-    "jpeg_compressibility": ("vard", "ddpo"),
-}
-# reward -> its experiment config (the value architecture VARD uses for it, among others);
-# the overrides below set the budget, seed and evaluation grid.
-CONFIGS = {
-    "clip_alignment": "configs/shapes.py",
-    "shape_fidelity": "configs/shapes_fidelity.py",
-    "jpeg_compressibility": "configs/shapes_compressibility.py",
+    "clip_alignment": Comparison("configs/shapes.py", ("vard", "ddpo", "draft")),
+    "shape_fidelity": Comparison("configs/shapes_fidelity.py", ("vard", "ddpo")),
+    "jpeg_compressibility": Comparison("configs/shapes_compressibility.py", ("vard", "ddpo")),
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -93,7 +92,7 @@ def run_epochs(method: str, budget: int, smoke: bool) -> tuple[int, int, int]:
 
 def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
                   smoke: bool) -> list[str]:
-    """Command-line overrides of the reward's config (``CONFIGS``) for one run at the query
+    """Command-line overrides of the reward's config (``MATRIX``) for one run at the query
     budget."""
     epochs, pretrain, batch = run_epochs(method, budget, smoke)
     # The same evaluation grid (in epochs) for every method, whatever its pre-training.
@@ -126,7 +125,7 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dic
     invocation without its ``run.json``, the final ``wall_s`` of its metrics.
     """
     workdir = out / "runs" / f"{reward}-{method}-seed{seed}"
-    config = CONFIGS[reward] + (":tiny" if args.smoke else "")
+    config = MATRIX[reward].config + (":tiny" if args.smoke else "")
     command = [sys.executable, "-m", "vard_jax.main", f"--config={config}",
                f"--workdir={workdir}"] + run_overrides(reward, method, seed, args.budget,
                                                         args.evals, args.smoke)
@@ -273,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(f"--rewards: unknown {unknown}; choose from {', '.join(MATRIX)}")
     records = []
     for reward in rewards:
-        for method in MATRIX[reward]:
+        for method in MATRIX[reward].methods:
             for seed in seeds:
                 record = run_one(out, reward, method, seed, args)
                 print(json.dumps({k: record.get(k) for k in (
