@@ -24,6 +24,10 @@ def get_config(arg: str = ""):
     config.value.batch_size = 64
     config.policy.learning_rate = 1e-4
     config.policy.beta = 0.01
+    # Decaying to 0 over the run: the constant rate let one of three shape_fidelity seeds
+    # drift below its base in the second half; with the decay all three end above it, and the
+    # demo's held-out fidelity rises instead of staying flat (docs/RESULTS.md).
+    config.policy.lr_schedule = "cosine"
     config.policy.remat = "none"  # the tiny UNet's activations fit; recomputing costs ~30%
     config.train.epochs = 12
     config.train.eval_every = 6
