@@ -20,6 +20,20 @@ def test_shipped_configs_validate():
     validate(base.get_config(), device_count=4)
 
 
+
+def test_validator_choices_match_the_implementations():
+    """vard_jax/config.py keeps jax out of start-up validation, so it repeats the choices
+    the implementations accept; the two lists must not drift apart."""
+    from vard_jax import config
+    from vard_jax.algorithms import ddpo
+    from vard_jax.diffusion import ddim, rollout
+    from vard_jax.training import stages
+
+    assert set(config.ALGORITHMS) == set(stages.STAGES)
+    assert set(config.REMAT_POLICIES) == set(rollout.REMAT_POLICIES)
+    assert set(config.CLIP_GRADIENTS) == set(ddim.CLIP_GRADIENTS)
+    assert set(config.DDPO_REDUCTIONS) == set(ddpo.REDUCTIONS)
+
 @pytest.mark.parametrize("field, value, message", [
     ("policy.learning_rate", -1e-4, "config.policy.learning_rate = -0.0001: not allowed; must be a number > 0"),
     ("value.learning_rate", 0.0, "config.value.learning_rate = 0.0"),

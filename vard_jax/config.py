@@ -12,13 +12,15 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
+# Choices the implementations accept, repeated here to keep jax out of start-up validation
+# (tests/test_config.py checks that they match).
 ALGORITHMS = ("vard", "ddpo", "draft")
 DDPO_REDUCTIONS = ("mean", "sum")
 MODEL_FAMILIES = ("shapes",)
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "conv_x0", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
-CLIP_GRADIENTS = ("exact", "straight_through")  # = vard_jax.diffusion.ddim.CLIP_GRADIENTS
+CLIP_GRADIENTS = ("exact", "straight_through")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 
