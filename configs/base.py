@@ -65,11 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
     policy.weight_decay = 0.0  # Decoupled weight decay of the policy optimiser.
     policy.grad_clip = 1.0  # Global-norm clip of policy gradients (0 = off).
     policy.warmup_steps = 0  # Linear warm-up of the policy learning rate, in policy updates.
-    policy.lr_schedule = "constant"  # After warm-up: constant | cosine (to 0 at the last epoch).
+    policy.lr_schedule = "constant"  # After warm-up: constant | cosine (to 0 at the last update).
     policy.beta = 0.01  # KL weight: penalty on mean (eps_theta - eps_ref)^2 per step.
     policy.grad_depth = 1  # K: gradient flows through at most K denoising steps (windows).
     policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
-    policy.updates_per_epoch = 1  # Policy gradient steps per rollout batch.
+    policy.updates_per_epoch = 1  # VARD's policy gradient steps per rollout batch.
     policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
     policy.lora_rank = 0  # LoRA rank on the UNet; 0 = full fine-tuning of every UNet weight.
     policy.lora_alpha = 0.0  # LoRA scale numerator: update (alpha / rank) * A @ B; 0 = alpha = rank.

@@ -74,7 +74,7 @@ from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
-from vard_jax.training import trainer as trainer_lib
+from vard_jax.training import stages, trainer as trainer_lib
 from vard_jax.training.state import TrainState, make_optimizer
 
 GIB = 2.0**30
@@ -202,12 +202,10 @@ class Model:
 
     def optimizers(self):
         config = self.config
-        epochs = config.train.epochs
+        updates = config.train.epochs * stages.policy_updates_per_epoch(config, 0, 1)  # VARD
         policy_opt = make_optimizer(
             config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
-            config.policy.warmup_steps,
-            epochs * config.sample.batches_per_epoch * config.policy.updates_per_epoch,
-            config.policy.lr_schedule)
+            config.policy.warmup_steps, updates, config.policy.lr_schedule)
         value_opt = make_optimizer(
             config.value.learning_rate, config.value.weight_decay, config.value.grad_clip,
             config.value.warmup_steps, 0, "constant")

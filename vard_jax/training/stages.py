@@ -24,6 +24,27 @@ from vard_jax.training import faults
 from vard_jax.training.state import TrainState
 
 
+def ddpo_minibatch_size(config, transitions: int, data_shards: int) -> int:
+    """Transitions per PPO step: ``ddpo.minibatch_size``, at most the epoch's ``transitions``,
+    rounded down to a multiple of the data shards (and at least one per shard)."""
+    size = min(config.ddpo.minibatch_size, transitions)
+    return max(size - size % data_shards, data_shards)
+
+
+def policy_updates_per_epoch(config, stochastic_steps: int, data_shards: int) -> int:
+    """Policy optimiser steps in one epoch of ``config.algorithm``: the learning-rate schedule
+    spans this times ``train.epochs``. ``stochastic_steps``: the denoising steps DDPO trains
+    (``ddpo.stochastic_steps``)."""
+    batches = config.sample.batches_per_epoch
+    if config.algorithm == "ddpo":  # PPO steps over the epoch's transitions (DDPOStage.epoch)
+        transitions = batches * config.sample.batch_size * stochastic_steps
+        size = ddpo_minibatch_size(config, transitions, data_shards)
+        return config.ddpo.inner_epochs * (transitions // size)
+    if config.algorithm == "draft":  # one step per batch (DraftStage.epoch)
+        return batches
+    return batches * config.policy.updates_per_epoch  # VardStage.epoch -> Loop.policy_stage
+
+
 class VardStage:
     def __init__(self, loop):
         self.loop = loop
@@ -80,8 +101,7 @@ class DDPOStage:
         rewards = np.concatenate(rewards)
         state = state.replace(reward_queries=state.reward_queries + rewards.size)
         transitions = self.steps.transitions(samples, rewards, prompts)
-        size = min(config.ddpo.minibatch_size, transitions.size)
-        size -= size % loop.trainer.mesh.shape["data"] or 0
+        size = ddpo_minibatch_size(config, transitions.size, loop.trainer.mesh.shape["data"])
         rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
         metrics = []
         for _ in range(config.ddpo.inner_epochs):

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vard_jax.algorithms import vard
+from vard_jax.algorithms import ddpo, vard
 from vard_jax.diffusion import ddim, rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.diffusion.schedule import make_ddim_schedule
 from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
-from vard_jax.training import faults
+from vard_jax.training import faults, stages
 from vard_jax.training.state import RewardStats, TrainState, make_optimizer
 
 EV_BUCKETS = 4  # explained variance of V is reported per quarter of the denoising steps
@@ -147,11 +147,13 @@ class Trainer:
             clip_gradient=config.policy.clip_x0_gradient)
         self.null_ids = jnp.asarray(self.pipeline.tokenize([""]))
         self.value_model = self._make_value_model()
-        epochs = config.train.epochs
+        stochastic = (len(ddpo.stochastic_steps(self.schedule, config.sample.eta))
+                      if config.algorithm == "ddpo" else 0)
+        self.policy_updates_per_epoch = stages.policy_updates_per_epoch(
+            config, stochastic, self.mesh.shape["data"])
         self.policy_optimizer = make_optimizer(
             config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
-            config.policy.warmup_steps,
-            epochs * config.sample.batches_per_epoch * config.policy.updates_per_epoch,
+            config.policy.warmup_steps, config.train.epochs * self.policy_updates_per_epoch,
             config.policy.lr_schedule)
         self.value_optimizer = make_optimizer(
             config.value.learning_rate, config.value.weight_decay, config.value.grad_clip,
