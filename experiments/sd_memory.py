@@ -75,7 +75,7 @@ from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, valu
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
 from vard_jax.training import stages, trainer as trainer_lib
-from vard_jax.training.state import TrainState, make_optimizer
+from vard_jax.training.state import TrainState, learning_rate_schedule, make_optimizer
 
 GIB = 2.0**30
 
@@ -204,11 +204,13 @@ class Model:
         config = self.config
         updates = config.train.epochs * stages.policy_updates_per_epoch(config, 0, 1)  # VARD
         policy_opt = make_optimizer(
-            config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
-            config.policy.warmup_steps, updates, config.policy.lr_schedule)
+            learning_rate_schedule(config.policy.learning_rate, config.policy.warmup_steps,
+                                   updates, config.policy.lr_schedule),
+            config.policy.weight_decay, config.policy.grad_clip)
         value_opt = make_optimizer(
-            config.value.learning_rate, config.value.weight_decay, config.value.grad_clip,
-            config.value.warmup_steps, 0, "constant")
+            learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
+                                   "constant"),
+            config.value.weight_decay, config.value.grad_clip)
         return policy_opt, value_opt
 
     def abstract_state(self, policy: policy_lib.PolicyModel, policy_opt, value_opt) -> TrainState:

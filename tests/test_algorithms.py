@@ -50,6 +50,11 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
         config.train.epochs * loop.trainer.policy_updates_per_epoch)
     if algorithm == "ddpo":
         assert loop.trainer.policy_updates_per_epoch > config.sample.batches_per_epoch
+    # The logged rate is that of the run's last update, n - 1 of a cosine over n updates.
+    n = int(loop.final_state.policy_updates)
+    assert config.policy.lr_schedule == "cosine" and config.policy.warmup_steps == 0
+    np.testing.assert_allclose(last["policy_learning_rate"], config.policy.learning_rate * 0.5 * (
+        1 + np.cos(np.pi * (n - 1) / n)), rtol=1e-5)
     assert _moved(loop.final_state.policy_params, start)
     assert last["eval_eps_distance"] > 0.0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -157,7 +157,7 @@ def test_learning_rate_schedules():
     np.testing.assert_allclose(float(warm(4 + 4)), 1e-3 * 0.5, rtol=1e-5)
     assert abs(float(warm(12))) < 1e-12
 
-    optimizer = make_optimizer(1e-2, 0.0, 0.0, 0, 4, "cosine")
+    optimizer = make_optimizer(learning_rate_schedule(1e-2, 0, 4, "cosine"), 0.0, 0.0)
     params = {"w": jnp.zeros(3)}
     opt_state = optimizer.init(params)
     grads = {"w": jnp.ones(3)}

@@ -165,7 +165,10 @@ class Loop:
                     state = state.replace(epoch=state.epoch + 1)
                     step = epoch + 1
                     images = metrics.pop("images")
+                    updates = int(state.policy_updates)
                     row = {**metrics,
+                           "policy_learning_rate": float(
+                               self.trainer.policy_learning_rate(max(updates - 1, 0))),
                            "nonfinite_skips": int(state.nonfinite_skips),
                            "reward_queries": int(state.reward_queries),
                            "images_per_s": images / max(time.time() - epoch_start, 1e-9)}

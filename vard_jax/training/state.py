@@ -88,13 +88,13 @@ def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> o
     return optax.join_schedules([warmup_fn, rest], [warmup])
 
 
-def make_optimizer(learning_rate: float, weight_decay: float, grad_clip: float, warmup: int,
-                   total_steps: int, schedule: str = "constant") -> optax.GradientTransformation:
-    """Adam(W) with optional global-norm clipping and a warm-up/decay schedule."""
-    lr = learning_rate_schedule(learning_rate, warmup, total_steps, schedule)
+def make_optimizer(learning_rate: optax.ScalarOrSchedule, weight_decay: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+    """Adam(W) at ``learning_rate`` (a rate or a ``learning_rate_schedule``) with optional
+    global-norm clipping."""
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     if weight_decay > 0:
-        parts.append(optax.adamw(lr, weight_decay=weight_decay))
+        parts.append(optax.adamw(learning_rate, weight_decay=weight_decay))
     else:
-        parts.append(optax.adam(lr))
+        parts.append(optax.adam(learning_rate))
     return optax.chain(*parts)

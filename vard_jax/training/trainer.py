@@ -29,7 +29,8 @@ from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
 from vard_jax.training import faults, stages
-from vard_jax.training.state import RewardStats, TrainState, make_optimizer
+from vard_jax.training.state import (RewardStats, TrainState, learning_rate_schedule,
+                                     make_optimizer)
 
 EV_BUCKETS = 4  # explained variance of V is reported per quarter of the denoising steps
 
@@ -151,13 +152,16 @@ class Trainer:
                       if config.algorithm == "ddpo" else 0)
         self.policy_updates_per_epoch = stages.policy_updates_per_epoch(
             config, stochastic, self.mesh.shape["data"])
+        # The policy rate by update count (the Loop logs the rate of each epoch's last update).
+        self.policy_learning_rate = learning_rate_schedule(
+            config.policy.learning_rate, config.policy.warmup_steps,
+            config.train.epochs * self.policy_updates_per_epoch, config.policy.lr_schedule)
         self.policy_optimizer = make_optimizer(
-            config.policy.learning_rate, config.policy.weight_decay, config.policy.grad_clip,
-            config.policy.warmup_steps, config.train.epochs * self.policy_updates_per_epoch,
-            config.policy.lr_schedule)
+            self.policy_learning_rate, config.policy.weight_decay, config.policy.grad_clip)
         self.value_optimizer = make_optimizer(
-            config.value.learning_rate, config.value.weight_decay, config.value.grad_clip,
-            config.value.warmup_steps, 0, "constant")
+            learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
+                                   "constant"),
+            config.value.weight_decay, config.value.grad_clip)
         self.loss_config = vard.PolicyLossConfig(
             beta=config.policy.beta, grad_depth=config.policy.grad_depth, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
