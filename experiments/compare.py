@@ -217,7 +217,10 @@ def summarise(records: list[dict]) -> dict:
                 if r["reward"] == reward and r["method"] == "draft" and r["seed"] in vard_runs:
                     vard_curve = vard_runs[r["seed"]]["curve"]
                     level = min(vard_curve[-1]["eval_reward"], r["final_eval_reward"])
+                    # Defined only where both runs gained: at or below the (shared) step-0
+                    # reward, a curve "reaches" the level at its start, at distance 0.
                     pairs.append({"seed": r["seed"], "reward_level": level,
+                                  "above_start": bool(level > r["curve"][0]["eval_reward"]),
                                   "vard_eps_distance": distance_at(vard_curve, level),
                                   "draft_eps_distance": distance_at(r["curve"], level)})
             entry["eps_distance_at_equal_reward"] = pairs

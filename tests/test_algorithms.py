@@ -132,3 +132,34 @@ def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkey
     record = compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)
     assert len(calls) == 1 and "reused" not in record
     assert record["returncode"] == 1 and record["error"] == "ValueError: boom"
+
+
+def test_compare_targets_from_curves():
+    """summarise's two targets on hand-made curves: VARD's queries to DDPO's final reward,
+    and the eps distances at the lower final reward, flagged when that is not above the
+    start."""
+    from experiments import compare
+
+    def record(method, seed, points):
+        curve = [{"reward_queries": q, "eval_reward": r, "eps_distance": d, "wall_s": q,
+                  "gain": r - points[0][1]} for q, r, d in points]
+        return {"reward": "clip_alignment", "method": method, "seed": seed, "returncode": 0,
+                "seconds": 1.0, "curve": curve, "final_eval_reward": curve[-1]["eval_reward"],
+                "final_eps_distance": curve[-1]["eps_distance"],
+                "reward_queries": curve[-1]["reward_queries"]}
+
+    records = [
+        record("vard", 0, [(16, 0.0, 0.0), (32, 1.0, 0.1), (48, 3.0, 0.3)]),
+        record("ddpo", 0, [(0, 0.0, 0.0), (64, 0.5, 0.05)]),
+        record("draft", 0, [(0, 0.0, 0.0), (48, 2.0, 0.4)]),
+        record("vard", 1, [(16, 0.0, 0.0), (48, 1.0, 0.2)]),
+        record("draft", 1, [(0, 0.0, 0.0), (48, -1.0, 0.1)]),  # below its start
+    ]
+    entry = compare.summarise(records)["clip_alignment"]
+    assert entry["vard_queries_to_ddpo_final_over_ddpo_queries"] == [0.5]  # 32 of 64
+    first, second = entry["eps_distance_at_equal_reward"]
+    assert first["reward_level"] == 2.0 and first["above_start"]
+    assert first["vard_eps_distance"] == pytest.approx(0.2)  # halfway from 1.0 to 3.0
+    assert first["draft_eps_distance"] == pytest.approx(0.4)
+    assert second["reward_level"] == -1.0 and not second["above_start"]
+    assert second["vard_eps_distance"] == 0.0  # "reached" at the start
