@@ -70,7 +70,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "budget, after its value pre-training batch, is on the curve).")
     parser.add_argument("--quick", action="store_true",
                         help="One seed, 64 queries, clip_alignment and jpeg_compressibility "
-                             "(5 runs; measured 858 s on 2 CPU cores, nothing else running).")
+                             "(5 runs; measured 853 s on 2 CPU cores, nothing else running).")
     parser.add_argument("--smoke", action="store_true",
                         help="The tiny config, 2 steps, one reward, one seed: a check of the "
                              "machinery, not a result.")
