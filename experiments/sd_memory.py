@@ -22,7 +22,7 @@ The steps:
   it is built from, ``trainer.policy_inputs`` and ``trainer.policy_update``: ``vard.policy_loss``
   over the differentiable rollout with the policy parametrisation of ``vard_jax.models.policy``
   (``FullPolicy``, or ``LoraPolicy`` rank 8 on to_q,to_k,to_v,to_out_0), the conv value model on
-  latents [4, 64, 64], Adam (``training.state.make_optimizer``) on the trainable parameters
+  latents [4, 64, 64], Adam (``training.trainer.make_optimizers``) on the trainable parameters
   only, and ``faults.keep_finite``. The text context [B, 77, 768] and the null context
   [1, 77, 768] are inputs: the text encoder is frozen and outside the differentiated part, so
   it is left out (the Trainer needs loaded weights for it).
@@ -75,7 +75,7 @@ from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, valu
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
 from vard_jax.training import stages, trainer as trainer_lib
-from vard_jax.training.state import TrainState, learning_rate_schedule, make_optimizer
+from vard_jax.training.state import TrainState
 
 GIB = 2.0**30
 
@@ -201,16 +201,9 @@ class Model:
         return policy_lib.make(policy_config, self.pipeline)
 
     def optimizers(self):
-        config = self.config
-        updates = config.train.epochs * stages.policy_updates_per_epoch(config, 0, 1)  # VARD
-        policy_opt = make_optimizer(
-            learning_rate_schedule(config.policy.learning_rate, config.policy.warmup_steps,
-                                   updates, config.policy.lr_schedule),
-            config.policy.weight_decay, config.policy.grad_clip)
-        value_opt = make_optimizer(
-            learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
-                                   "constant"),
-            config.value.weight_decay, config.value.grad_clip)
+        config = self.config  # VARD: no DDPO steps, one data shard
+        _, policy_opt, value_opt = trainer_lib.make_optimizers(
+            config, stages.policy_updates_per_epoch(config, 0, 1))
         return policy_opt, value_opt
 
     def abstract_state(self, policy: policy_lib.PolicyModel, policy_opt, value_opt) -> TrainState:

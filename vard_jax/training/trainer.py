@@ -123,6 +123,22 @@ def policy_update(policy: policy_lib.PolicyModel, value_apply: Any,
     return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
 
+def make_optimizers(config, policy_updates_per_epoch: int
+                    ) -> tuple[optax.Schedule, optax.GradientTransformation,
+                               optax.GradientTransformation]:
+    """(policy learning-rate schedule, policy optimiser, value optimiser) of a run whose
+    policy makes ``policy_updates_per_epoch`` optimiser steps an epoch
+    (``stages.policy_updates_per_epoch``)."""
+    policy_lr = learning_rate_schedule(
+        config.policy.learning_rate, config.policy.warmup_steps,
+        config.train.epochs * policy_updates_per_epoch, config.policy.lr_schedule)
+    value_lr = learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
+                                      "constant")
+    return (policy_lr,
+            make_optimizer(policy_lr, config.policy.weight_decay, config.policy.grad_clip),
+            make_optimizer(value_lr, config.value.weight_decay, config.value.grad_clip))
+
+
 class Trainer:
     def __init__(self, config, devices=None):
         self.config = config
@@ -153,15 +169,8 @@ class Trainer:
         self.policy_updates_per_epoch = stages.policy_updates_per_epoch(
             config, stochastic, self.mesh.shape["data"])
         # The policy rate by update count (the Loop logs the rate of each epoch's last update).
-        self.policy_learning_rate = learning_rate_schedule(
-            config.policy.learning_rate, config.policy.warmup_steps,
-            config.train.epochs * self.policy_updates_per_epoch, config.policy.lr_schedule)
-        self.policy_optimizer = make_optimizer(
-            self.policy_learning_rate, config.policy.weight_decay, config.policy.grad_clip)
-        self.value_optimizer = make_optimizer(
-            learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
-                                   "constant"),
-            config.value.weight_decay, config.value.grad_clip)
+        self.policy_learning_rate, self.policy_optimizer, self.value_optimizer = (
+            make_optimizers(config, self.policy_updates_per_epoch))
         self.loss_config = vard.PolicyLossConfig(
             beta=config.policy.beta, grad_depth=config.policy.grad_depth, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
