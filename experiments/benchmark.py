@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python experiments/benchmark.py [--model=shapes|sd15] [--batch=16]
         [--steps=10] [--repeats=5] [--sections=all|sample,policy,value,memory,unet,epoch]
         [--memory_steps=10,20,50] [--no_torch] [--torch_threads=N] [--dtype=D] [--smoke]
-        [--out=FILE]
+        [--cpu_devices=N] [--out=FILE]
 
 Prints one JSON object (and writes it to ``--out``); progress lines go to stderr.
 
@@ -22,7 +22,8 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
   the timed configuration's own figure is reported under ``policy``). Peak estimate = argument
   + output + temp - alias bytes.
 * ``unet``: a bare jitted UNet forward and forward+backward (gradient of the parameters) at
-  the batch the steps use (2B: the [null; cond] guidance batch).
+  the batch the steps use (2B: the [null; cond] guidance batch), split over the devices as
+  the steps' batches are.
 * ``epoch``: one VARD epoch as ``configs/shapes.py`` runs it (``training.loop.Loop``'s
   collect -> value_stage -> policy_stage: sampling, reward, value diagnostics, value updates,
   policy update), divided by the time of the bare UNet calls it needs: T forwards for
@@ -36,6 +37,10 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
   that both see the same machine load; ratios are JAX time / PyTorch time. The text encoder is
   run once in JAX for the PyTorch loops (its cost is negligible here). Without torch the JSON
   says so and holds the JAX figures alone.
+
+On a CPU-only machine the process gets the host devices a training run would
+(``config.mesh.cpu_devices``: one per core that divides the batch; ``--cpu_devices=1`` for a
+single device; vard_jax/parallel/host.py); ``environment.jax.devices`` lists them.
 
 ``--model=sd15`` is an SD-1.5-shaped UNet (random weights, 64x64x4 latents, 768-wide context
 from a randomly initialised 12-layer CLIP text encoder of SD's shape, bfloat16 computation)
@@ -547,6 +552,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="torch.set_num_threads (0 = PyTorch's default); on a CPU shared "
                              "with other jobs, PyTorch's OpenMP pool is far slower with 2 "
                              "threads than with 1 (docs/BENCHMARKS.md)")
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="XLA host devices on a CPU-only machine, as config.mesh.cpu_devices "
+                             "(0 = what training uses: the cores that divide the batch; 1 = one "
+                             "device); XLA_FLAGS naming a count wins")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny UNet, T = 2, batch 2, one repeat (seconds)")
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -592,6 +601,7 @@ def run(args: argparse.Namespace) -> dict:
     from vard_jax.training.trainer import Trainer
     from vard_jax.models import shapes as shapes_model
     from vard_jax import prompts as prompts_lib
+    from vard_jax.parallel import host
     from vard_jax.parallel import mesh as mesh_lib
 
     global _COMPILER_OPTIONS
@@ -621,6 +631,10 @@ def run(args: argparse.Namespace) -> dict:
     if torch is None and not args.no_torch and args.smoke:
         log(f"smoke: {torch_missing}; JAX figures only")
 
+    config = make_config(model, batch, steps, value_batch=value_batch,
+                         value_updates=value_updates, dtype=args.dtype)
+    config.mesh.cpu_devices = args.cpu_devices
+    host.configure(config)  # before the first device call: environment() starts the backend
     result: dict = {"model": args.model, "unet": model,
                     "compiler_options": _COMPILER_OPTIONS, "batch": batch, "steps": steps,
                     "repeats": repeats, "smoke": bool(args.smoke), "sections": list(sections),
@@ -629,9 +643,8 @@ def run(args: argparse.Namespace) -> dict:
     unet_config = {"shapes": shapes_model.UNET_CONFIG, "sd15": SD15_UNET,
                    "tiny": dict(shapes_model.UNET_CONFIG, **TINY_UNET)}[model]
 
-    log(f"model {model}, batch {batch}, T {steps}, repeats {repeats}, sections {sections}")
-    config = make_config(model, batch, steps, value_batch=value_batch,
-                         value_updates=value_updates, dtype=args.dtype)
+    log(f"model {model}, batch {batch}, T {steps}, repeats {repeats}, sections {sections}, "
+        f"{jax.device_count()} {jax.default_backend()} device(s)")
     start = time.perf_counter()
     trainer = Trainer(config)
     log("trainer built")
@@ -678,7 +691,9 @@ def run(args: argparse.Namespace) -> dict:
     if "unet" in sections or "epoch" in sections:
         pipeline = trainer.pipeline
         policy_params = trainer.pretrained_policy_params()
-        x_j, t_j, ctx_j, g_j = map(jnp.asarray, (x_np, t_np, ctx_np, g_np))
+        # Split over the data axis like the Trainer's batches (all devices, as in training).
+        x_j, t_j, ctx_j, g_j = (trainer.put_batch(jnp.asarray(a))
+                                for a in (x_np, t_np, ctx_np, g_np))
         fwd = jax.jit(lambda p, x, t, ctx: pipeline.eps_fn(p, x, t, ctx))
 
         def fwd_bwd_fn(p, x, t, ctx, g):

@@ -19,6 +19,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # A size limit turns on the cache's file lock: pytest-xdist workers share the directory.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
+# One CPU device per test process and per subprocess it starts (python -m vard_jax.main would
+# otherwise split the cores, vard_jax/parallel/host.py): the two xdist workers already use both
+# cores, and subprocesses then compile what the in-process tests cached. test_parallel and
+# test_host set their own device counts.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=1").strip()
+
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

@@ -46,6 +46,7 @@ def test_validator_choices_match_the_implementations():
     ("reward.name", "pixel_count", "unknown reward 'pixel_count'"),
     ("reward.name", "clip_alignment:abc", "weight 'abc'"),
     ("policy.learning_rate", float("nan"), "must be finite"),
+    ("mesh.cpu_devices", -1, "config.mesh.cpu_devices = -1: not allowed; must be an integer >= 0"),
     ("train.max_nonfinite_in_a_row", 0, "config.train.max_nonfinite_in_a_row = 0: not allowed"),
     ("policy.clip_x0_gradient", "identity",
      "config.policy.clip_x0_gradient = 'identity': not allowed; must be one of exact, "

@@ -143,6 +143,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.mesh.fsdp", lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or >= 1"),
     ("config.mesh.num_processes", lambda v: v >= 0, "an integer >= 0 (0 = detected)"),
     ("config.mesh.process_id", lambda v: v >= -1, "an integer >= -1 (-1 = detected)"),
+    ("config.mesh.cpu_devices", lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
     ("config.checkpoint.every", lambda v: v >= 1, "an integer >= 1"),
     ("config.checkpoint.keep", lambda v: v >= 1, "an integer >= 1"),
     ("config.logging.grid_columns", lambda v: v >= 1, "an integer >= 1"),

@@ -11,9 +11,10 @@ input (config, workdir, prompts, checkpoint, reward); 3: training diverged (non-
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from vard_jax import cli
@@ -30,11 +31,13 @@ def main(argv: list[str]) -> None:
         cli.fail("--config is required, e.g. --config=configs/shapes.py")
     if not _WORKDIR.value:
         cli.fail("--workdir is required, e.g. --workdir=runs/demo")
+    config = cli.config_or_fail(_CONFIG)
+    from vard_jax.parallel import host
+
+    host.configure(config)  # before the CPU backend starts (XLA_FLAGS)
     import jax
 
     from vard_jax.config import ConfigError, validate
-
-    config = cli.config_or_fail(_CONFIG)
     from vard_jax.parallel import distributed
 
     try:
@@ -45,6 +48,10 @@ def main(argv: list[str]) -> None:
         validate(config, jax.device_count())
     except ConfigError as error:
         cli.fail(str(error))
+    if jax.default_backend() == "cpu":
+        logging.info("%d CPU device(s) (config.mesh.cpu_devices = %d, XLA_FLAGS = %r)",
+                     jax.local_device_count(), config.mesh.cpu_devices,
+                     os.environ.get("XLA_FLAGS", ""))
     workdir = pathlib.Path(_WORKDIR.value)
     try:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -206,4 +206,6 @@ def _progress(config, start: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=config.train.epochs, initial=start, desc=config.algorithm, unit="epoch")
+    devices = f"{jax.device_count()} {jax.default_backend()} device(s)"  # e.g. "2 cpu device(s)"
+    return tqdm(total=config.train.epochs, initial=start, desc=f"{config.algorithm} on {devices}",
+                unit="epoch")
