@@ -8,7 +8,8 @@ per run, so one failure does not end the comparison), then reads each run's
   held-out reward, eps distance to the pretrained model); per (reward, method) the final
   held-out reward over seeds; and the two targets of the comparison: the reward queries VARD
   needs to reach DDPO's final held-out reward, and VARD's vs DRaFT's eps distance at equal
-  held-out reward;
+  held-out reward, each flagged per seed when its reward level is not above the start
+  (``ddpo_final_above_start``, ``above_start``: the target then measures nothing);
 * ``OUT/<reward>_vs_queries.png``, ``_vs_wall.png``, ``_vs_distance.png``: the held-out
   reward's gain over the run's step-0 evaluation, with seed bands (mean +- std over seeds;
   matplotlib needed). Each seed evaluates its own held-out prompts and noise, shared by the
@@ -204,13 +205,17 @@ def summarise(records: list[dict]) -> dict:
         entry = {"methods": methods}
         vard_runs = {r["seed"]: r for r in ok if r["reward"] == reward and r["method"] == "vard"}
         if "ddpo" in methods and vard_runs:
-            ratios = []
+            ratios, above = [], []
             for r in ok:
                 if r["reward"] == reward and r["method"] == "ddpo" and r["seed"] in vard_runs:
                     needed = queries_to_reach(vard_runs[r["seed"]]["curve"],
                                               r["final_eval_reward"])
                     ratios.append(None if needed is None else needed / r["reward_queries"])
+                    # A DDPO final at or below its start is "reached" by VARD's first
+                    # evaluation: the ratio then says nothing about sample efficiency.
+                    above.append(bool(r["final_eval_reward"] > r["curve"][0]["eval_reward"]))
             entry["vard_queries_to_ddpo_final_over_ddpo_queries"] = ratios
+            entry["ddpo_final_above_start"] = above
         if "draft" in methods and vard_runs:
             pairs = []
             for r in ok:

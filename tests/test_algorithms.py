@@ -135,8 +135,8 @@ def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkey
 
 
 def test_compare_targets_from_curves():
-    """summarise's two targets on hand-made curves: VARD's queries to DDPO's final reward,
-    and the eps distances at the lower final reward, flagged when that is not above the
+    """summarise's two targets on hand-made curves: VARD's queries to DDPO's final reward and
+    the eps distances at the lower final reward, each flagged when its level is not above the
     start."""
     from experiments import compare
 
@@ -153,10 +153,13 @@ def test_compare_targets_from_curves():
         record("ddpo", 0, [(0, 0.0, 0.0), (64, 0.5, 0.05)]),
         record("draft", 0, [(0, 0.0, 0.0), (48, 2.0, 0.4)]),
         record("vard", 1, [(16, 0.0, 0.0), (48, 1.0, 0.2)]),
+        record("ddpo", 1, [(0, 0.0, 0.0), (64, -0.5, 0.05)]),  # below its start
         record("draft", 1, [(0, 0.0, 0.0), (48, -1.0, 0.1)]),  # below its start
     ]
     entry = compare.summarise(records)["clip_alignment"]
-    assert entry["vard_queries_to_ddpo_final_over_ddpo_queries"] == [0.5]  # 32 of 64
+    # 32 of 64; seed 1's DDPO final is below its start: "reached" at VARD's first evaluation
+    assert entry["vard_queries_to_ddpo_final_over_ddpo_queries"] == [0.5, 0.25]
+    assert entry["ddpo_final_above_start"] == [True, False]
     first, second = entry["eps_distance_at_equal_reward"]
     assert first["reward_level"] == 2.0 and first["above_start"]
     assert first["vard_eps_distance"] == pytest.approx(0.2)  # halfway from 1.0 to 3.0
