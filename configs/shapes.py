@@ -37,3 +37,15 @@ def get_config(arg: str = ""):
     elif arg:
         raise ValueError(f"configs/shapes.py takes '' or 'tiny', not {arg!r}")
     return config
+
+
+def with_program_reward(arg: str, reward: str, eval_extra: str):
+    """This config with a non-differentiable reward ``reward`` (it only labels the value's
+    training data). The value reads the reference model's one-step prediction x0_hat(x_t): with
+    16 chains an epoch, the conv value on x_t learned the prompt, not the image, and the policy
+    drifted; on x0_hat it raises these rewards (docs/RESULTS.md)."""
+    config = get_config(arg)
+    config.reward.name = reward
+    config.reward.eval_extra = eval_extra
+    config.value.arch = "conv_x0"
+    return config
