@@ -202,9 +202,9 @@ class Model:
 
     def optimizers(self):
         config = self.config  # VARD: no DDPO steps, one data shard
-        _, policy_opt, value_opt = trainer_lib.make_optimizers(
+        optimizers = trainer_lib.make_optimizers(
             config, stages.policy_updates_per_epoch(config, 0, 1))
-        return policy_opt, value_opt
+        return optimizers.policy, optimizers.value
 
     def abstract_state(self, policy: policy_lib.PolicyModel, policy_opt, value_opt) -> TrainState:
         """``Trainer._initial_state`` under eval_shape."""

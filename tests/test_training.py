@@ -94,6 +94,11 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
         assert key in lines[-1], key
     batch = config.sample.batch_size * config.sample.batches_per_epoch
     assert lines[-1]["reward_queries"] == batch * (config.value.pretrain_epochs + 2)
+    # Both optimisers' rates of the epoch's last update (the value's is constant here).
+    assert config.value.warmup_steps == 0
+    np.testing.assert_allclose(lines[-1]["value_learning_rate"], config.value.learning_rate,
+                               rtol=1e-6)
+    assert 0.0 < lines[-1]["policy_learning_rate"] <= config.policy.learning_rate
     assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == [
         "step_00000.png", "step_00001.png", "step_00002.png"]
     assert list((tmp_path / "straight" / "tensorboard").iterdir())

@@ -41,7 +41,7 @@ class DDPOSteps:
             clip_range=config.ddpo.clip_range, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale,
             adv_clip=config.ddpo.adv_clip or None, reduce=config.ddpo.reduce)
-        self.steps = ddpo.stochastic_steps(trainer.schedule, config.sample.eta)
+        self.steps = trainer.ddpo_steps  # ddpo.stochastic_steps of the schedule
         pipeline, policy, schedule = trainer.pipeline, trainer.policy, trainer.schedule
         null_ids, num_steps = trainer.null_ids, trainer.num_steps
         loss_config = self.config

@@ -166,9 +166,12 @@ class Loop:
                     step = epoch + 1
                     images = metrics.pop("images")
                     updates = int(state.policy_updates)
+                    value_updates = int(state.value_updates)
                     row = {**metrics,
                            "policy_learning_rate": float(
                                self.trainer.policy_learning_rate(max(updates - 1, 0))),
+                           "value_learning_rate": float(
+                               self.trainer.value_learning_rate(max(value_updates - 1, 0))),
                            "nonfinite_skips": int(state.nonfinite_skips),
                            "reward_queries": int(state.reward_queries),
                            "images_per_s": images / max(time.time() - epoch_start, 1e-9)}

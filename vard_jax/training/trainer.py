@@ -123,20 +123,24 @@ def policy_update(policy: policy_lib.PolicyModel, value_apply: Any,
     return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
 
-def make_optimizers(config, policy_updates_per_epoch: int
-                    ) -> tuple[optax.Schedule, optax.GradientTransformation,
-                               optax.GradientTransformation]:
-    """(policy learning-rate schedule, policy optimiser, value optimiser) of a run whose
-    policy makes ``policy_updates_per_epoch`` optimiser steps an epoch
-    (``stages.policy_updates_per_epoch``)."""
+class Optimizers(NamedTuple):
+    policy_learning_rate: optax.Schedule  # rate by policy update count
+    policy: optax.GradientTransformation
+    value_learning_rate: optax.Schedule  # rate by value update count
+    value: optax.GradientTransformation
+
+
+def make_optimizers(config, policy_updates_per_epoch: int) -> Optimizers:
+    """The policy and value optimisers (and their rate schedules) of a run whose policy makes
+    ``policy_updates_per_epoch`` optimiser steps an epoch (``stages.policy_updates_per_epoch``)."""
     policy_lr = learning_rate_schedule(
         config.policy.learning_rate, config.policy.warmup_steps,
         config.train.epochs * policy_updates_per_epoch, config.policy.lr_schedule)
     value_lr = learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
                                       "constant")
-    return (policy_lr,
-            make_optimizer(policy_lr, config.policy.weight_decay, config.policy.grad_clip),
-            make_optimizer(value_lr, config.value.weight_decay, config.value.grad_clip))
+    return Optimizers(
+        policy_lr, make_optimizer(policy_lr, config.policy.weight_decay, config.policy.grad_clip),
+        value_lr, make_optimizer(value_lr, config.value.weight_decay, config.value.grad_clip))
 
 
 class Trainer:
@@ -164,13 +168,18 @@ class Trainer:
             clip_gradient=config.policy.clip_x0_gradient)
         self.null_ids = jnp.asarray(self.pipeline.tokenize([""]))
         self.value_model = self._make_value_model()
-        stochastic = (len(ddpo.stochastic_steps(self.schedule, config.sample.eta))
-                      if config.algorithm == "ddpo" else 0)
+        # The denoising steps DDPO stores and trains (None for the other algorithms).
+        self.ddpo_steps = (ddpo.stochastic_steps(self.schedule, config.sample.eta)
+                           if config.algorithm == "ddpo" else None)
         self.policy_updates_per_epoch = stages.policy_updates_per_epoch(
-            config, stochastic, self.mesh.shape["data"])
-        # The policy rate by update count (the Loop logs the rate of each epoch's last update).
-        self.policy_learning_rate, self.policy_optimizer, self.value_optimizer = (
-            make_optimizers(config, self.policy_updates_per_epoch))
+            config, 0 if self.ddpo_steps is None else len(self.ddpo_steps),
+            self.mesh.shape["data"])
+        # The rates by update count (the Loop logs those of each epoch's last updates).
+        optimizers = make_optimizers(config, self.policy_updates_per_epoch)
+        self.policy_learning_rate, self.policy_optimizer = (optimizers.policy_learning_rate,
+                                                            optimizers.policy)
+        self.value_learning_rate, self.value_optimizer = (optimizers.value_learning_rate,
+                                                          optimizers.value)
         self.loss_config = vard.PolicyLossConfig(
             beta=config.policy.beta, grad_depth=config.policy.grad_depth, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
