@@ -201,15 +201,19 @@ def check_distributed(config: ml_collections.ConfigDict) -> None:
                           f"mesh.num_processes = {mesh.num_processes}")
 
 
+def data_sharded_batches(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The batch sizes split over the data axis (each must be divisible by its size), by path."""
+    return {path: _get(config, path) for path in (
+        "config.sample.batch_size", "config.sample.eval_batch_size", "config.value.batch_size")}
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """Raises ConfigError (one line) for the first field that cannot run."""
     _check_schema(config, base_config())
     _check_values(config)
     check_distributed(config)
     data, _ = mesh_shape(config, device_count)
-    for path in ("config.sample.batch_size", "config.sample.eval_batch_size",
-                 "config.value.batch_size"):
-        value = _get(config, path)
+    for path, value in data_sharded_batches(config).items():
         if value % data:
             raise ConfigError(f"{path} = {value}: must be divisible by the {data} devices of the "
                               f"data axis (mesh.data); use a multiple of {data} or another mesh")

@@ -18,14 +18,10 @@ import math
 import os
 from typing import MutableMapping, Optional
 
+from vard_jax.config import data_sharded_batches
 from vard_jax.parallel import distributed
 
 FLAG = "--xla_force_host_platform_device_count"
-
-#: The batch sizes that ``config.validate`` requires to be divisible by the data axis.
-BATCH_FIELDS = (("sample", "batch_size"), ("sample", "eval_batch_size"),
-                ("value", "batch_size"))
-
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity where the OS reports one)."""
@@ -42,9 +38,7 @@ def auto_devices(config, cores: int) -> int:
     """
     if config.mesh.fsdp != 1 or config.mesh.data != -1 or distributed.requested(config):
         return 1  # an explicit mesh or a multi-process run keeps the devices it names
-    common = 0
-    for section, field in BATCH_FIELDS:
-        common = math.gcd(common, int(config[section][field]))
+    common = math.gcd(*data_sharded_batches(config).values())
     for count in range(min(cores, common), 0, -1):
         if common % count == 0:
             return count
