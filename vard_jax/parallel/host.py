@@ -23,6 +23,7 @@ from vard_jax.parallel import distributed
 
 FLAG = "--xla_force_host_platform_device_count"
 
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity where the OS reports one)."""
     if hasattr(os, "sched_getaffinity"):
