@@ -3,7 +3,9 @@
 Both libraries print a deprecation notice for their Flax classes on every construction
 (diffusers < 0.40 and transformers < 5 are the last releases that have them, and this
 project pins them). The notice says nothing a user can act on, so it is filtered here,
-once, from the libraries' own log handlers; every other message still comes through.
+once, on the loggers of the modules that emit it (a logger filter applies before a record
+propagates, which transformers turns on when the environment sets ``CI``) and on the
+libraries' own handlers; every other message still comes through.
 Code elsewhere in the project imports ``diffusers``/``transformers`` through this module,
 so that a future own UNet or text encoder replaces them in one place.
 """
@@ -25,6 +27,35 @@ class _DropFlaxDeprecation(logging.Filter):
         return not any(marker in message for marker in _DEPRECATION_MARKERS)
 
 
+# The modules of the pinned releases that log the notice (tests/test_upstream.py checks the
+# installed packages against this list). Loggers are singletons by name, so a filter added
+# here before a lazily imported module creates its logger still applies to it.
+EMITTING_MODULES = (
+    "diffusers.models.attention_flax",
+    "diffusers.models.controlnets.controlnet_flax",
+    "diffusers.models.embeddings_flax",
+    "diffusers.models.modeling_flax_utils",
+    "diffusers.models.resnet_flax",
+    "diffusers.models.unets.unet_2d_blocks_flax",
+    "diffusers.models.unets.unet_2d_condition_flax",
+    "diffusers.models.vae_flax",
+    "diffusers.pipelines.pipeline_flax_utils",
+    "diffusers.schedulers.scheduling_ddim_flax",
+    "diffusers.schedulers.scheduling_ddpm_flax",
+    "diffusers.schedulers.scheduling_dpmsolver_multistep_flax",
+    "diffusers.schedulers.scheduling_euler_discrete_flax",
+    "diffusers.schedulers.scheduling_karras_ve_flax",
+    "diffusers.schedulers.scheduling_lms_discrete_flax",
+    "diffusers.schedulers.scheduling_pndm_flax",
+    "diffusers.schedulers.scheduling_sde_ve_flax",
+    "diffusers.schedulers.scheduling_utils_flax",
+    "transformers.feature_extraction_utils",
+    "transformers.modeling_flax_utils",
+    "transformers.modeling_tf_utils",
+    "transformers.pipelines.base",
+    "transformers.tokenization_utils_base",
+)
+
 _installed = False
 
 
@@ -36,6 +67,8 @@ def _install_filters() -> None:
     from transformers.utils import logging as transformers_logging
 
     drop = _DropFlaxDeprecation()
+    for name in EMITTING_MODULES:
+        logging.getLogger(name).addFilter(drop)
     for library_logging in (diffusers_logging, transformers_logging):
         root = library_logging.get_logger()  # creates the library's default handler
         root.addFilter(drop)
