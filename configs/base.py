@@ -58,6 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
     value.updates_per_epoch = 8  # Value gradient steps per epoch (on that epoch's states).
     value.batch_size = 128  # States (x_t, t, c) per value minibatch.
     value.stats_decay = 0.9  # Decay of the running reward mean/variance (per epoch; 0 = latest).
+    # Epochs of states V trains on: this epoch's and those of the replay_epochs - 1 before it
+    # (1 = this epoch's only, on-policy). Targets are standardised with the current statistics.
+    value.replay_epochs = 1
+    # Log, each epoch, the cosine between V's and the reward's gradients in x_t on the fresh
+    # states (value_grad_cosine*; differentiable rewards; a reference UNet forward+backward and
+    # a reward call per state).
+    value.log_grad_alignment = False
 
     # --- the policy update ----------------------------------------------------------------------
     config.policy = policy = ml_collections.ConfigDict()

@@ -31,6 +31,9 @@ _HELD_OUT = flags.DEFINE_integer("held_out", 64, "Held-out chains for the explai
 _UPDATES = flags.DEFINE_string("updates", "16,64,256,1024",
                                "Value update counts at which to report, comma-separated.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file to write the result to.")
+_GRAD_ALIGNMENT = flags.DEFINE_bool(
+    "grad_alignment", False, "Also report the cosine between V's and the reward's gradients "
+    "in x_t on the held-out states (differentiable rewards only).")
 
 
 def _counts(text: str, name: str) -> list[int]:
@@ -66,6 +69,9 @@ def main(argv):
                  "use a vard config")
 
     trainer = Trainer(config)
+    if _GRAD_ALIGNMENT.value and not trainer.reward.differentiable:
+        cli.fail(f"--grad_alignment: reward {trainer.reward.name!r} is not differentiable; "
+                 "drop the flag or use a differentiable reward (e.g. clip_alignment)")
     batch = config.sample.batch_size
     needed = chain_counts[-1] + _HELD_OUT.value
     num_batches = -(-needed // batch)
@@ -109,12 +115,19 @@ def main(argv):
             done = target
             fitted = trainer.value_diagnostics(state, fit_data)
             held = trainer.value_diagnostics(state, held_data)
-            points.append({
+            point = {
                 "updates": target,
                 "fit_explained_variance": fitted["value_explained_variance"],
                 "held_out_explained_variance": held["value_explained_variance"],
                 "held_out_by_quarter": [held[f"value_ev_q{q + 1}"] for q in range(EV_BUCKETS)],
-            })
+            }
+            if _GRAD_ALIGNMENT.value:
+                cos = trainer.value_gradient_alignment(state, held_data, prompts[held_start:])
+                point["held_out_grad_cosine"] = cos["value_grad_cosine"]
+                point["held_out_grad_cosine_by_quarter"] = [
+                    cos[f"value_grad_cosine_q{q + 1}"] for q in range(EV_BUCKETS)]
+                point["held_out_grad_cosine_positive"] = cos["value_grad_cosine_positive"]
+            points.append(point)
         fits.append({"chains": count, "points": points})
     result = {"reward": trainer.reward.name, "num_steps": trainer.num_steps,
               "held_out_chains": _HELD_OUT.value, "reward_mean": float(np.mean(rewards)),

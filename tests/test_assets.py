@@ -1,5 +1,6 @@
 """The shipped embedded model: files, size, loading with orbax, sampling, the CLIP reward."""
 
+import dataclasses
 import json
 
 import jax
@@ -16,6 +17,17 @@ from vard_jax.worlds import shapes as world
 @pytest.fixture(scope="module")
 def loaded():
     return shapes_model.load()
+
+
+@pytest.fixture(scope="module")
+def reward_init_trainer():
+    """A Trainer of the tiny demo config with value.arch = reward_init (built once)."""
+    from configs import shapes
+    from vard_jax.training.trainer import Trainer
+
+    config = shapes.get_config("tiny")
+    config.value.arch = "reward_init"
+    return Trainer(config)
 
 
 def test_assets_are_complete_and_small():
@@ -61,18 +73,15 @@ def test_clip_alignment_prefers_the_true_caption(loaded):
     assert float(np.mean(right_scores - wrong_scores)) > 0.0
 
 
-def test_reward_init_value_is_the_standardised_reward_of_the_clipped_prediction():
+def test_reward_init_value_is_the_standardised_reward_of_the_clipped_prediction(
+        reward_init_trainer):
     """value.arch = reward_init (through the trainer): before any training, V(x_0) is the
     standardised reward of x_0, and V(x_t) that of the reference model's one-step prediction
     (clipped like the sampler's; decoding to [0, 1] images clips the same pixels). The
     backbone is trainable."""
-    from configs import shapes
     from vard_jax.training.state import RewardStats
-    from vard_jax.training.trainer import Trainer
 
-    config = shapes.get_config("tiny")
-    config.value.arch = "reward_init"
-    trainer = Trainer(config)
+    trainer = reward_init_trainer
     model, pipeline, reward = trainer.value_model, trainer.pipeline, trainer.reward
     params = model.init(jax.random.PRNGKey(0))
     stats = RewardStats(mean=jnp.asarray(1.5), var=jnp.asarray(4.0), count=jnp.asarray(8.0))
@@ -103,6 +112,50 @@ def test_reward_init_value_is_the_standardised_reward_of_the_clipped_prediction(
     # The backbone is trainable: its gradient is not zero.
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x0, final, context, aux))))(params)
     assert float(jnp.abs(grads["backbone"]["text_projection"]["kernel"]).sum()) > 0
+
+
+def test_value_gradient_alignment_is_one_for_the_reward_itself_and_flips_with_its_sign(
+        reward_init_trainer, tmp_path):
+    """Trainer.value_gradient_alignment: an untrained reward_init value is the standardised
+    reward of the reference model's one-step prediction, so its gradient in every state of a
+    rollout points exactly along the reward's (cosine 1); negating V's scale gives -1. A
+    non-differentiable reward is refused with one line."""
+    from vard_jax.training.loop import Loop
+
+    trainer = reward_init_trainer
+    state = trainer.init_state()
+    prompts = world.prompts("train")[:4]
+    rollouts, rewards = trainer.rollouts_with_rewards(state.policy_params, [prompts],
+                                                      jax.random.PRNGKey(3))
+    # Through the loop's value stage (value.log_grad_alignment): measured on the fresh
+    # states before the value update.
+    config = trainer.config.copy_and_resolve_references()
+    config.value.log_grad_alignment = True
+    loop = Loop(config, tmp_path, trainer=trainer)
+    initial_value = jax.device_get(state.value_params)  # the update donates the state
+    updated, aligned = loop.value_stage(state, rollouts, rewards, [prompts], (0, 0))
+    for name in ("value_grad_cosine", *(f"value_grad_cosine_q{q}" for q in range(1, 5))):
+        assert aligned[name] == pytest.approx(1.0, abs=1e-3), (name, aligned)
+    assert aligned["value_grad_cosine_positive"] == 1.0
+    assert int(updated.value_updates) == config.value.updates_per_epoch
+    # Directly, on the stage's data, with the untrained V's scale negated:
+    # V = (1 + a(t)) * r_std + b(t), and a bias of -2 on a(t)'s output makes the scale -1.
+    dataset = trainer.value_dataset(rollouts, rewards, updated.reward_stats, prompts)
+    assert dataset["states"].shape[0] == 4 * trainer.num_steps
+    initial_value["affine"]["Dense_1"]["bias"] = np.array([-2.0, 0.0], np.float32)
+    state = updated.replace(value_params=jax.device_put(initial_value))
+    flipped = trainer.value_gradient_alignment(state, dataset, prompts)
+    assert flipped["value_grad_cosine"] == pytest.approx(-1.0, abs=1e-3), flipped
+    assert flipped["value_grad_cosine_positive"] == 0.0
+    reward = trainer.reward
+    trainer.reward = dataclasses.replace(reward, name="jpeg_compressibility",
+                                         differentiable=False)
+    try:
+        with pytest.raises(ValueError,
+                           match="needs a differentiable reward; 'jpeg_compressibility'"):
+            trainer.value_gradient_alignment(state, dataset, prompts)
+    finally:
+        trainer.reward = reward  # the fixture is shared
 
 
 def test_conv_x0_value_reads_the_reference_models_clipped_prediction():

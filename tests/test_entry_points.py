@@ -169,6 +169,30 @@ def test_missing_workdir_is_reported(tmp_path: pathlib.Path) -> None:
         evaluate.resolve_config(ModelSpec())
 
 
+def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pathlib.Path):
+    """A run saved by an earlier version lacks later keys: its config is completed with the
+    defaults (saved values win), instead of failing on the first missing key."""
+    from vard_jax.training.checkpoints import Checkpointer
+
+    saved = tiny_config().to_dict()
+    saved["train"]["seed"] = 7
+    del saved["value"]["log_grad_alignment"]  # a key added after such a run was written
+    del saved["mesh"]["cpu_devices"]
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints", 2)
+    checkpointer.save(3, {"x": np.zeros(2, np.float32)}, json.dumps(saved))
+    checkpointer.wait()
+    checkpointer.close()
+    resolved = evaluate.resolve_config(ModelSpec(workdir=tmp_path / "run"))
+    assert resolved.step == 3
+    assert resolved.config.value.log_grad_alignment is False
+    assert resolved.config.mesh.cpu_devices == configs.base.get_config().mesh.cpu_devices
+    assert resolved.config.train.seed == 7
+    assert resolved.config.value.arch == saved["value"]["arch"]
+    from vard_jax.config import validate
+
+    validate(resolved.config)  # complete and well-typed
+
+
 def test_batch_size_must_split_over_the_data_axis() -> None:
     evaluate.check_batch_size(8, 4)
     with pytest.raises(EvaluationError, match="divisible by the 4 devices"):

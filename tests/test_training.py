@@ -40,6 +40,9 @@ def counting_reward():
 def config():
     cfg = shapes_fidelity.get_config("tiny")
     cfg.reward.eval_extra = ""  # keep the suite fast: the configured reward only
+    # The value also trains on the previous epoch's states: the resume test below then shows
+    # that the replayed states are checkpointed (the Loop reads this; the trainer does not).
+    cfg.value.replay_epochs = 2
     return cfg
 
 
@@ -77,6 +80,37 @@ def test_only_the_differentiated_rollout_takes_the_straight_through_clip(trainer
     np.testing.assert_array_equal(other.policy_schedule.timesteps, other.schedule.timesteps)
 
 
+def test_options_for_differentiable_rewards_are_refused_with_one_line(config):
+    for section, name in (("reward", "direct_last_step"), ("value", "log_grad_alignment")):
+        other = config.copy_and_resolve_references()
+        other[section][name] = True
+        with pytest.raises(ValueError) as error:
+            Trainer(other)
+        assert str(error.value) == (f"{section}.{name} needs a differentiable reward; "
+                                    f"'shape_fidelity' is not (set {section}.{name}=False)")
+
+
+def test_replayed_epochs_are_one_dataset_with_targets_in_todays_units():
+    from vard_jax.training.state import RewardStats
+
+    def epoch(rewards, steps=3):
+        n = len(rewards)
+        return {"states": np.arange(n * steps, dtype=np.float32)[:, None],
+                "timesteps": np.tile(np.arange(steps), n), "step_index": np.tile(np.arange(steps), n),
+                "chain": np.repeat(np.arange(n), steps), "context": np.arange(n)[:, None] * 10.0,
+                "targets": np.zeros(n * steps, np.float32),
+                "rewards": np.repeat(np.asarray(rewards, np.float32), steps)}
+
+    stats = RewardStats(mean=np.float32(1.0), var=np.float32(4.0), count=np.float32(3.0))
+    merged = Trainer.replay_dataset([epoch([1.0, 5.0]), epoch([-1.0])], stats)
+    assert merged["states"].shape == (9, 1) and merged["context"].shape == (3, 1)
+    # Each state keeps pointing at its own chain's context.
+    np.testing.assert_array_equal(merged["chain"], [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(merged["context"][merged["chain"]][:, 0],
+                                  [0, 0, 0, 10, 10, 10, 0, 0, 0])
+    np.testing.assert_allclose(merged["targets"], np.repeat([0.0, 2.0, -1.0], 3), atol=1e-3)
+
+
 def _leaves_equal(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -103,6 +137,12 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
         "step_00000.png", "step_00001.png", "step_00002.png"]
     assert list((tmp_path / "straight" / "tensorboard").iterdir())
     assert straight.checkpointer.latest_step() == 2
+    # The value's replay: the states of the epoch before the last, saved with the checkpoint.
+    assert len(straight.replay) == 1
+    saved = straight.checkpointer.restore_replay(2)
+    assert len(saved) == 1
+    for key, value in straight.replay[0].items():
+        np.testing.assert_array_equal(saved[0][key], value)
 
     interrupted = Loop(config, tmp_path / "resumed", trainer=trainer)
     interrupted.run(until=1)

@@ -34,6 +34,24 @@ def base_config() -> ml_collections.ConfigDict:
     return importlib.import_module("configs.base").get_config()
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved by a run (plain JSON data), completed with today's defaults for the keys
+    it lacks: checkpoints written before a key was added stay loadable (every added key's
+    default keeps the behaviour from before it existed). Saved values win; keys unknown to the
+    schema are kept, so that ``validate`` names them."""
+
+    def merge(defaults: dict, values: dict) -> dict:
+        merged = dict(defaults)
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+                merged[key] = merge(defaults[key], value)
+            else:
+                merged[key] = value
+        return merged
+
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
+
+
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "config") -> Iterator[tuple[str, Any]]:
     for key, value in config.items():
         path = f"{prefix}.{key}"
@@ -114,6 +132,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.value.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.value.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("config.value.stats_decay", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("config.value.replay_epochs", lambda v: v >= 1, "an integer >= 1 (1 = this epoch only)"),
     ("config.policy.learning_rate", lambda v: v > 0.0, "a number > 0"),
     ("config.policy.weight_decay", lambda v: v >= 0.0, "a number >= 0"),
     ("config.policy.grad_clip", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),

@@ -144,7 +144,9 @@ def resolve_config(spec: ModelSpec) -> ResolvedConfig:
                                   f"{checkpointer.directory}: {_first_line(error)}") from None
     finally:
         checkpointer.close()
-    return ResolvedConfig(ml_collections.ConfigDict(saved), step)
+    from vard_jax.config import with_defaults
+
+    return ResolvedConfig(with_defaults(saved), step)
 
 
 def _shapes_grammar_problem(prompts: Sequence[str]) -> Optional[str]:

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the whole train state plus the config as JSON.
 
-Layout: WORKDIR/checkpoints/<epoch>/{state, config}; orbax finalises a step atomically (it
+Layout: WORKDIR/checkpoints/<epoch>/{state, config[, replay]} (``replay``: the host arrays of
+the value's replayed epochs, ``value.replay_epochs`` > 1); orbax finalises a step atomically (it
 writes ``<epoch>.orbax-checkpoint-tmp-*`` and renames it), so a step directory that exists and is
 listed is complete, and an unfinished one is never listed. The latest step is resumed; one that
 cannot be restored (another config, truncated, not a checkpoint) raises CheckpointError with one
@@ -14,6 +15,7 @@ import pathlib
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -27,7 +29,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "config"))
+                                                 item_names=("state", "config", "replay"))
         except OSError as error:
             raise CheckpointError(f"{self.directory} cannot hold checkpoints "
                                   f"({error.strerror or error}); use another --workdir") from None
@@ -35,10 +37,30 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, config_json: str) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config_json))))
+    def save(self, step: int, state: Any, config_json: str,
+             replay: Optional[list[dict]] = None) -> None:
+        """Saves the state and the config; ``replay`` (a list of dicts of numpy arrays) too
+        when it is not empty."""
+        items = {"state": ocp.args.StandardSave(state),
+                 "config": ocp.args.JsonSave(json.loads(config_json))}
+        if replay:
+            items["replay"] = ocp.args.StandardSave({str(i): d for i, d in enumerate(replay)})
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_replay(self, step: int) -> list[dict]:
+        """The ``replay`` list saved at ``step`` (empty when the step has none)."""
+        if not (self.directory / str(step) / "replay").is_dir():
+            return []
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                replay=ocp.args.StandardRestore()))
+        except Exception as error:  # noqa: BLE001 - orbax raises many types; reported as one line
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: its value replay "
+                                  f"cannot be restored ({reason[:300]}; it was left as it is)"
+                                  ) from error
+        saved = restored.replay
+        return [{k: np.asarray(v) for k, v in saved[str(i)].items()} for i in range(len(saved))]
 
     def restore(self, abstract_state: Any, step: Optional[int] = None,
                 config_json: Optional[str] = None) -> tuple[Any, int]:

@@ -8,6 +8,7 @@ the current epoch with a checkpoint; updates that keep failing stop it without o
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import time
 from typing import Any, Optional
@@ -43,6 +44,9 @@ class Loop:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
         self.stage = stages.make(self)  # what an epoch does: config.algorithm
         self.last_checkpoint: Optional[int] = None  # the latest step saved or restored
+        # The value datasets of the value.replay_epochs - 1 epochs before this one (host
+        # arrays; saved with each checkpoint, so a resumed run replays the same states).
+        self.replay: collections.deque = collections.deque(maxlen=config.value.replay_epochs - 1)
 
     # --- one epoch's pieces ------------------------------------------------------------------------
     def _split_key(self, state: TrainState) -> tuple[TrainState, jax.Array]:
@@ -71,8 +75,16 @@ class Loop:
         flat_prompts = [p for batch_prompts in prompts for p in batch_prompts]
         dataset = self.trainer.value_dataset(rollouts, rewards, state.reward_stats, flat_prompts)
         diagnostics = self.trainer.value_diagnostics(state, dataset)
+        if self.config.value.log_grad_alignment:
+            diagnostics.update(self.trainer.value_gradient_alignment(state, dataset,
+                                                                     flat_prompts))
         rng = np.random.default_rng([self.config.train.seed, *salt, 7])
-        state, metrics = self.trainer.value_updates(state, dataset, rng)
+        training_data = dataset
+        if self.replay.maxlen:
+            training_data = self.trainer.replay_dataset([*self.replay, dataset],
+                                                        state.reward_stats)
+            self.replay.append(dataset)
+        state, metrics = self.trainer.value_updates(state, training_data, rng)
         return state, {**diagnostics, **metrics}
 
     def policy_stage(self, state: TrainState, prompts: list[list[str]], key: jax.Array):
@@ -118,10 +130,12 @@ class Loop:
                                            trainer.state_shardings(trainer.abstract_state))
         state, step = self.checkpointer.restore(abstract, config_json=self.config.to_json())
         self.last_checkpoint = int(step)
+        if self.replay.maxlen:
+            self.replay.extend(self.checkpointer.restore_replay(step))
         return state, int(step)
 
     def _save(self, step: int, state: TrainState) -> None:
-        self.checkpointer.save(step, state, self.config.to_json())
+        self.checkpointer.save(step, state, self.config.to_json(), list(self.replay))
         self.last_checkpoint = step
 
     def run(self, until: Optional[int] = None) -> list[dict]:

@@ -15,7 +15,7 @@ The epoch loop (``vard_jax.training.loop``) calls them in order.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -157,9 +157,11 @@ class Trainer:
         extra = [n.strip() for n in config.reward.eval_extra.split(",") if n.strip()]
         self.eval_evaluators = {n: registry.RewardEvaluator(registry.build(n, loaded.reward_context))
                                 for n in extra if n != self.reward.name}
-        if config.reward.direct_last_step and not self.reward.differentiable:
-            raise ValueError(f"reward.direct_last_step needs a differentiable reward; "
-                             f"{self.reward.name!r} is not")
+        for flag in ("reward.direct_last_step", "value.log_grad_alignment"):
+            section, name = flag.split(".")
+            if config[section][name] and not self.reward.differentiable:
+                raise ValueError(f"{flag} needs a differentiable reward; {self.reward.name!r} "
+                                 f"is not (set {flag}=False)")
         self.num_steps = config.sample.num_steps
         self.schedule = make_ddim_schedule(self.pipeline.schedule, self.num_steps)
         # The differentiated rollouts (VARD's policy step, DRaFT) may use the straight-through
@@ -193,26 +195,30 @@ class Trainer:
             self.reference_params, mesh_lib.param_shardings(self.mesh, self.reference_params))
         self._build_functions()
 
+    def reference_x0_hat(self, reference_params: Any, x: jax.Array, timesteps: jax.Array,
+                         context: jax.Array) -> jax.Array:
+        """The frozen reference model's conditional one-step prediction x0_hat(x_t),
+        differentiable in ``x`` (what the conv_x0 and reward_init values read); the final
+        state (t < 0) is already clean and passes through."""
+        t = jnp.maximum(timesteps, 0)
+        eps = self.pipeline.eps_fn(reference_params, x, t, context)
+        a = jnp.asarray(self.schedule.alphas_cumprod)[t].reshape((-1,) + (1,) * (x.ndim - 1))
+        x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        # Clipped like the sampler's x0 (clip_sample, the shapes world's pixels; identity for
+        # Stable Diffusion's latents): the early steps' predictions are otherwise
+        # ~1/sqrt(alpha_bar) ~ 100 times too large. The derivative follows
+        # policy.clip_x0_gradient.
+        return ddim.clip_x0(self.policy_schedule,
+                            jnp.where((timesteps < 0).reshape(a.shape), x, x0))
+
     def _make_value_model(self) -> value_lib.ValueModel:
         config, pipeline = self.config, self.pipeline
         context_shape = (pipeline.max_length, pipeline.unet.cross_attention_dim)
         if config.value.arch == "conv":
             return value_lib.conv_value(pipeline.sample_shape, context_shape, config.value.width)
-        alphas_cumprod = jnp.asarray(self.schedule.alphas_cumprod)
 
         def x0_hat(aux, x, timesteps, context):
-            # The reference model's conditional one-step prediction; the final state (t < 0)
-            # is already clean.
-            t = jnp.maximum(timesteps, 0)
-            eps = pipeline.eps_fn(aux["reference"], x, t, context)
-            a = alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
-            x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-            # Clipped like the sampler's x0 (clip_sample, the shapes world's pixels; identity
-            # for Stable Diffusion's latents): the early steps' predictions are otherwise
-            # ~1/sqrt(alpha_bar) ~ 100 times too large. The derivative follows
-            # policy.clip_x0_gradient.
-            return ddim.clip_x0(self.policy_schedule,
-                                jnp.where((timesteps < 0).reshape(a.shape), x, x0))
+            return self.reference_x0_hat(aux["reference"], x, timesteps, context)
 
         if config.value.arch == "conv_x0":
             return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
@@ -301,6 +307,25 @@ class Trainer:
             return value_apply(value_params, batch["states"], batch["timesteps"],
                                batch["context"], aux)
 
+        def value_gradient_cosines(value_params, stats, frozen, reference_params, batch):
+            # Per state: cos(dV/dx_t, d r_std(decode(x0_hat(x_t)))/dx_t); see
+            # value_gradient_alignment (differentiable rewards only).
+            aux = self.value_aux(stats, frozen, reference_params, batch.get("reward_ids"))
+            t, context = batch["timesteps"], batch["context"]
+
+            def value(x):
+                return jnp.sum(value_apply(value_params, x, t, context, aux))
+
+            def standardised_reward(x):
+                images = pipeline.decode(frozen, self.reference_x0_hat(reference_params, x, t,
+                                                                       context))
+                return jnp.sum(stats.standardise(reward.score(images, batch["reward_input"])))
+
+            g_v = jax.grad(value)(batch["states"]).reshape(t.shape[0], -1)
+            g_r = jax.grad(standardised_reward)(batch["states"]).reshape(t.shape[0], -1)
+            norms = jnp.linalg.norm(g_v, axis=1) * jnp.linalg.norm(g_r, axis=1)
+            return jnp.sum(g_v * g_r, axis=1) / jnp.maximum(norms, 1e-30)
+
         def value_step(state: TrainState, frozen: dict, reference_params, batch: dict):
             aux = self.value_aux(state.reward_stats, frozen, reference_params,
                                  batch.get("reward_ids"))
@@ -338,6 +363,7 @@ class Trainer:
         self.value_predict = jax.jit(value_predict, in_shardings=(
             state_sharding.value_params, state_sharding.reward_stats, frozen_sharding,
             reference_sharding, batch), out_shardings=batch)
+        self.value_gradient_cosines = jax.jit(value_gradient_cosines, out_shardings=batch)
         self.value_step = jax.jit(value_step, in_shardings=(
             state_sharding, frozen_sharding, reference_sharding, batch),
             out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -404,10 +430,25 @@ class Trainer:
             "chain": np.repeat(np.arange(n), t),
             "context": context,
             "targets": np.repeat(targets, t).astype(np.float32),
+            "rewards": np.repeat(np.asarray(rewards, np.float32), t),  # raw, for replay
         }
         if self.value_needs_reward_ids:
             dataset["reward_ids"] = np.asarray(self.reward.prepare(prompts))  # per chain
         return dataset
+
+    @staticmethod
+    def replay_dataset(datasets: list[dict], stats: RewardStats) -> dict:
+        """The ``value_dataset``s of several epochs as one, every target standardised again
+        with ``stats`` (the current statistics: V predicts the reward in today's units)."""
+        merged: dict[str, list] = {}
+        chains = 0
+        for dataset in datasets:
+            for key, value in dataset.items():
+                merged.setdefault(key, []).append(value + chains if key == "chain" else value)
+            chains += dataset["context"].shape[0]
+        out = {key: np.concatenate(values) for key, values in merged.items()}
+        out["targets"] = np.asarray(stats.standardise(jnp.asarray(out["rewards"])), np.float32)
+        return out
 
     def _value_batch(self, dataset: dict, idx: np.ndarray) -> dict:
         chains = dataset["chain"][idx]
@@ -417,28 +458,64 @@ class Trainer:
             batch["reward_ids"] = dataset["reward_ids"][chains]
         return self.put_batch(batch)
 
-    def value_diagnostics(self, state: TrainState, dataset: dict) -> dict:
-        """Explained variance of V on (fresh) labelled states, overall and per step quarter."""
+    def _per_state(self, function, state: TrainState, dataset: dict,
+                   extra: Optional[dict] = None) -> np.ndarray:
+        """``function(value_params, reward_stats, frozen, reference_params, batch) -> [B]`` over
+        every state of ``dataset``, in batches of ``value.batch_size`` padded to split over the
+        data axis; ``extra`` holds more per-state inputs of the batch. Host values [N]."""
         chunk = max(self.config.value.batch_size, 1)
         data_axis = self.mesh.shape[mesh_lib.DATA]
-        predictions = []
         total = dataset["states"].shape[0]
+        values = []
         for start in range(0, total, chunk):
             idx = np.arange(start, min(start + chunk, total))
-            pad = (-len(idx)) % data_axis
-            idx_padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+            idx_padded = np.concatenate([idx, np.repeat(idx[-1:], (-len(idx)) % data_axis)])
             batch = self._value_batch(dataset, idx_padded)
-            predictions.append(mesh_lib.to_host(self.value_predict(
+            for name, per_state in (extra or {}).items():
+                batch[name] = self.put_batch(per_state[idx_padded])
+            values.append(mesh_lib.to_host(function(
                 state.value_params, state.reward_stats, self.frozen, self.reference_params,
                 batch))[:len(idx)])
-        predictions = np.concatenate(predictions)
+        return np.concatenate(values)
+
+    def _by_quarter(self, dataset: dict) -> np.ndarray:
+        """The step quarter (0 = the noisiest) of each state of ``dataset``."""
+        return np.minimum(dataset["step_index"] * EV_BUCKETS // self.num_steps, EV_BUCKETS - 1)
+
+    def value_diagnostics(self, state: TrainState, dataset: dict) -> dict:
+        """Explained variance of V on (fresh) labelled states, overall and per step quarter."""
+        predictions = self._per_state(self.value_predict, state, dataset)
         targets = dataset["targets"]
         metrics = {"value_explained_variance": explained_variance(targets, predictions),
                    "value_mse_before_update": float(np.mean((targets - predictions) ** 2))}
-        buckets = np.minimum(dataset["step_index"] * EV_BUCKETS // self.num_steps, EV_BUCKETS - 1)
+        buckets = self._by_quarter(dataset)
         for b in range(EV_BUCKETS):
             sel = buckets == b
             metrics[f"value_ev_q{b + 1}"] = explained_variance(targets[sel], predictions[sel])
+        return metrics
+
+    def value_gradient_alignment(self, state: TrainState, dataset: dict,
+                                 prompts: list[str]) -> dict:
+        """Where V's gradient points, against the reward's (differentiable rewards only).
+
+        For every state x_t of ``dataset`` (``value_dataset`` of the chains of ``prompts``):
+        the cosine between d V(x_t) / d x_t, the direction VARD's policy step pushes x_t, and
+        d r_std(decode(x0_hat(x_t))) / d x_t, the standardised reward's gradient through the
+        frozen reference model's one-step prediction (the reward itself at the final state).
+        Returns the mean cosine overall and per quarter of the steps (``_q1``: the noisiest),
+        with the fraction of states whose cosine is positive.
+        """
+        if not self.reward.differentiable:
+            raise ValueError(f"the gradient alignment needs a differentiable reward; "
+                             f"{self.reward.name!r} is not")
+        reward_input = np.asarray(self.reward.prepare(prompts))[dataset["chain"]]
+        cosines = self._per_state(self.value_gradient_cosines, state, dataset,
+                                  {"reward_input": reward_input})
+        metrics = {"value_grad_cosine": float(np.mean(cosines)),
+                   "value_grad_cosine_positive": float(np.mean(cosines > 0))}
+        buckets = self._by_quarter(dataset)
+        for b in range(EV_BUCKETS):
+            metrics[f"value_grad_cosine_q{b + 1}"] = float(np.mean(cosines[buckets == b]))
         return metrics
 
     def value_updates(self, state: TrainState, dataset: dict, rng: np.random.Generator,
