@@ -159,3 +159,7 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     _leaves_equal(resumed.final_state.key, straight.final_state.key)
     assert int(resumed.final_state.reward_queries) == int(straight.final_state.reward_queries)
     assert lines[-1]["reward_mean"] == pytest.approx(rows[-1]["reward_mean"])
+    # One compiled policy step and one sampler for every call above, the first test's (keys
+    # from jax.random.PRNGKey on the default device) and the loops' (split from the state's).
+    assert trainer.policy_step._cache_size() == 1
+    assert trainer.sample._cache_size() == 1

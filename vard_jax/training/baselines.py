@@ -82,7 +82,8 @@ class DDPOSteps:
     def sample(self, policy_params: Any, prompts: list[str], key: jax.Array) -> Transitions:
         trainer = self.trainer
         ids = trainer.put_batch(jnp.asarray(trainer.pipeline.tokenize(prompts)))
-        return self._sample(policy_params, trainer.frozen, trainer.reference_params, ids, key)
+        return self._sample(policy_params, trainer.frozen, trainer.reference_params, ids,
+                            trainer.put_key(key))
 
     def transitions(self, samples: list[Transitions], rewards: np.ndarray,
                     prompts: list[str]) -> ddpo.DDPOBatch:
@@ -168,4 +169,4 @@ class DraftSteps:
         batch = {"ids": jnp.asarray(trainer.pipeline.tokenize(prompts)),
                  "reward_input": jnp.asarray(trainer.reward.prepare(prompts))}
         return self._update(state, trainer.frozen, trainer.reference_params,
-                            trainer.put_batch(batch), key)
+                            trainer.put_batch(batch), trainer.put_key(key))

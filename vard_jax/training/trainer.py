@@ -389,9 +389,16 @@ class Trainer:
         each process copies only the rows its own devices hold."""
         return mesh_lib.put(tree, self._batch)
 
+    def put_key(self, key: jax.Array) -> jax.Array:
+        """A PRNG key replicated over the mesh, as the loop's keys (split from the state's)
+        are: a key placed elsewhere (``jax.random.PRNGKey(0)`` on the default device) has a
+        different type, so the steps would be traced and compiled a second time for it."""
+        return mesh_lib.put(key, self._replicated)
+
     def rollout_batch(self, policy_params, prompts: list[str], key) -> Rollout:
         ids = self.put_batch(jnp.asarray(self.pipeline.tokenize(prompts)))
-        return self.sample(policy_params, self.frozen, self.reference_params, ids, key)
+        return self.sample(policy_params, self.frozen, self.reference_params, ids,
+                           self.put_key(key))
 
     def rollouts_with_rewards(self, policy_params, prompt_batches: list[list[str]], key,
                               check_images=None) -> tuple[list[Rollout], np.ndarray]:
@@ -413,7 +420,8 @@ class Trainer:
         batch = {"ids": jnp.asarray(self.pipeline.tokenize(prompts))}
         if self.config.reward.direct_last_step or self.value_needs_reward_ids:
             batch["reward_input"] = jnp.asarray(self.reward.prepare(prompts))
-        return self.policy_step(state, self.frozen, self.reference_params, self.put_batch(batch), key)
+        return self.policy_step(state, self.frozen, self.reference_params, self.put_batch(batch),
+                                self.put_key(key))
 
     def value_dataset(self, rollouts: list[Rollout], rewards: np.ndarray, stats: RewardStats,
                       prompts: list[str]) -> dict:
