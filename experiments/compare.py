@@ -20,7 +20,14 @@ per run, so one failure does not end the comparison), then reads each run's
     PYTHONPATH=. python experiments/compare.py --out=/tmp/c --smoke          # seconds-scale
 
 A finished run already under ``OUT/runs`` is read, not run again, so an interrupted
-comparison continues with the same command.
+comparison continues with the same command. Comparisons made by separate invocations (seeds
+or rewards added later, on another machine) are summarised and plotted together, without
+running anything, from their ``results.json`` files:
+
+    PYTHONPATH=. python experiments/compare.py --out=runs/all --combine=runs/a,runs/b
+
+(``--seeds`` and ``--rewards`` then select among the runs found; a run that two inputs
+hold must be the same run in both.)
 
 Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
@@ -75,7 +82,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="The tiny config, 2 steps, one reward, one seed: a check of the "
                              "machinery, not a result.")
+    parser.add_argument("--combine", default="",
+                        help="Comma-separated output directories of earlier comparisons: "
+                             "summarise and plot their runs together into --out, run nothing.")
     args = parser.parse_args(argv)
+    if args.combine and (args.quick or args.smoke):
+        parser.error("--combine reads finished comparisons; drop --quick/--smoke")
     if args.quick:
         args.seeds, args.budget, args.evals = "0", 64, 4
         args.rewards = "clip_alignment,jpeg_compressibility"
@@ -269,6 +281,38 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
     return written
 
 
+def combined_records(directories: list[str], seeds: list[int],
+                     rewards: list[str]) -> tuple[int, list[dict]]:
+    """(budget, the finished runs) of earlier comparisons' ``results.json`` files, selected by
+    seed and reward; one line of SystemExit for a missing file, mixed budgets or two different
+    runs under one (reward, method, seed)."""
+    budgets, runs = {}, {}
+    if not directories:
+        raise SystemExit("--combine: no directories given; e.g. --combine=runs/a,runs/b")
+    for directory in directories:
+        path = pathlib.Path(directory) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--combine: {path} not found; pass directories that "
+                             "experiments/compare.py wrote")
+        results = json.loads(path.read_text())
+        budgets[directory] = results["budget"]
+        for record in results["runs"]:
+            if record.get("returncode") != 0 or record["seed"] not in seeds or (
+                    record["reward"] not in rewards):
+                continue
+            key = (record["reward"], record["method"], record["seed"])
+            if key in runs and runs[key][1]["curve"] != record["curve"]:
+                raise SystemExit(f"--combine: {'-'.join(map(str, key))} differs between "
+                                 f"{runs[key][0]} and {directory}; pass only one of them")
+            runs.setdefault(key, (directory, record))
+    if len(set(budgets.values())) > 1:
+        raise SystemExit(f"--combine: budgets differ ({budgets}); combine equal budgets only")
+    if not runs:
+        raise SystemExit(f"--combine: no finished run of seeds {seeds} and rewards {rewards} "
+                         "in those directories; check --seeds and --rewards")
+    return next(iter(budgets.values())), [record for _, record in runs.values()]
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     out = pathlib.Path(args.out)
@@ -278,18 +322,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
     unknown = [r for r in rewards if r not in MATRIX]
     if unknown:
         raise SystemExit(f"--rewards: unknown {unknown}; choose from {', '.join(MATRIX)}")
-    records = []
-    # Seed outermost: a comparison stopped part-way has whole seeds of every (reward, method).
-    for seed in seeds:
-        for reward in rewards:
-            for method in MATRIX[reward].methods:
-                record = run_one(out, reward, method, seed, args)
-                print(json.dumps({k: record.get(k) for k in (
-                    "reward", "method", "seed", "returncode", "seconds", "final_eval_reward",
-                    "error")}), flush=True)
-                records.append(record)
-    results = {"budget": args.budget, "seeds": seeds, "smoke": args.smoke, "quick": args.quick,
+    if args.combine:
+        sources = [d.strip() for d in args.combine.split(",") if d.strip()]
+        if any(pathlib.Path(d).resolve() == out.resolve() for d in sources):
+            raise SystemExit(f"--combine: --out={out} is one of the inputs; its results.json "
+                             "would be overwritten: write to a new directory")
+        budget, records = combined_records(sources, seeds, rewards)
+        seeds = sorted({r["seed"] for r in records})
+    else:
+        sources, budget, records = [], args.budget, []
+        # Seed outermost: a comparison stopped part-way has whole seeds of every (reward,
+        # method).
+        for seed in seeds:
+            for reward in rewards:
+                for method in MATRIX[reward].methods:
+                    record = run_one(out, reward, method, seed, args)
+                    print(json.dumps({k: record.get(k) for k in (
+                        "reward", "method", "seed", "returncode", "seconds",
+                        "final_eval_reward", "error")}), flush=True)
+                    records.append(record)
+    results = {"budget": budget, "seeds": seeds, "smoke": args.smoke, "quick": args.quick,
                "summary": summarise(records), "runs": records}
+    if sources:
+        results["combined_from"] = sources
     results["plots"] = plot(records, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results["summary"], indent=2))

@@ -134,19 +134,21 @@ def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkey
     assert record["returncode"] == 1 and record["error"] == "ValueError: boom"
 
 
+def record(method, seed, points, reward="clip_alignment"):
+    """A finished run's record as compare.run_one makes it, from (queries, reward, distance)."""
+    curve = [{"reward_queries": q, "eval_reward": r, "eps_distance": d, "wall_s": q,
+              "gain": r - points[0][1]} for q, r, d in points]
+    return {"reward": reward, "method": method, "seed": seed, "returncode": 0,
+            "seconds": 1.0, "curve": curve, "final_eval_reward": curve[-1]["eval_reward"],
+            "final_eps_distance": curve[-1]["eps_distance"],
+            "reward_queries": curve[-1]["reward_queries"]}
+
+
 def test_compare_targets_from_curves():
     """summarise's two targets on hand-made curves: VARD's queries to DDPO's final reward and
     the eps distances at the lower final reward, each flagged when its level is not above the
     start."""
     from experiments import compare
-
-    def record(method, seed, points):
-        curve = [{"reward_queries": q, "eval_reward": r, "eps_distance": d, "wall_s": q,
-                  "gain": r - points[0][1]} for q, r, d in points]
-        return {"reward": "clip_alignment", "method": method, "seed": seed, "returncode": 0,
-                "seconds": 1.0, "curve": curve, "final_eval_reward": curve[-1]["eval_reward"],
-                "final_eps_distance": curve[-1]["eps_distance"],
-                "reward_queries": curve[-1]["reward_queries"]}
 
     records = [
         record("vard", 0, [(16, 0.0, 0.0), (32, 1.0, 0.1), (48, 3.0, 0.3)]),
@@ -166,3 +168,53 @@ def test_compare_targets_from_curves():
     assert first["draft_eps_distance"] == pytest.approx(0.4)
     assert second["reward_level"] == -1.0 and not second["above_start"]
     assert second["vard_eps_distance"] == 0.0  # "reached" at the start
+
+
+def test_compare_combines_earlier_comparisons_without_running(tmp_path, monkeypatch):
+    import json
+
+    from experiments import compare
+
+    monkeypatch.setattr(compare.subprocess, "run", None)  # nothing may be run
+    seed0 = [record("vard", 0, [(16, 0.0, 0.0), (64, 1.0, 0.1)]),
+             record("ddpo", 0, [(0, 0.0, 0.0), (64, 0.5, 0.05)])]
+    seed1 = [record("vard", 1, [(16, 0.2, 0.0), (64, 0.4, 0.1)]),
+             record("ddpo", 1, [(0, 0.2, 0.0), (64, 0.6, 0.05)]),
+             record("vard", 0, [(16, 0.0, 0.0), (64, 1.0, 0.1)], reward="shape_fidelity")]
+
+    def write(name, records, budget=64):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "results.json").write_text(json.dumps({"budget": budget,
+                                                            "runs": records}))
+        return str(directory)
+
+    a, b = write("a", seed0), write("b", seed1 + seed0[:1])  # seed 0's VARD run in both
+    results = compare.main([f"--out={tmp_path / 'all'}", f"--combine={a},{b}",
+                            "--rewards=clip_alignment"])
+    assert results["seeds"] == [0, 1] and results["budget"] == 64
+    assert results["combined_from"] == [a, b]
+    assert sorted((r["method"], r["seed"]) for r in results["runs"]) == [
+        ("ddpo", 0), ("ddpo", 1), ("vard", 0), ("vard", 1)]
+    assert list(results["summary"]) == ["clip_alignment"]
+    assert results["summary"]["clip_alignment"]["methods"]["vard"]["seeds"] == [0, 1]
+    assert json.loads((tmp_path / "all" / "results.json").read_text()) == results
+    # --seeds selects among the runs found.
+    only = compare.main([f"--out={tmp_path / 'one'}", f"--combine={a},{b}", "--seeds=1",
+                         "--rewards=clip_alignment"])
+    assert only["seeds"] == [1] and len(only["runs"]) == 2
+
+    changed = write("c", [record("vard", 0, [(16, 0.0, 0.0), (64, 2.0, 0.1)])])
+    other_budget = write("d", seed1, budget=128)
+    before = (tmp_path / "a" / "results.json").read_text()
+    for argv, message in (
+            ([f"--combine={a},{changed}"], "clip_alignment-vard-0 differs between"),
+            ([f"--combine={a},{other_budget}"], "budgets differ"),
+            ([f"--combine={a},{tmp_path / 'none'}"], "results.json not found"),
+            ([f"--combine={a}", "--seeds=5"], "no finished run of seeds [5]"),
+            ([f"--combine={a},{b}", f"--out={a}"], "is one of the inputs")):
+        argv = [f"--out={tmp_path / 'x'}"] + argv
+        with pytest.raises(SystemExit) as error:
+            compare.main(argv)
+        assert message in str(error.value) and "\n" not in str(error.value), error.value
+    assert (tmp_path / "a" / "results.json").read_text() == before  # an input is never written
