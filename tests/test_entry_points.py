@@ -30,7 +30,7 @@ from vard_jax.worlds import shapes as world
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"step", "pretrained", "workdir", "reward", "rewards", "skipped_rewards",
                 "eps_distance", "num_samples", "distinct_prompts", "seed", "batch_size",
-                "prompts_source", "out"}
+                "devices", "prompts_source", "out"}
 
 
 class TrainedRun(NamedTuple):
@@ -95,6 +95,7 @@ def test_evaluate_cli_writes_summary_matching_training_eval(trained_run: Trained
     assert summary["num_samples"] == config.sample.eval_batch_size * config.sample.eval_batches
     assert summary["seed"] == config.train.seed
     assert summary["batch_size"] == config.sample.eval_batch_size
+    assert summary["devices"] == 1  # the suite pins one device per process (tests/conftest.py)
     assert summary["prompts_source"] == config.sample.eval_prompts
     assert set(summary["rewards"]) == {"clip_alignment", "shape_fidelity"}
     assert summary["skipped_rewards"] == {}
@@ -191,6 +192,33 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pat
     from vard_jax.config import validate
 
     validate(resolved.config)  # complete and well-typed
+
+    # Read as a plain file (before the backend starts), the saved config chooses the host's
+    # devices as training does: 2 cores divide the tiny config's batches (4, 4, 8).
+    assert evaluate.peek_saved_config(tmp_path / "run") == checkpointer_config(tmp_path / "run")
+    assert evaluate.peek_saved_config(tmp_path / "run", 3) == saved
+    spec = ModelSpec(workdir=tmp_path / "run")
+    environ = {}
+    assert evaluate.configure_host_devices(spec, environ=environ, cores=2) == 2
+    assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert evaluate.configure_host_devices(spec, batch_size=3, environ={}, cores=2) is None
+    named = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    assert evaluate.configure_host_devices(spec, environ=named, cores=2) is None  # user's wins
+    assert named["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+    for missing in (ModelSpec(workdir=tmp_path / "none"), ModelSpec(workdir=tmp_path / "run",
+                                                                    step=9)):
+        assert evaluate.configure_host_devices(missing, environ={}, cores=2) is None
+
+
+def checkpointer_config(workdir: pathlib.Path) -> dict:
+    """The latest checkpoint's config as orbax restores it."""
+    from vard_jax.training.checkpoints import Checkpointer
+
+    checkpointer = Checkpointer(evaluate.checkpoint_dir(workdir), 2)
+    try:
+        return checkpointer.restore_config()
+    finally:
+        checkpointer.close()
 
 
 def test_batch_size_must_split_over_the_data_axis() -> None:

@@ -352,6 +352,7 @@ def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
         "distinct_prompts": len(set(prompts)),
         "seed": seed,
         "batch_size": batch_size,
+        "devices": loaded.trainer.mesh.devices.size,
         "prompts_source": source,
     }
 
@@ -428,6 +429,48 @@ def model_spec(model_flags: ModelFlags) -> ModelSpec:
                      pretrained=model_flags.pretrained.value)
 
 
+def peek_saved_config(workdir: pathlib.Path, step: Optional[int] = None) -> Optional[dict]:
+    """The config JSON of a run's checkpoint (``step``, default the latest), read as a plain
+    file; None when it cannot be read. Only for choosing the host's device count: orbax, which
+    ``resolve_config`` reads it with, starts the JAX backend when it opens the directory, and
+    the device count is fixed from then on."""
+    directory = checkpoint_dir(workdir)
+    try:
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        chosen = step if step is not None else steps[-1]
+        return json.loads((directory / str(chosen) / "config" / "metadata").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def configure_host_devices(spec: ModelSpec, batch_size: Optional[int] = None,
+                           environ=None, cores: Optional[int] = None) -> Optional[int]:
+    """Splits a CPU host into the devices the model's config asks for (``mesh.cpu_devices``;
+    0: every core that divides the batches), as training does (``vard_jax.parallel.host``),
+    before anything starts the backend. ``batch_size`` (the evaluation's, when given) must
+    divide too. Returns the count set, or None when the process keeps its devices (the config
+    could not be read, XLA_FLAGS names a count, or one device)."""
+    if spec.config is not None:
+        config = spec.config.copy_and_resolve_references()
+    elif spec.workdir is not None:
+        saved = peek_saved_config(spec.workdir, spec.step)
+        if saved is None:
+            return None
+        from vard_jax.config import with_defaults
+
+        config = with_defaults(saved)
+    else:
+        return None
+    if batch_size is not None:
+        config.sample.eval_batch_size = batch_size
+    from vard_jax.parallel import host
+
+    try:
+        return host.configure(config, environ, cores)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # a config that validate() will name later keeps one device
+
+
 def quiet_logging() -> None:
     """Keeps stderr to warnings (orbax logs every restore at INFO) unless --verbosity is given."""
     from absl import flags, logging
@@ -450,6 +493,7 @@ def main(argv: list[str]) -> None:
     assert _FLAGS is not None and _NUM_SAMPLES is not None, "flags are defined in __main__"
     quiet_logging()
     spec = model_spec(_FLAGS)
+    configure_host_devices(spec, _FLAGS.batch_size.value)
     try:
         summary = run_evaluation(spec, prompts_file=_FLAGS.prompts_file.value,
                                  num_samples=_NUM_SAMPLES.value, seed=_FLAGS.seed.value,

@@ -135,7 +135,9 @@ def main(argv: list[str]) -> None:
         cli.fail("--out is required, e.g. --out=grid.png")
     try:
         prompts = collect_prompts(_PROMPT.value or [], _FLAGS.prompts_file.value)
-        summary = run_sampling(eval_lib.model_spec(_FLAGS), prompts, _FLAGS.out.value,
+        spec = eval_lib.model_spec(_FLAGS)
+        eval_lib.configure_host_devices(spec, _FLAGS.batch_size.value)
+        summary = run_sampling(spec, prompts, _FLAGS.out.value,
                                num_per_prompt=_NUM_PER_PROMPT.value, seed=_FLAGS.seed.value,
                                batch_size=_FLAGS.batch_size.value)
     except EvaluationError as error:
