@@ -271,7 +271,7 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
                 ax.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             ax.set_xlabel(label)
-            ax.set_ylabel(f"held-out {reward} gain over step 0")
+            ax.set_ylabel(f"held-out {reward}\ngain over step 0")
             ax.legend()
             fig.tight_layout()
             path = out / f"{reward}_vs_{suffix}.png"
