@@ -29,6 +29,14 @@ running anything, from their ``results.json`` files:
 (``--seeds`` and ``--rewards`` then select among the runs found; a run that two inputs
 hold must be the same run in both.)
 
+A method's setting is compared with the method itself through a named variant: a method plus
+config overrides, run on every reward the method applies to, under its own name in the
+runs, the summary and the plots (``--methods`` picks what runs; a variant of VARD gets the
+two targets computed for it too, under ``variants`` in the reward's summary):
+
+    PYTHONPATH=. python experiments/compare.py --out=runs/replay --budget=512 --evals=16 \
+      --variant='vard_replay4=vard:--config.value.replay_epochs=4' --methods=ddpo,vard_replay4
+
 Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
 DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
@@ -44,6 +52,8 @@ import argparse
 import json
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -64,6 +74,49 @@ MATRIX = {
     "jpeg_compressibility": Comparison("configs/shapes_compressibility.py", ("vard", "ddpo")),
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
+METHODS = ("vard", "ddpo", "draft")
+# Settings the comparison fixes for every run (equal budgets, seeds, evaluation grid): a
+# variant may not override them.
+FIXED_SETTINGS = ("algorithm", "reward.name", "reward.eval_extra", "train.seed",
+                  "train.epochs", "train.eval_every", "checkpoint.every",
+                  "value.pretrain_epochs", "sample.batch_size", "sample.batches_per_epoch",
+                  "sample.eval_batch_size", "sample.eval_batches", "sample.num_steps")
+
+
+class Variant(NamedTuple):
+    name: str  # its name in the runs, the summary and the plots
+    method: str  # the algorithm it runs (one of METHODS)
+    overrides: tuple[str, ...]  # --config.KEY=VALUE arguments added to the method's run
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME=METHOD:--config.KEY=VALUE [--config.KEY=VALUE ...]`` -> Variant; one line of
+    SystemExit naming the problem otherwise."""
+    name, _, rest = text.partition("=")
+    method, _, overrides = rest.partition(":")
+    example = "e.g. --variant='vard_replay4=vard:--config.value.replay_epochs=4'"
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name.strip()) or not rest:
+        raise SystemExit(f"--variant={text!r}: expected NAME=METHOD:OVERRIDES with a "
+                         f"lower-case NAME; {example}")
+    name, method = name.strip(), method.strip()
+    if name in METHODS:
+        raise SystemExit(f"--variant={text!r}: {name!r} is a method's own name; name the "
+                         f"variant differently, {example}")
+    if method not in METHODS:
+        raise SystemExit(f"--variant={text!r}: unknown method {method!r}; choose from "
+                         f"{', '.join(METHODS)}")
+    arguments = tuple(shlex.split(overrides))
+    if not arguments:
+        raise SystemExit(f"--variant={text!r}: no overrides; {example}")
+    for argument in arguments:
+        key = argument[len("--config."):].partition("=")[0]
+        if not argument.startswith("--config.") or "=" not in argument or not key:
+            raise SystemExit(f"--variant={text!r}: {argument!r} is not --config.KEY=VALUE; "
+                             f"{example}")
+        if key in FIXED_SETTINGS:
+            raise SystemExit(f"--variant={text!r}: {key} is fixed by the comparison (equal "
+                             "budgets, seeds and evaluations); drop it from the variant")
+    return Variant(name, method, arguments)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -82,12 +135,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="The tiny config, 2 steps, one reward, one seed: a check of the "
                              "machinery, not a result.")
+    parser.add_argument("--variant", action="append", default=[],
+                        metavar="NAME=METHOD:OVERRIDES",
+                        help="A method with config overrides (space-separated "
+                             "--config.KEY=VALUE), run beside the methods under NAME on every "
+                             "reward the method applies to; repeatable.")
+    parser.add_argument("--methods", default="",
+                        help="Comma-separated methods and variant names to run (default: "
+                             "every applicable method and every variant).")
     parser.add_argument("--combine", default="",
                         help="Comma-separated output directories of earlier comparisons: "
                              "summarise and plot their runs together into --out, run nothing.")
     args = parser.parse_args(argv)
     if args.combine and (args.quick or args.smoke):
         parser.error("--combine reads finished comparisons; drop --quick/--smoke")
+    args.variants = [parse_variant(text) for text in args.variant]
+    names = [v.name for v in args.variants]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--variant: a name is given twice ({', '.join(names)}); give each "
+                         "variant its own name")
+    if args.combine and args.variants:
+        raise SystemExit("--variant runs a method; --combine runs nothing: drop one of them")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS and m not in names]
+    if unknown and not args.combine:  # --combine: --methods selects among the runs found
+        raise SystemExit(f"--methods: unknown {unknown}; choose from "
+                         f"{', '.join(list(METHODS) + names)}")
     if args.quick:
         args.seeds, args.budget, args.evals = "0", 64, 4
         args.rewards = "clip_alignment,jpeg_compressibility"
@@ -131,24 +204,45 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dict:
-    """One training run, or the finished run already in ``out`` (a comparison resumes).
+def planned_runs(reward: str, args) -> list[Variant]:
+    """The methods and variants to run on ``reward``, in order: the applicable methods, then
+    the variants of those methods, each kept when ``--methods`` names it (or names none)."""
+    methods = [Variant(m, m, ()) for m in MATRIX[reward].methods]
+    methods += [v for v in args.variants if v.method in MATRIX[reward].methods]
+    return [v for v in methods if not args.methods or v.name in args.methods]
+
+
+def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args,
+            variant: Optional[Variant] = None) -> dict:
+    """One training run of ``method`` (or of ``variant``, a method with overrides, under the
+    variant's name), or the finished run already in ``out`` (a comparison resumes).
 
     ``seconds`` is the run's process wall time; for a finished run found from an earlier
-    invocation without its ``run.json``, the final ``wall_s`` of its metrics.
+    invocation without its ``run.json``, the final ``wall_s`` of its metrics. A finished run
+    whose ``run.json`` records other settings (config and overrides) is refused with one
+    line, not reused.
     """
-    workdir = out / "runs" / f"{reward}-{method}-seed{seed}"
+    variant = variant or Variant(method, method, ())
+    workdir = out / "runs" / f"{reward}-{variant.name}-seed{seed}"
     config = MATRIX[reward].config + (":tiny" if args.smoke else "")
-    command = [sys.executable, "-m", "vard_jax.main", f"--config={config}",
-               f"--workdir={workdir}"] + run_overrides(reward, method, seed, args.budget,
-                                                        args.evals, args.smoke)
-    record = {"reward": reward, "method": method, "seed": seed, "command": " ".join(command[1:])}
-    epochs = run_epochs(method, args.budget, args.smoke)[0]
+    # What the run is (its config and overrides; not where it is written).
+    settings = [f"--config={config}"] + run_overrides(
+        reward, variant.method, seed, args.budget, args.evals, args.smoke) + list(
+            variant.overrides)
+    command = [sys.executable, "-m", "vard_jax.main", f"--workdir={workdir}"] + settings
+    record = {"reward": reward, "method": variant.name, "base_method": variant.method,
+              "seed": seed, "command": " ".join(command[1:])}
+    if variant.overrides:
+        record["overrides"] = list(variant.overrides)
+    epochs = run_epochs(variant.method, args.budget, args.smoke)[0]
     rows = read_metrics(workdir)
+    saved = workdir / "run.json"
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    if previous.get("settings", settings) != settings:
+        raise SystemExit(f"{workdir} was run with {' '.join(previous['settings'])!r}, not "
+                         "as this comparison would run it; use another --out or variant name")
     if rows and rows[-1]["step"] == epochs and "eval_reward_mean" in rows[-1]:
-        saved = workdir / "run.json"
-        seconds = (json.loads(saved.read_text())["seconds"] if saved.exists()
-                   else rows[-1]["wall_s"])
+        seconds = previous.get("seconds", rows[-1]["wall_s"])
         record.update(returncode=0, seconds=seconds, reused=True)
     else:
         env = dict(os.environ)
@@ -161,7 +255,7 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args) -> dic
         if result.returncode != 0:
             record["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             return record
-        (workdir / "run.json").write_text(json.dumps({"seconds": record["seconds"]}))
+        saved.write_text(json.dumps({"seconds": record["seconds"], "settings": settings}))
         rows = read_metrics(workdir)
     curve = [{"step": r["step"], "reward_queries": r["reward_queries"], "wall_s": r["wall_s"],
               "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"]}
@@ -197,7 +291,41 @@ def distance_at(curve: list[dict], reward: float) -> Optional[float]:
     return None
 
 
+def _targets(runs: list[dict], name: str) -> dict:
+    """The comparison's two targets for the VARD runs named ``name`` (VARD or a variant of
+    it) against DDPO's and DRaFT's runs of the same seeds, among one reward's ``runs``."""
+    vard_runs = {r["seed"]: r for r in runs if r["method"] == name}
+    targets: dict = {}
+    ddpo = [r for r in runs if r["method"] == "ddpo" and r["seed"] in vard_runs]
+    if ddpo:
+        ratios, above = [], []
+        for r in ddpo:
+            needed = queries_to_reach(vard_runs[r["seed"]]["curve"], r["final_eval_reward"])
+            ratios.append(None if needed is None else needed / r["reward_queries"])
+            # A DDPO final at or below its start is "reached" by VARD's first evaluation:
+            # the ratio then says nothing about sample efficiency.
+            above.append(bool(r["final_eval_reward"] > r["curve"][0]["eval_reward"]))
+        targets["vard_queries_to_ddpo_final_over_ddpo_queries"] = ratios
+        targets["ddpo_final_above_start"] = above
+    draft = [r for r in runs if r["method"] == "draft" and r["seed"] in vard_runs]
+    if draft:
+        pairs = []
+        for r in draft:
+            vard_curve = vard_runs[r["seed"]]["curve"]
+            level = min(vard_curve[-1]["eval_reward"], r["final_eval_reward"])
+            # Defined only where both runs gained: at or below the (shared) step-0 reward, a
+            # curve "reaches" the level at its start, at distance 0.
+            pairs.append({"seed": r["seed"], "reward_level": level,
+                          "above_start": bool(level > r["curve"][0]["eval_reward"]),
+                          "vard_eps_distance": distance_at(vard_curve, level),
+                          "draft_eps_distance": distance_at(r["curve"], level)})
+        targets["eps_distance_at_equal_reward"] = pairs
+    return targets
+
+
 def summarise(records: list[dict]) -> dict:
+    """Per reward: each method's (and variant's) final held-out reward and gain over seeds,
+    and the two targets for VARD (flat keys) and for each variant of VARD (``variants``)."""
     ok = [r for r in records if r.get("returncode") == 0]
     summary: dict = {}
     for reward in sorted({r["reward"] for r in ok}):
@@ -215,32 +343,14 @@ def summarise(records: list[dict]) -> dict:
                                    [r["final_eps_distance"] for r in runs])),
                                "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
         entry = {"methods": methods}
-        vard_runs = {r["seed"]: r for r in ok if r["reward"] == reward and r["method"] == "vard"}
-        if "ddpo" in methods and vard_runs:
-            ratios, above = [], []
-            for r in ok:
-                if r["reward"] == reward and r["method"] == "ddpo" and r["seed"] in vard_runs:
-                    needed = queries_to_reach(vard_runs[r["seed"]]["curve"],
-                                              r["final_eval_reward"])
-                    ratios.append(None if needed is None else needed / r["reward_queries"])
-                    # A DDPO final at or below its start is "reached" by VARD's first
-                    # evaluation: the ratio then says nothing about sample efficiency.
-                    above.append(bool(r["final_eval_reward"] > r["curve"][0]["eval_reward"]))
-            entry["vard_queries_to_ddpo_final_over_ddpo_queries"] = ratios
-            entry["ddpo_final_above_start"] = above
-        if "draft" in methods and vard_runs:
-            pairs = []
-            for r in ok:
-                if r["reward"] == reward and r["method"] == "draft" and r["seed"] in vard_runs:
-                    vard_curve = vard_runs[r["seed"]]["curve"]
-                    level = min(vard_curve[-1]["eval_reward"], r["final_eval_reward"])
-                    # Defined only where both runs gained: at or below the (shared) step-0
-                    # reward, a curve "reaches" the level at its start, at distance 0.
-                    pairs.append({"seed": r["seed"], "reward_level": level,
-                                  "above_start": bool(level > r["curve"][0]["eval_reward"]),
-                                  "vard_eps_distance": distance_at(vard_curve, level),
-                                  "draft_eps_distance": distance_at(r["curve"], level)})
-            entry["eps_distance_at_equal_reward"] = pairs
+        vard_family = sorted({r["method"] for r in ok if r["reward"] == reward
+                              and r.get("base_method", r["method"]) == "vard"})
+        for name in vard_family:
+            targets = _targets([r for r in ok if r["reward"] == reward], name)
+            if name == "vard":
+                entry.update(targets)
+            elif targets:
+                entry.setdefault("variants", {})[name] = targets
         summary[reward] = entry
     return summary
 
@@ -281,11 +391,11 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
     return written
 
 
-def combined_records(directories: list[str], seeds: list[int],
-                     rewards: list[str]) -> tuple[int, list[dict]]:
+def combined_records(directories: list[str], seeds: list[int], rewards: list[str],
+                     methods: Optional[list[str]] = None) -> tuple[int, list[dict]]:
     """(budget, the finished runs) of earlier comparisons' ``results.json`` files, selected by
-    seed and reward; one line of SystemExit for a missing file, mixed budgets or two different
-    runs under one (reward, method, seed)."""
+    seed, reward and (when given) method or variant name; one line of SystemExit for a missing
+    file, mixed budgets or two different runs under one (reward, method, seed)."""
     budgets, runs = {}, {}
     if not directories:
         raise SystemExit("--combine: no directories given; e.g. --combine=runs/a,runs/b")
@@ -298,7 +408,8 @@ def combined_records(directories: list[str], seeds: list[int],
         budgets[directory] = results["budget"]
         for record in results["runs"]:
             if record.get("returncode") != 0 or record["seed"] not in seeds or (
-                    record["reward"] not in rewards):
+                    record["reward"] not in rewards) or (methods and
+                                                         record["method"] not in methods):
                 continue
             key = (record["reward"], record["method"], record["seed"])
             if key in runs and runs[key][1]["curve"] != record["curve"]:
@@ -308,8 +419,9 @@ def combined_records(directories: list[str], seeds: list[int],
     if len(set(budgets.values())) > 1:
         raise SystemExit(f"--combine: budgets differ ({budgets}); combine equal budgets only")
     if not runs:
-        raise SystemExit(f"--combine: no finished run of seeds {seeds} and rewards {rewards} "
-                         "in those directories; check --seeds and --rewards")
+        raise SystemExit(f"--combine: no finished run of seeds {seeds} and rewards {rewards}"
+                         + (f" and methods {methods}" if methods else "")
+                         + " in those directories; check --seeds, --rewards and --methods")
     return next(iter(budgets.values())), [record for _, record in runs.values()]
 
 
@@ -327,16 +439,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if any(pathlib.Path(d).resolve() == out.resolve() for d in sources):
             raise SystemExit(f"--combine: --out={out} is one of the inputs; its results.json "
                              "would be overwritten: write to a new directory")
-        budget, records = combined_records(sources, seeds, rewards)
+        budget, records = combined_records(sources, seeds, rewards, args.methods)
         seeds = sorted({r["seed"] for r in records})
     else:
+        for variant in args.variants:
+            if not any(variant.method in MATRIX[r].methods for r in rewards):
+                raise SystemExit(f"--variant {variant.name}: {variant.method} applies to none "
+                                 f"of the rewards {rewards}; drop it or add a reward it "
+                                 "applies to")
+        if not any(planned_runs(r, args) for r in rewards):
+            raise SystemExit(f"--methods={','.join(args.methods)}: nothing to run on the "
+                             f"rewards {rewards}; name a method that applies to them")
         sources, budget, records = [], args.budget, []
         # Seed outermost: a comparison stopped part-way has whole seeds of every (reward,
         # method).
         for seed in seeds:
             for reward in rewards:
-                for method in MATRIX[reward].methods:
-                    record = run_one(out, reward, method, seed, args)
+                for variant in planned_runs(reward, args):
+                    record = run_one(out, reward, variant.method, seed, args, variant)
                     print(json.dumps({k: record.get(k) for k in (
                         "reward", "method", "seed", "returncode", "seconds",
                         "final_eval_reward", "error")}), flush=True)
@@ -345,6 +465,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "summary": summarise(records), "runs": records}
     if sources:
         results["combined_from"] = sources
+    if args.variants:
+        results["variants"] = {v.name: {"method": v.method, "overrides": list(v.overrides)}
+                               for v in args.variants}
     results["plots"] = plot(records, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results["summary"], indent=2))

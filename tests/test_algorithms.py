@@ -203,6 +203,10 @@ def test_compare_combines_earlier_comparisons_without_running(tmp_path, monkeypa
     only = compare.main([f"--out={tmp_path / 'one'}", f"--combine={a},{b}", "--seeds=1",
                          "--rewards=clip_alignment"])
     assert only["seeds"] == [1] and len(only["runs"]) == 2
+    # --methods too.
+    ddpo = compare.main([f"--out={tmp_path / 'ddpo'}", f"--combine={a},{b}", "--methods=ddpo",
+                         "--rewards=clip_alignment"])
+    assert sorted((r["method"], r["seed"]) for r in ddpo["runs"]) == [("ddpo", 0), ("ddpo", 1)]
 
     changed = write("c", [record("vard", 0, [(16, 0.0, 0.0), (64, 2.0, 0.1)])])
     other_budget = write("d", seed1, budget=128)
@@ -212,9 +216,94 @@ def test_compare_combines_earlier_comparisons_without_running(tmp_path, monkeypa
             ([f"--combine={a},{other_budget}"], "budgets differ"),
             ([f"--combine={a},{tmp_path / 'none'}"], "results.json not found"),
             ([f"--combine={a}", "--seeds=5"], "no finished run of seeds [5]"),
+            ([f"--combine={a}", "--methods=draft"], "and methods ['draft']"),
+            ([f"--combine={a}", "--variant=x=vard:--config.a=1"], "--combine runs nothing"),
             ([f"--combine={a},{b}", f"--out={a}"], "is one of the inputs")):
         argv = [f"--out={tmp_path / 'x'}"] + argv
         with pytest.raises(SystemExit) as error:
             compare.main(argv)
         assert message in str(error.value) and "\n" not in str(error.value), error.value
     assert (tmp_path / "a" / "results.json").read_text() == before  # an input is never written
+
+
+def test_compare_variants_run_under_their_own_names(tmp_path, monkeypatch):
+    """--variant: a method with overrides, planned on the rewards its method applies to, run
+    with the overrides under its own name, summarised with VARD's targets; bad input is one
+    line."""
+    import json
+    import subprocess
+
+    from experiments import compare
+
+    replay = "vard_replay4=vard:--config.value.replay_epochs=4 --config.value.lr=3e-4"
+    args = compare.parse_args([f"--out={tmp_path}", "--smoke", f"--variant={replay}",
+                               "--variant=draft_k2=draft:--config.draft.grad_depth=2"])
+    assert args.variants[0] == compare.Variant(
+        "vard_replay4", "vard", ("--config.value.replay_epochs=4", "--config.value.lr=3e-4"))
+    assert [v.name for v in compare.planned_runs("clip_alignment", args)] == [
+        "vard", "ddpo", "draft", "vard_replay4", "draft_k2"]
+    assert [v.name for v in compare.planned_runs("shape_fidelity", args)] == [
+        "vard", "ddpo", "vard_replay4"]  # DRaFT and its variant need a differentiable reward
+    args.methods = ["ddpo", "vard_replay4"]
+    assert [v.name for v in compare.planned_runs("clip_alignment", args)] == [
+        "ddpo", "vard_replay4"]
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ValueError: boom")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    made = compare.run_one(tmp_path, "clip_alignment", "vard", 0, args, args.variants[0])
+    assert made["method"] == "vard_replay4" and made["base_method"] == "vard"
+    assert made["overrides"] == list(args.variants[0].overrides)
+    command = calls[-1]
+    assert f"--workdir={tmp_path / 'runs' / 'clip_alignment-vard_replay4-seed0'}" in command
+    assert "--config.algorithm=vard" in command
+    assert command[-2:] == ["--config.value.replay_epochs=4", "--config.value.lr=3e-4"]
+
+    # A finished run made with other settings is refused, not reused under this name.
+    epochs = compare.run_epochs("vard", args.budget, args.smoke)[0]
+    workdir = tmp_path / "runs" / "clip_alignment-vard_replay4-seed0"
+    workdir.mkdir(parents=True)
+    rows = [{"step": s, "reward_queries": 4 * s, "wall_s": s, "eval_reward_mean": 1.0 * s,
+             "eval_eps_distance": 0.1 * s} for s in range(epochs + 1)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (workdir / "run.json").write_text(json.dumps({"seconds": 3.0, "settings": ["--x"]}))
+    with pytest.raises(SystemExit) as error:
+        compare.run_one(tmp_path, "clip_alignment", "vard", 0, args, args.variants[0])
+    assert "not as this comparison would run it" in str(error.value)
+    assert "\n" not in str(error.value)
+    settings = command[command.index("--config=configs/shapes.py:tiny"):]
+    (workdir / "run.json").write_text(json.dumps({"seconds": 3.0, "settings": settings}))
+    calls.clear()
+    reused = compare.run_one(tmp_path, "clip_alignment", "vard", 0, args, args.variants[0])
+    assert not calls and reused["reused"] and reused["seconds"] == 3.0
+
+    records = [record("vard", 0, [(16, 0.0, 0.0), (64, 0.2, 0.1)]),
+               record("vard_replay4", 0, [(16, 0.0, 0.0), (32, 0.6, 0.1), (64, 0.9, 0.2)]),
+               record("ddpo", 0, [(0, 0.0, 0.0), (64, 0.5, 0.05)])]
+    records[1]["base_method"] = "vard"
+    entry = compare.summarise(records)["clip_alignment"]
+    assert set(entry["methods"]) == {"vard", "vard_replay4", "ddpo"}
+    assert entry["vard_queries_to_ddpo_final_over_ddpo_queries"] == [None]  # never reached
+    assert entry["variants"]["vard_replay4"] == {
+        "vard_queries_to_ddpo_final_over_ddpo_queries": [0.5], "ddpo_final_above_start": [True]}
+
+    for argv, message in (
+            (["--variant=Replay=vard:--config.value.replay_epochs=4"], "lower-case NAME"),
+            (["--variant=vard=vard:--config.value.replay_epochs=4"], "a method's own name"),
+            (["--variant=x=ppo:--config.value.replay_epochs=4"], "unknown method 'ppo'"),
+            (["--variant=x=vard:"], "no overrides"),
+            (["--variant=x=vard:value.replay_epochs=4"], "is not --config.KEY=VALUE"),
+            (["--variant=x=vard:--config.train.epochs=99"], "train.epochs is fixed"),
+            (["--variant=x=vard:--config.a=1", "--variant=x=ddpo:--config.b=2"],
+             "a name is given twice"),
+            (["--methods=vard,ppo"], "--methods: unknown ['ppo']"),
+            (["--variant=x=draft:--config.draft.grad_depth=2", "--rewards=shape_fidelity"],
+             "draft applies to none of the rewards"),
+            (["--methods=draft", "--rewards=shape_fidelity"], "nothing to run")):
+        with pytest.raises(SystemExit) as error:
+            compare.main([f"--out={tmp_path / 'bad'}", "--budget=8"] + argv)
+        assert message in str(error.value) and "\n" not in str(error.value), error.value
