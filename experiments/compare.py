@@ -42,8 +42,8 @@ Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
 Method settings are each method's own defaults in ``configs/base.py`` (DDPO: clip 1e-4, one
 inner epoch of 32-transition minibatches; DRaFT: K = 1) and the reward's config (``MATRIX``:
-VARD's value reads x0_hat for the non-differentiable rewards); all share the demo's sampler,
-the policy optimiser and learning rate.
+VARD's value reads x0_hat and trains on the last 4 epochs' states for the non-differentiable
+rewards); all share the demo's sampler, the policy optimiser and learning rate.
 """
 
 from __future__ import annotations
