@@ -428,7 +428,6 @@ def combined_records(directories: list[str], seeds: list[int], rewards: list[str
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
     unknown = [r for r in rewards if r not in MATRIX]
@@ -441,6 +440,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "would be overwritten: write to a new directory")
         budget, records = combined_records(sources, seeds, rewards, args.methods)
         seeds = sorted({r["seed"] for r in records})
+        out.mkdir(parents=True, exist_ok=True)
     else:
         for variant in args.variants:
             if not any(variant.method in MATRIX[r].methods for r in rewards):
@@ -451,6 +451,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise SystemExit(f"--methods={','.join(args.methods)}: nothing to run on the "
                              f"rewards {rewards}; name a method that applies to them")
         sources, budget, records = [], args.budget, []
+        out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves nothing
         # Seed outermost: a comparison stopped part-way has whole seeds of every (reward,
         # method).
         for seed in seeds:

@@ -307,3 +307,4 @@ def test_compare_variants_run_under_their_own_names(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as error:
             compare.main([f"--out={tmp_path / 'bad'}", "--budget=8"] + argv)
         assert message in str(error.value) and "\n" not in str(error.value), error.value
+    assert not (tmp_path / "bad").exists()  # refused input leaves no output directory
