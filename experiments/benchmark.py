@@ -76,6 +76,8 @@ SD15_UNET = SD15_UNET_CONFIG
 #: SD 1.5's text encoder (CLIP ViT-L/14's text tower), here with random weights.
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77)
+#: SD 1.5's latent shape at 512x512 pixels.
+SD15_LATENT = (4, 64, 64)
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
                      clip_sample=False, prediction_type="epsilon")
@@ -149,12 +151,14 @@ def _register_families() -> None:
         text_encoder = transformers.FlaxCLIPTextModel(text_config, seed=0, _do_init=False,
                                                       dtype=dtype)
         key_unet, key_text = jax.random.split(jax.random.PRNGKey(config.train.seed))
-        text_params = jax.jit(text_encoder.init_weights, static_argnums=1)(key_text, (1, 77))
+        max_length = SD15_TEXT["max_position_embeddings"]
+        text_params = jax.jit(text_encoder.init_weights, static_argnums=1)(key_text,
+                                                                           (1, max_length))
         unet = upstream.diffusers().FlaxUNet2DConditionModel(**SD15_UNET, dtype=dtype)
         unet_params = jax.jit(unet.init_weights)(key_unet)
         pipeline = Pipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                             schedule=NoiseScheduleConfig(**SD15_SCHEDULE),
-                            sample_shape=(4, 64, 64), max_length=77)
+                            sample_shape=SD15_LATENT, max_length=max_length)
         params = {"unet": unet_params, "text_encoder": text_params}
         return loader.LoadedModel(pipeline, params, RewardContext(path=""))
 
@@ -628,6 +632,11 @@ def run(args: argparse.Namespace) -> dict:
     torch, torch_missing = _import_torch(args.no_torch)
     if torch is not None and args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if torch is not None:
+        # On a GPU, JAX would otherwise reserve 75 % of its memory at start, and the PyTorch
+        # twin in this process would run out of memory on an SD-1.5-sized UNet; the memory
+        # section reads XLA's compile-time analysis, which this does not change.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if torch is None and not args.no_torch and args.smoke:
         log(f"smoke: {torch_missing}; JAX figures only")
 

@@ -75,3 +75,32 @@ def test_smoke_json_structure(tmp_path):
             assert _positive(report[name]["ratio"])
     else:
         assert report["torch"]["reason"]
+
+
+@pytest.mark.slow  # bfloat16 compiles of the policy step on CPU (about 3 minutes on 2 cores)
+def test_sd15_mode_on_a_tiny_sd_shaped_model(tmp_path, monkeypatch):
+    """``--model=sd15`` is meant for GPU sessions; its code path (random CLIP text encoder,
+    SD-1.5 block layout, bfloat16, remat full, the PyTorch twin under autocast, no epoch)
+    runs here on an SD-shaped UNet and text encoder shrunk to test size."""
+    monkeypatch.setattr(benchmark, "SD15_UNET", dict(
+        benchmark.SD15_UNET, sample_size=16, block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1, attention_head_dim=4, cross_attention_dim=32))
+    monkeypatch.setattr(benchmark, "SD15_TEXT", dict(
+        benchmark.SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4))
+    monkeypatch.setattr(benchmark, "SD15_LATENT", (4, 16, 16))
+    report = benchmark.main(["--model=sd15", "--batch=2", "--steps=2", "--repeats=1",
+                             "--sections=unet,sample,value,policy,epoch",
+                             f"--out={tmp_path / 'sd15.json'}"])
+    assert report["model"] == "sd15" and report["config"]["dtype"] == "bfloat16"
+    assert report["config"]["remat"] == "full"
+    assert report["epoch"] == {"skipped": "the sd15 benchmark model has no VAE and no reward"}
+    assert _positive(report["policy"]["jax"]["median_s"])
+    assert _positive(report["policy"]["memory"]["peak_mib"])
+    assert _positive(report["sample"]["jax_images_per_s"])
+    if report["torch"]["available"]:
+        # bfloat16 on both sides: agreement to bfloat16's resolution.
+        assert report["unet"]["torch_max_abs_diff"] < 0.05 * max(
+            1.0, report["unet"]["output_max_abs"])
+        for name in ("sample", "value", "policy"):
+            assert _positive(report[name]["ratio"])
