@@ -212,6 +212,11 @@ def planned_runs(reward: str, args) -> list[Variant]:
     return [v for v in methods if not args.methods or v.name in args.methods]
 
 
+def run_command(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Runs one training command from the repository root and captures its output."""
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+
+
 def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args,
             variant: Optional[Variant] = None) -> dict:
     """One training run of ``method`` (or of ``variant``, a method with overrides, under the
@@ -250,7 +255,7 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args,
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
                                                           env.get("PYTHONPATH", "")]))
         started = time.time()
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        result = run_command(command, env)
         record.update(returncode=result.returncode, seconds=round(time.time() - started, 1))
         if result.returncode != 0:
             record["error"] = (result.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -1,23 +1,46 @@
 """Test-session settings shared by every test module and the subprocesses they start.
 
+A fresh environment every run. The suite must pass on a new machine exactly as on a used one,
+so nothing it reads may come from a user's caches: the first process of a run (the pytest
+controller) makes one scratch directory and points every cache and home directory at it:
+``HOME``, ``XDG_CACHE_HOME``/``XDG_CONFIG_HOME``, matplotlib's ``MPLCONFIGDIR`` (its font
+cache is built there, as on a new machine), Hugging Face's ``HF_HOME`` (no cached hub
+snapshots; ``HF_HUB_OFFLINE=1``) and JAX's persistent compilation cache. The pytest-xdist
+workers and every subprocess a test starts inherit these variables, so they share the one
+scratch directory, which the controller deletes at the end of the run.
+
 XLA compiles dominate the suite's time on CPU, and many tests (and the entry-point
-subprocesses) compile identical computations: JAX's persistent compilation cache, keyed by
-the exact computation and the library versions, serves repeats from disk. It lives in the
-checkout (``.cache/jax_tests``, git-ignored), so a second run is faster still. The suite runs
+subprocesses) compile identical computations: the compilation cache, keyed by the exact
+computation and the library versions, serves repeats within the run from disk. The suite runs
 in two pytest-xdist workers (``-n 2 --dist loadfile`` in setup.cfg: a module's tests and
-fixtures stay in one worker) that share the cache under its file lock.
+fixtures stay in one worker) that share the cache under its file lock. A developer who wants
+compiled programs kept between runs sets ``VARD_TESTS_JAX_CACHE=/some/dir`` (results do not
+depend on it; only the time does).
 """
 
 import os
 import pathlib
+import shutil
+import tempfile
 
-CACHE_DIR = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax_tests"
+_SCRATCH_VARIABLE = "VARD_TESTS_SCRATCH"
+_OWNER = _SCRATCH_VARIABLE not in os.environ  # this process made the scratch directory
+if _OWNER:
+    os.environ[_SCRATCH_VARIABLE] = tempfile.mkdtemp(prefix="vard-jax-tests-")
+SCRATCH = pathlib.Path(os.environ[_SCRATCH_VARIABLE])
 
 # Environment variables, so that subprocesses (python -m vard_jax.main ...) inherit them.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+for variable, folder in (("HOME", "home"), ("XDG_CACHE_HOME", "home/.cache"),
+                         ("XDG_CONFIG_HOME", "home/.config"), ("MPLCONFIGDIR", "matplotlib"),
+                         ("HF_HOME", "huggingface"), ("TORCH_HOME", "torch")):
+    os.environ[variable] = str(SCRATCH / folder)
+    (SCRATCH / folder).mkdir(parents=True, exist_ok=True)
+os.environ["HF_HUB_OFFLINE"] = "1"  # no network in tests: never wait on the hub
+CACHE_DIR = pathlib.Path(os.environ.get("VARD_TESTS_JAX_CACHE", SCRATCH / "jax_cache"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(CACHE_DIR)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 # A size limit turns on the cache's file lock: pytest-xdist workers share the directory.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 # One CPU device per test process and per subprocess it starts (python -m vard_jax.main would
 # otherwise split the cores, vard_jax/parallel/host.py): the two xdist workers already use both
@@ -34,3 +57,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_compilation_cache_max_size",
                   int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+def pytest_unconfigure(config):
+    """The controller deletes the run's scratch directory (workers have exited by then)."""
+    if _OWNER and not hasattr(config, "workerinput"):
+        shutil.rmtree(SCRATCH, ignore_errors=True)

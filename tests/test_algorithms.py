@@ -65,6 +65,26 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
         assert last["grad_depth"] == config.draft.grad_depth
 
 
+@pytest.mark.parametrize("dtype,lora_rank", [("float32", 0), ("bfloat16", 2)])
+def test_ddpo_first_minibatch_ratio_is_exactly_one(dtype, lora_rank, tmp_path):
+    """The first PPO minibatch trains at the sampling parameters: its old log-probs are the
+    update's own computation, so the ratio is 1 and nothing is clipped, on any machine. The
+    summed log-density and DDPO's clip range 1e-4 make a rounding mismatch visible."""
+    config = _config("ddpo", "jpeg_compressibility")
+    config.pretrained.dtype = config.pretrained.param_dtype = dtype
+    config.policy.lora_rank = lora_rank
+    config.ddpo.reduce = "sum"
+    config.ddpo.clip_range = 1e-4
+    config.ddpo.minibatch_size = 2
+    config.ddpo.inner_epochs = 2
+    validate(config)
+    loop = Loop(config, tmp_path)
+    last = loop.run()[-1]
+    assert last["first_log_ratio_max"] == 0.0 and last["first_clipfrac"] == 0.0
+    # The rollout's own log-probs are another computation: their gap is reported, finite.
+    assert np.isfinite(last["rollout_log_prob_gap"]) and last["approx_kl"] >= 0.0
+
+
 def test_baseline_config_errors(tmp_path):
     config = shapes.get_config("tiny")
     config.algorithm = "ddpo"
@@ -112,11 +132,11 @@ def test_compare_reads_finished_runs_and_reruns_unfinished_ones(tmp_path, monkey
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command, env):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "Traceback\nValueError: boom")
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "run_command", fake_run)
     record = compare.run_one(tmp_path, "clip_alignment", "ddpo", 0, args)
     assert not calls and record["reused"] and record["returncode"] == 0
     assert record["seconds"] == 10.0 * epochs  # no run.json: the metrics' final wall_s
@@ -175,7 +195,7 @@ def test_compare_combines_earlier_comparisons_without_running(tmp_path, monkeypa
 
     from experiments import compare
 
-    monkeypatch.setattr(compare.subprocess, "run", None)  # nothing may be run
+    monkeypatch.setattr(compare, "run_command", None)  # nothing may be run
     seed0 = [record("vard", 0, [(16, 0.0, 0.0), (64, 1.0, 0.1)]),
              record("ddpo", 0, [(0, 0.0, 0.0), (64, 0.5, 0.05)])]
     seed1 = [record("vard", 1, [(16, 0.2, 0.0), (64, 0.4, 0.1)]),
@@ -250,11 +270,11 @@ def test_compare_variants_run_under_their_own_names(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command, env):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "ValueError: boom")
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "run_command", fake_run)
     made = compare.run_one(tmp_path, "clip_alignment", "vard", 0, args, args.variants[0])
     assert made["method"] == "vard_replay4" and made["base_method"] == "vard"
     assert made["overrides"] == list(args.variants[0].overrides)

@@ -177,8 +177,8 @@ def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.A
 
     Returns:
       (loss [], metrics): loss = mean max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(new - old);
-      metrics: approx_kl = 0.5 mean (new - old)^2, clipfrac = fraction with |r - 1| > c,
-      ratio_mean, and the loss itself.
+      metrics: approx_kl = 0.5 mean (new - old)^2, log_ratio_max = max |new - old|,
+      clipfrac = fraction with |r - 1| > c, ratio_mean, and the loss itself.
     """
     old_log_prob = jax.lax.stop_gradient(old_log_prob)
     advantages = jax.lax.stop_gradient(advantages)
@@ -193,6 +193,7 @@ def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.A
     metrics = {
         "ppo_loss": jax.lax.stop_gradient(loss),
         "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(log_ratio) ** 2),
+        "log_ratio_max": jnp.max(jnp.abs(jax.lax.stop_gradient(log_ratio))),
         "clipfrac": jnp.mean((jnp.abs(ratio_const - 1.0) > clip_range).astype(jnp.float32)),
         "ratio_mean": jnp.mean(ratio_const),
     }

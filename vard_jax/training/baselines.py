@@ -69,6 +69,15 @@ class DDPOSteps:
                 state.policy_params)
             return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
+        def sampling_log_prob(params, frozen, reference_params, batch: ddpo.DDPOBatch):
+            # What ``ddpo.ddpo_loss`` computes as the new log-probs: the same function on the
+            # same minibatch shapes, here at fixed parameters.
+            del frozen
+            return ddpo.transition_log_prob(
+                policy.eps_fn, policy.unet(params, reference_params), schedule, batch.x_t,
+                batch.step_index, batch.x_prev, batch.context, batch.null_context,
+                loss_config.eta, loss_config.guidance_scale, reduce=loss_config.reduce)
+
         shardings = trainer.step_shardings()
         batch, replicated = shardings.batch, shardings.replicated
         self._sample = jax.jit(sample, in_shardings=(
@@ -78,6 +87,9 @@ class DDPOSteps:
         self._update = jax.jit(update, in_shardings=(
             shardings.state, shardings.frozen, shardings.reference, batch_sharding),
             out_shardings=(shardings.state, replicated), donate_argnums=0)
+        self._log_prob = jax.jit(sampling_log_prob, in_shardings=(
+            shardings.state.policy_params, shardings.frozen, shardings.reference,
+            batch_sharding), out_shardings=batch)
 
     def sample(self, policy_params: Any, prompts: list[str], key: jax.Array) -> Transitions:
         trainer = self.trainer
@@ -101,11 +113,48 @@ class DDPOSteps:
             null_context, steps=self.steps, reduce=self.config.reduce)
         return jax.tree_util.tree_map(np.asarray, jax.device_get(batch))  # minibatches on host
 
+    def _place(self, batch: ddpo.DDPOBatch) -> ddpo.DDPOBatch:
+        put = self.trainer.put_batch
+        return batch._replace(**{name: put(getattr(batch, name)) for name in batch._fields[:-1]})
+
+    def sampling_log_probs(self, policy_params: Any, transitions: ddpo.DDPOBatch,
+                           minibatches: list[np.ndarray]) -> tuple[ddpo.DDPOBatch, float]:
+        """The transitions with ``old_log_prob`` recomputed at the sampling parameters.
+
+        The rollout's log-probs come from another computation (the whole batch at one step,
+        inside the scan) and differ from the training step's recomputation by float rounding
+        that depends on the machine and the batch layout: up to 1e-5 relative, already ten
+        times DDPO's clip range in a summed log-density. Each transition is therefore
+        evaluated again with the update's own log-density function, on the first planned
+        minibatch that holds it (same shapes and layout as its first update), so the PPO ratio
+        of the first minibatch is 1 and nothing is clipped before the policy has moved.
+
+        Args:
+          policy_params: the parameters that sampled the transitions.
+          transitions: the epoch's transitions, with the rollout's log-probs.
+          minibatches: the planned minibatches, [M] index arrays, in update order.
+
+        Returns:
+          (transitions with recomputed ``old_log_prob``, the largest |recomputed - rollout|).
+        """
+        trainer = self.trainer
+        rollout = np.asarray(transitions.old_log_prob)
+        old, done = rollout.copy(), np.zeros(rollout.shape, bool)
+        for indices in minibatches:
+            missing = ~done[indices]
+            if not missing.any():
+                continue
+            values = self._log_prob(policy_params, trainer.frozen, trainer.reference_params,
+                                    self._place(transitions.take(indices)))
+            old[indices[missing]] = np.asarray(jax.device_get(values))[missing]
+            done[indices] = True
+        # Transitions in no minibatch (a dropped remainder) are never trained on.
+        gap = float(np.max(np.abs(old - rollout))) if old.size else 0.0
+        return transitions._replace(old_log_prob=old), gap
+
     def update(self, state: TrainState, batch: ddpo.DDPOBatch):
         trainer = self.trainer
-        placed = batch._replace(**{name: trainer.put_batch(getattr(batch, name))
-                                   for name in batch._fields[:-1]})
-        return self._update(state, trainer.frozen, trainer.reference_params, placed)
+        return self._update(state, trainer.frozen, trainer.reference_params, self._place(batch))
 
 
 class DraftSteps:

@@ -103,13 +103,22 @@ class DDPOStage:
         transitions = self.steps.transitions(samples, rewards, prompts)
         size = ddpo_minibatch_size(config, transitions.size, loop.trainer.mesh.shape["data"])
         rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
-        metrics = []
+        minibatches = []
         for _ in range(config.ddpo.inner_epochs):
             order = rng.permutation(transitions.size)
-            for start in range(0, transitions.size - size + 1, size):
-                state, m = self.steps.update(state, transitions.take(order[start:start + size]))
-                metrics.append(m)
+            minibatches += [order[start:start + size]
+                            for start in range(0, transitions.size - size + 1, size)]
+        transitions, gap = self.steps.sampling_log_probs(state.policy_params, transitions,
+                                                         minibatches)
+        metrics = []
+        for indices in minibatches:
+            state, m = self.steps.update(state, transitions.take(indices))
+            metrics.append(m)
         summary = faults.aggregate(metrics)
+        # The first minibatch trains at the sampling parameters: its ratio must be exactly 1.
+        summary["first_log_ratio_max"] = float(metrics[0]["log_ratio_max"])
+        summary["first_clipfrac"] = float(metrics[0]["clipfrac"])
+        summary["rollout_log_prob_gap"] = gap
         faults.check_streak(state, config.train.max_nonfinite_in_a_row, epoch + 1, summary,
                             loop.last_checkpoint)
         return state, {"reward_mean": float(np.mean(rewards)),
