@@ -1,5 +1,7 @@
 """Start-up validation: each bad value stops with one line naming the field; exit status 2."""
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -8,6 +10,8 @@ import pytest
 
 from configs import base, shapes
 from vard_jax.config import ConfigError, mesh_shape, validate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def good():
@@ -108,23 +112,62 @@ def test_batch_divisible_by_devices_and_mesh_size():
 
 
 def _main(*args):
-    return subprocess.run([sys.executable, "-m", "vard_jax.main", *args],
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # config files elsewhere import configs.*
+    return subprocess.run([sys.executable, "-m", "vard_jax.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
+BAD_CONFIGS = {  # config files that load but are not a complete config
+    "plain.py": "def get_config():\n    return {'train': {'epochs': 1}}\n",
+    "raises.py": "def get_config():\n    raise RuntimeError('no GPU here')\n",
+    "no_beta.py": ("from configs import shapes\n\ndef get_config():\n"
+                   "    config = shapes.get_config('tiny')\n    del config.policy['beta']\n"
+                   "    return config\n"),
+    "no_mesh.py": ("from configs import shapes\n\ndef get_config():\n"
+                   "    config = shapes.get_config('tiny')\n    del config['mesh']\n"
+                   "    return config\n"),
+}
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["--config=configs/shapes.py", "--config.policy.learning_rate=-1", "--workdir=W"],
+    (["--config=configs/shapes.py", "--config.policy.learning_rate=-1", "--workdir=<W>"],
      "error: config.policy.learning_rate = -1.0: not allowed; must be a number > 0"),
-    (["--config=configs/shapes.py", "--config.train.sed=3", "--workdir=W"],
-     "error: unknown config key 'sed'"),
-    (["--config=configs/missing.py", "--workdir=W"],
+    (["--config=configs/shapes.py", "--config.train.sed=3", "--workdir=<W>"],
+     "error: unknown config key 'config.train.sed' (Did you mean 'seed'?): the config has no "
+     "such field"),
+    (["--config=configs/shapes.py", "--config.bogus=1", "--workdir=<W>"],
+     "error: unknown config key 'config.bogus'"),
+    (["--config=configs/missing.py", "--workdir=<W>"],
      "error: cannot load --config: [Errno 2] No such file or directory: 'configs/missing.py'"),
+    (["--config=<C>/plain.py", "--workdir=<W>"],
+     "error: the config is a dict, not an ml_collections.ConfigDict"),
+    (["--config=<C>/raises.py", "--workdir=<W>"],
+     "error: --config=<C>/raises.py: get_config() raised RuntimeError: no GPU here"),
+    (["--config=<C>/no_beta.py", "--workdir=<W>"],
+     "error: config.policy.beta: missing key (configs/base.py's default: 0.01)"),
+    (["--config=<C>/no_mesh.py", "--workdir=<W>"], "error: config.mesh: missing section"),
+    (["--config=configs/shapes.py", "--config.sample.guidance_scale=1e30", "--workdir=<W>"],
+     "error: config.sample.guidance_scale = 1e+30: not allowed; must be a number in [0, 100]"),
+    (["--config=configs/shapes.py", "--config.sample.eval_prompts= ", "--workdir=<W>"],
+     "error: config.sample.eval_prompts = "),
+    (["--config=configs/shapes.py", "--config.sample.train_prompts=<C>", "--workdir=<W>"],
+     "error: config.sample.train_prompts: prompts file <C> is a directory"),
 ])
 def test_command_line_errors_are_one_line_exit_2(args, expected, tmp_path):
-    args = [a.replace("W", str(tmp_path / "w")) for a in args]
-    result = _main(*args)
+    """Bad input stops before anything is written: one line, exit 2, no workdir left."""
+    configs_dir = tmp_path / "configs"
+    configs_dir.mkdir()
+    for name, text in BAD_CONFIGS.items():
+        (configs_dir / name).write_text(text)
+    workdir = tmp_path / "runs" / "w"
+
+    def fill(text: str) -> str:
+        return text.replace("<W>", str(workdir)).replace("<C>", str(configs_dir))
+
+    result = _main(*map(fill, args))
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith(("I1", "W1"))]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(expected), lines[0]
+    assert lines[0].startswith(fill(expected)), lines[0]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()

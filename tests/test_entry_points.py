@@ -288,3 +288,42 @@ def test_sample_cli_writes_grid(trained_run: TrainedRun) -> None:
         assert image.size == expected.size
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 0.0, "the grid holds images, not a blank canvas"
+
+
+def test_bad_outputs_fail_before_sampling(trained_run: TrainedRun, tmp_path: pathlib.Path,
+                                          monkeypatch) -> None:
+    """--out naming a directory, or a path under a regular file, fails at once with one line
+    (before a model is loaded or an image sampled) and leaves nothing behind."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    result = run_module("vard_jax.evaluate", f"--workdir={trained_run.workdir}",
+                        f"--out={existing}")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+    assert lines == [f"error: --out={existing} is a directory; give a file name"], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+    assert not any(existing.iterdir())
+
+    from vard_jax import sample
+
+    monkeypatch.setattr(sample, "sample_images", None)  # nothing may be sampled
+    spec = ModelSpec(workdir=trained_run.workdir)
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(EvaluationError, match="grid.png is a directory; give a file name"):
+        sample.run_sampling(spec, ["a red circle"], tmp_path / "grid.png")
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(EvaluationError, match="cannot write under .*a_file; choose another"):
+        sample.run_sampling(spec, ["a red circle"], tmp_path / "a_file" / "grid.png")
+
+
+def test_sample_warns_about_over_long_prompts(trained_run: TrainedRun, tmp_path: pathlib.Path,
+                                              caplog) -> None:
+    from vard_jax import sample
+
+    long_prompt = "two blue squares on a white background " * 400  # ~16,000 characters
+    with caplog.at_level("WARNING"):
+        summary = sample.run_sampling(ModelSpec(workdir=trained_run.workdir),
+                                      [long_prompt.strip()], tmp_path / "grid.png")
+    assert summary["images"][0]["prompt"] == long_prompt.strip()
+    assert ("prompt set --prompt/--prompts_file: 1 of 1 prompts are longer than the "
+            "tokenizer's") in caplog.text

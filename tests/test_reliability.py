@@ -5,7 +5,7 @@ Real training processes (``python -m vard_jax.main``) are started once for the m
 (tests/conftest.py) serves the later ones, and this process, the programs the first compiled:
 
 * ``killed``: SIGKILLed at a random moment after its first checkpoint (step 3); then the same
-  command resumes it in the same workdir and is sent SIGTERM after its first new epoch;
+  command resumes it in the same workdir and is sent SIGINT (Ctrl-C) after its first new epoch;
 * ``reference``: the same run uninterrupted, keeping a checkpoint of every step;
 * two start-up failures (an unwritable workdir, a directory that is not a checkpoint).
 
@@ -132,7 +132,7 @@ class Runs:
 
     Phase one: ``killed`` and ``reference`` start together (and the two start-up failures);
     ``killed`` gets SIGKILL at a random moment after its checkpoint 3. Phase two: the same
-    command resumes it, and gets SIGTERM shortly after it writes its first new epoch.
+    command resumes it, and gets SIGINT shortly after it writes its first new epoch.
     """
 
     def __init__(self, root: pathlib.Path):
@@ -143,7 +143,7 @@ class Runs:
         self.rng = random.Random()
         self.processes: list[Process] = []
         self.killed_event = threading.Event()
-        self.sigterm_sent = False
+        self.sigint_sent = False
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._drive, daemon=True)
 
@@ -193,8 +193,9 @@ class Runs:
 
         self.resumed.wait_until(first_new_row, f"row {first_new}")
         time.sleep(self.rng.uniform(0.0, 0.3))
-        self.resumed.popen.send_signal(signal.SIGTERM)
-        self.sigterm_sent = True
+        # Ctrl-C, handled as SIGTERM is (tests/test_workdir.py sends both to the handler).
+        self.resumed.popen.send_signal(signal.SIGINT)
+        self.sigint_sent = True
 
     def begin(self) -> None:
         self.unwritable_parent = self.root / "a_file"
@@ -504,16 +505,84 @@ def test_checkpoint_of_another_config_is_refused_and_kept(runs, tmp_path):
     workdir = copy_of(runs.after_kill, tmp_path)
     config = tiny_config()
     config.value.width = 16
-    loop = Loop(config, workdir, trainer=Trainer(config))
     saved = tree_digest(workdir / "checkpoints")
+    where = f"{(workdir / 'checkpoints').resolve()}/{EVERY}"
+    loop = Loop(config, workdir, trainer=Trainer(config))
+    with pytest.raises(CheckpointError) as error:
+        loop.restore_or_init()
+    assert str(error.value) == (
+        f"checkpoint {where} was written with value.width = 32 (now 16): resuming would mix two "
+        "experiments in one run; use another --workdir, or resume with the change on purpose: "
+        "--allow_changes=value.width")
+    # Allowed on purpose, the shapes still differ: restore names the difference.
+    loop = Loop(config, workdir, trainer=loop.trainer, allow_changes=["value.width"])
     with pytest.raises(CheckpointError) as error:
         loop.restore_or_init()
     message = str(error.value)
-    assert "\n" not in message
-    assert message.startswith(f"checkpoint {(workdir / 'checkpoints').resolve()}/{EVERY} cannot "
-                              "be restored ("), message
+    assert "\n" not in message and "<" not in message
+    assert message.startswith(f"checkpoint {where} cannot be restored ("), message
     assert "; it was written with value.width = 32 (now 16); resume it with" in message, message
     assert tree_digest(workdir / "checkpoints") == saved
+
+
+def test_resuming_with_changed_settings_is_refused_unless_allowed(trainer, runs, tmp_path):
+    workdir = copy_of(runs.after_kill, tmp_path)
+    config = tiny_config()
+    config.sample.batch_size *= 2
+    config.policy.learning_rate = 0.01
+    config.checkpoint.keep = 7  # where and how often it saves: always free
+    config.train.eval_every = 5
+    saved = tree_digest(workdir)
+    with pytest.raises(CheckpointError) as error:
+        Loop(config, workdir, trainer=trainer).restore_or_init()
+    message = str(error.value)
+    assert "\n" not in message
+    assert (f"was written with policy.learning_rate = 0.0001 (now 0.01), sample.batch_size = "
+            f"{config.sample.batch_size // 2} (now {config.sample.batch_size}): resuming would "
+            "mix two experiments") in message, message
+    assert message.endswith("--allow_changes=policy.learning_rate,sample.batch_size")
+    assert tree_digest(workdir) == saved
+
+    config = tiny_config()
+    config.train.epochs = EPOCHS + 2  # more epochs, on purpose
+    loop = Loop(config, workdir, trainer=trainer, allow_changes=["train.epochs"])
+    _, step = loop.restore_or_init()
+    assert step == EVERY
+    assert [json.loads(line) for line in (workdir / "config_changes.jsonl").read_text()
+            .splitlines()] == [{"step": EVERY, "changes": [f"train.epochs = {EPOCHS} -> "
+                                                           f"{EPOCHS + 2}"]}]
+    loop.checkpointer.close()
+
+
+def test_a_save_that_fails_is_one_line_at_that_save(runs, tmp_path):
+    """A full disk (here: a file-size limit, so the checkpoint's array files cannot be written)
+    stops the run at the save that failed with one line, exit status 4; the checkpoint before
+    it is untouched."""
+    runs.wait_killed()  # the programs are compiled and cached by then
+    import resource
+
+    workdir = copy_of(runs.after_kill, tmp_path)
+    before = tree_digest(workdir / "checkpoints" / str(EVERY))
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "vard_jax.main", *ARGS, "--config.checkpoint.every=1",
+         f"--workdir={workdir}"], cwd=REPO, env=runs.env, capture_output=True, text=True,
+        preexec_fn=small_files_only, timeout=TIMEOUT_S)
+    assert result.returncode == 4, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not re.match(r"[IW]\d{4} ", line)]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: saving checkpoint {EVERY + 1} to "
+                               f"{(workdir / 'checkpoints').resolve()} failed ("), lines
+    assert lines[0].endswith(f"the last complete checkpoint is step {EVERY}; free space (or fix "
+                             "the disk) and run the same command to resume"), lines
+    assert tree_digest(workdir / "checkpoints" / str(EVERY)) == before
+    assert step_dirs(workdir / "checkpoints") == [EVERY]
+    assert [r["step"] for r in read_rows(workdir / "metrics.jsonl")] == list(range(EVERY + 2))
 
 
 def test_truncated_checkpoint_is_refused_and_kept(trainer, runs, tmp_path):
@@ -523,9 +592,24 @@ def test_truncated_checkpoint_is_refused_and_kept(trainer, runs, tmp_path):
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     saved = tree_digest(workdir / "checkpoints")
     loop = Loop(tiny_config(), workdir, trainer=trainer)
-    with pytest.raises(CheckpointError, match=f"/{EVERY} cannot be restored .*; its config "
-                       "equals this one"):
+    with pytest.raises(CheckpointError) as error:
         loop.restore_or_init()
+    message = str(error.value)
+    assert "\n" not in message and "<" not in message and "TensorStore" not in message
+    assert message.startswith(f"checkpoint {(workdir / 'checkpoints').resolve()}/{EVERY} is "
+                              "incomplete or damaged: its config and array shapes match this run "
+                              "but its data cannot be read ("), message
+    assert message.endswith("); move that directory away to start over, or use another "
+                            "--workdir (it was left as it is)"), message
+    assert tree_digest(workdir / "checkpoints") == saved
+    # vard_jax.evaluate says the same in one line (no traceback from orbax or asyncio).
+    result = subprocess.run([sys.executable, "-m", "vard_jax.evaluate", f"--workdir={workdir}"],
+                            cwd=REPO, env=runs.env, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not re.match(r"[IW]\d{4} ", line)]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "is incomplete or damaged" in lines[0], lines
     assert tree_digest(workdir / "checkpoints") == saved
 
 
@@ -551,16 +635,18 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
         assert {k: row[k] for k in keys} == {k: ref[k] for k in keys}, row["step"]
 
 
-def test_sigterm_saves_the_last_epoch_and_exits_0(runs):
+def test_sigint_saves_the_last_epoch_and_exits_0(runs):
     assert runs.wait_resumed() == 0, runs.resumed.stderr
-    assert runs.sigterm_sent
+    assert runs.sigint_sent
+    assert "Traceback" not in runs.resumed.stderr and "KeyboardInterrupt" not in runs.resumed.stderr
     checkpoints = runs.killed.workdir / "checkpoints"
     steps = step_dirs(checkpoints)
     stopped = max(steps)
     # Resumed from step 3, stopped after step 4 or 5: a checkpoint only the SIGTERM path writes.
     assert EVERY < stopped < EPOCHS and stopped % EVERY != 0, steps
     assert read_rows(runs.killed.workdir / "metrics.jsonl")[-1]["step"] == stopped
-    assert f"SIGTERM: stopped after step {stopped} with a checkpoint" in runs.resumed.stderr
+    assert f"SIGINT: stopped after step {stopped} with a checkpoint" in runs.resumed.stderr
+    assert not list(checkpoints.glob(f"{stopped}.orbax-checkpoint-tmp*"))
     assert json.loads(runs.resumed.stdout_path.read_text().splitlines()[-1])["step"] == stopped
     # The checkpoint it resumed from and the planted unfinished save are still there.
     assert EVERY in steps and (checkpoints / PLANTED_TMP).is_dir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Callable, NoReturn
 
@@ -9,9 +11,16 @@ from absl import flags
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
-    """Prints one line to stderr and exits (no traceback)."""
+    """Prints one line to stderr and ends the process with ``status``, at once.
+
+    The entry points call it only once their files are closed or complete (an unfinished
+    checkpoint save is never read as good). Ending with ``os._exit`` skips the interpreter's
+    shutdown, where background threads of orbax and asyncio could otherwise print tracebacks
+    (``Event loop is closed``) after this line.
+    """
+    sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    os._exit(status)
 
 
 def parse_flags_or_fail(argv: list[str]) -> list[str]:
@@ -19,7 +28,34 @@ def parse_flags_or_fail(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as error:  # noqa: BLE001 - user input: reported as one line
-        fail(_one_line(error))
+        fail(_flag_error(error, argv))
+
+
+def _flag_error(error: BaseException, argv: list[str]) -> str:
+    """One line for an error of flag parsing, naming the flag or the config file at fault."""
+    context = error.__context__
+    if isinstance(error, AttributeError) and isinstance(context, KeyError):
+        # ml_collections: an override of a key the config does not have
+        text = _one_line(error)
+        match = re.search(r"'([^'\\]+)", text)
+        key = match.group(1) if match else text
+        overrides = [a.split("=", 1)[0].lstrip("-") for a in argv
+                     if a.startswith("--config.") and a.split("=", 1)[0].endswith(f".{key}")]
+        name = overrides[0] if overrides else key
+        hint = re.search(r"Did you mean \S+", text)
+        hint = f" ({hint.group(0).replace(chr(34), chr(39))}?)" if hint else ""
+        return (f"unknown config key {name!r}{hint}: the config has no such field (every "
+                "field, with its meaning, is in configs/base.py)")
+    files = [a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")]
+    if files and not isinstance(error, flags.Error):
+        path = os.path.abspath(files[-1])
+        traceback = error.__traceback__
+        while traceback is not None:  # raised inside the config file's own code
+            if os.path.abspath(traceback.tb_frame.f_code.co_filename) == path:
+                return (f"--config={files[-1]}: get_config() raised {type(error).__name__}: "
+                        f"{_one_line(error)}")
+            traceback = traceback.tb_next
+    return _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:
@@ -52,12 +88,22 @@ def config_or_fail(holder):
         fail(f"cannot load --config: {_one_line(error)}")
 
 
+class _NoLibraryTracebacks:
+    """A logging filter: orbax logs the failure of a background save or restore with its
+    traceback (hundreds of lines) before the call that failed raises; the entry points report
+    that failure as one line, so the library's copy is dropped."""
+
+    def filter(self, record) -> bool:
+        return not (record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"))
+
+
 def flags_parser(argv: list[str]) -> list[str]:
     rest = parse_flags_or_fail(argv)
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:  # orbax and jax log every save at INFO
         logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_NoLibraryTracebacks())
     return rest
 
 

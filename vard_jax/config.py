@@ -72,6 +72,17 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def check_schema(config: Any) -> None:
+    """Raises ConfigError (one line) unless ``config`` is a ConfigDict with exactly the
+    sections and keys of ``configs/base.py`` (unknown or missing ones are named), each of the
+    schema's type. Needs no jax: entry points call it before anything else."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"the config is a {_type_name(config)}, not an ml_collections."
+                          "ConfigDict: get_config() should start from configs.base.get_config() "
+                          "and change fields")
+    _check_schema(config, base_config())
+
+
 def _check_schema(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
     reference_leaves = dict(_leaves(reference))
     reference_sections = {p for p, _ in _sections(reference)}
@@ -79,6 +90,18 @@ def _check_schema(config: ml_collections.ConfigDict, reference: ml_collections.C
         if path not in reference_sections:
             raise ConfigError(f"{path}: unknown section; known sections: "
                               f"{', '.join(sorted(s.split('.', 1)[1] for s in reference_sections))}")
+    sections = {p for p, _ in _sections(config)}
+    leaves = {p for p, _ in _leaves(config)}
+    for path in sorted(reference_sections - sections):
+        if path.rsplit(".", 1)[0] in sections | {"config"}:
+            raise ConfigError(f"{path}: missing section; start the config from "
+                              "configs.base.get_config() (it has every section with its defaults)")
+    missing = [p for p in reference_leaves if p not in leaves]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(f"{missing[0]}: missing key{more} (configs/base.py's default: "
+                          f"{reference_leaves[missing[0]]!r}); start the config from "
+                          "configs.base.get_config() or set it")
     for path, value in _leaves(config):
         if path not in reference_leaves:
             section = path.rsplit(".", 1)[0]
@@ -114,13 +137,13 @@ _RULES: tuple[_Rule, ...] = (
     ("config.pretrained.param_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
     ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
-    ("config.sample.guidance_scale", lambda v: v >= 0.0, "a number >= 0"),
+    ("config.sample.guidance_scale", lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]"),
     ("config.sample.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.batches_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.eval_batches", lambda v: v >= 0, "an integer >= 0"),
-    ("config.sample.train_prompts", lambda v: bool(v), "a split name or a prompts file"),
-    ("config.sample.eval_prompts", lambda v: bool(v), "a split name or a prompts file"),
+    ("config.sample.train_prompts", lambda v: bool(v.strip()), "a split name or a prompts file"),
+    ("config.sample.eval_prompts", lambda v: bool(v.strip()), "a split name or a prompts file"),
     ("config.reward.name", lambda v: bool(v.strip()), "a reward name or 'a:1.0,b:0.5'"),
     ("config.value.arch", lambda v: v in VALUE_ARCHS, f"one of {', '.join(VALUE_ARCHS)}"),
     ("config.value.width", lambda v: v >= 1, "an integer >= 1"),
@@ -228,7 +251,7 @@ def data_sharded_batches(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """Raises ConfigError (one line) for the first field that cannot run."""
-    _check_schema(config, base_config())
+    check_schema(config)
     _check_values(config)
     check_distributed(config)
     data, _ = mesh_shape(config, device_count)

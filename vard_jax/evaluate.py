@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
@@ -265,6 +266,9 @@ def read_prompts_file(path: str | pathlib.Path) -> list[str]:
     from vard_jax import prompts as prompts_lib
 
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"prompts file {path} is a directory; give a text file with one "
+                              "prompt per line")
     if not path.is_file():
         raise EvaluationError(f"prompts file {path} does not exist")
     try:
@@ -274,6 +278,25 @@ def read_prompts_file(path: str | pathlib.Path) -> list[str]:
         raise EvaluationError(_first_line(error)) from None
     except OSError as error:
         raise EvaluationError(f"cannot read prompts file {path}: {error.strerror}") from None
+
+
+def warn_if_truncated(prompts: Sequence[str], pipeline, source: str) -> None:
+    """One warning when prompts are longer than the tokenizer's length (the model sees them
+    truncated), as training gives."""
+    from vard_jax import prompts as prompts_lib
+
+    prompts_lib.warn_if_truncated(sorted(set(prompts)), pipeline, source)
+
+
+def check_output(path: pathlib.Path, flag: str = "--out") -> None:
+    """Raises EvaluationError when ``path`` cannot be written as a file (before any work)."""
+    if path.is_dir():
+        raise EvaluationError(f"{flag}={path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise EvaluationError(f"{flag}={path}: cannot write under {parent}; choose another path")
 
 
 def cycle(prompts: Sequence[str], count: int) -> list[str]:
@@ -329,6 +352,7 @@ def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
     skipped = configure_eval_rewards(config, prompts)
     prepare_config(config, batch_size)
     loaded = load_policy(spec, resolved)
+    warn_if_truncated(prompts, loaded.trainer.pipeline, source)
 
     from vard_jax.training import evaluation
 
@@ -366,12 +390,13 @@ def default_output(spec: ModelSpec, summary: dict) -> Optional[pathlib.Path]:
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
-    """Writes ``data`` atomically (temporary file, then rename); raises EvaluationError."""
+    """Writes ``data`` atomically (a fresh temporary file, then rename; never through a planted
+    link); raises EvaluationError."""
+    from vard_jax.training.workdir import write_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(data, indent=2) + "\n")
     except OSError as error:
         raise EvaluationError(f"cannot write {path}: {error.strerror}") from None
 
@@ -495,6 +520,8 @@ def main(argv: list[str]) -> None:
     spec = model_spec(_FLAGS)
     configure_host_devices(spec, _FLAGS.batch_size.value)
     try:
+        if _FLAGS.out.value:
+            check_output(pathlib.Path(_FLAGS.out.value))
         summary = run_evaluation(spec, prompts_file=_FLAGS.prompts_file.value,
                                  num_samples=_NUM_SAMPLES.value, seed=_FLAGS.seed.value,
                                  batch_size=_FLAGS.batch_size.value)

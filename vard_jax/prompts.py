@@ -28,6 +28,9 @@ def load_prompts(spec: str) -> list[str]:
     if spec in PROMPT_SETS:
         spec = str(PROMPT_SET_DIR / f"{spec}.txt")
     path = pathlib.Path(spec)
+    if path.is_dir():
+        raise ValueError(f"prompts file {spec} is a directory; give a text file with one prompt "
+                         "per line")
     if not path.is_file():
         raise ValueError(f"prompt set {spec!r} is neither a split ({', '.join(world.SPLITS)}), "
                          f"a shipped set ({', '.join(PROMPT_SETS)}) nor an existing file")

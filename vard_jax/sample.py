@@ -80,6 +80,7 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
     out = pathlib.Path(out)
     if out.suffix.lower() != ".png":
         raise EvaluationError(f"--out={out}: the grid is written as PNG; name it *.png")
+    eval_lib.check_output(out)
     resolved = eval_lib.resolve_config(spec)
     config = resolved.config
     seed = config.train.seed if seed is None else seed
@@ -91,6 +92,7 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
     eval_lib.prepare_config(config, batch_size)
     loaded = eval_lib.load_policy(spec, resolved)
     trainer = loaded.trainer
+    eval_lib.warn_if_truncated(prompts, trainer.pipeline, "--prompt/--prompts_file")
 
     from vard_jax.training.images import save_grid
 

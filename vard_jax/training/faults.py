@@ -7,12 +7,15 @@
   plus how many had a non-finite loss or (finite loss but) non-finite gradient.
 * ``check_streak`` (host, once per stage): raises ``NonFiniteError`` when one kind of update was
   skipped ``train.max_nonfinite_in_a_row`` times in a row; the loop then stops without saving.
-* ``Preemption``: while active, SIGTERM only sets a flag that the loop reads between epochs.
+* ``Preemption``: while active, SIGTERM or SIGINT only sets a flag that the loop reads between
+  epochs.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -88,36 +91,52 @@ def _kept(last_checkpoint: Any) -> str:
     return f"the last good checkpoint is step {last_checkpoint}"
 
 
-class Preemption:
-    """Context manager: while active, SIGTERM sets ``requested`` instead of ending the process.
+def _write_stderr(line: str) -> None:
+    """One line straight to file descriptor 2 (safe inside a signal handler)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
-    A second SIGTERM gets the previous handler (by default: the process ends). Signals can only
-    be caught on the main thread; elsewhere this does nothing.
+
+class Preemption:
+    """Context manager: while active, SIGTERM and SIGINT (Ctrl-C) set ``requested`` instead of
+    ending the process; the loop reads it between epochs, checkpoints and exits 0.
+
+    A second signal ends the process at once: one line on stderr and exit status 128 + the
+    signal's number (130 for SIGINT, 143 for SIGTERM), without running Python's clean-up (a save
+    in progress is left unfinished, which is never read as a checkpoint). Signals can only be
+    caught on the main thread; elsewhere this does nothing.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signal_name = ""
+        self._previous: dict = {}
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def _restore(self) -> None:
-        signal.signal(signal.SIGTERM,
-                      signal.SIG_DFL if self._previous is None else self._previous)
-
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            sys.stdout.flush()
+            _write_stderr(f"error: second {name}: stopped at once, without saving this epoch; "
+                          "run the same command to resume from the latest checkpoint")
+            os._exit(128 + signum)
         self.requested = True
-        self._restore()
+        self.signal_name = name
+        _write_stderr(f"{name}: stopping after this epoch with a checkpoint (send it again to "
+                      "stop at once)")
 
     def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            self._restore()
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
     def stop_now(self) -> bool:
         """Whether to stop; with several processes, true when any of them got SIGTERM."""

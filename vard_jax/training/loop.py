@@ -9,9 +9,10 @@ the current epoch with a checkpoint; updates that keep failing stop it without o
 from __future__ import annotations
 
 import collections
+import json
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -24,11 +25,15 @@ from vard_jax.training.images import save_grid
 from vard_jax.training.metrics import MetricWriter
 from vard_jax.training.state import TrainState
 from vard_jax.training.trainer import Trainer
+from vard_jax.training.workdir import open_append
 
 
 class Loop:
-    def __init__(self, config, workdir: str | pathlib.Path, trainer: Optional[Trainer] = None):
+    def __init__(self, config, workdir: str | pathlib.Path, trainer: Optional[Trainer] = None,
+                 allow_changes: Sequence[str] = ()):
         self.config = config
+        # Config fields that may differ from the resumed checkpoint's ("all": any).
+        self.allow_changes = tuple(allow_changes)
         self.workdir = pathlib.Path(workdir)
         self.trainer = trainer or Trainer(config)
         self.train_prompts = prompts_lib.load_prompts(config.sample.train_prompts)
@@ -126,9 +131,17 @@ class Loop:
         trainer = self.trainer
         if self.checkpointer.latest_step() is None:
             return trainer.init_state(), 0
+        step = self.checkpointer.latest_step()
+        changes = self.checkpointer.check_config(step, self.config.to_json(), self.allow_changes)
+        if changes and jax.process_index() == 0:
+            logging.warning("resuming step %d with changed settings (--allow_changes): %s",
+                            step, ", ".join(changes))
+            with open_append(self.workdir / "config_changes.jsonl") as f:
+                f.write(json.dumps({"step": int(step), "changes": changes}) + "\n")
         abstract = abstract_with_shardings(trainer.abstract_state,
                                            trainer.state_shardings(trainer.abstract_state))
-        state, step = self.checkpointer.restore(abstract, config_json=self.config.to_json())
+        state, step = self.checkpointer.restore(abstract, step,
+                                                config_json=self.config.to_json())
         self.last_checkpoint = int(step)
         if self.replay.maxlen:
             self.replay.extend(self.checkpointer.restore_replay(step))
@@ -141,10 +154,15 @@ class Loop:
     def run(self, until: Optional[int] = None) -> list[dict]:
         """Trains to ``train.epochs`` (or stops after step ``until``, checkpointing there).
 
-        On SIGTERM it stops after the current epoch and saves it (``self.preempted`` is then
-        true); when updates keep being skipped (``train.max_nonfinite_in_a_row``) or the samples
-        are not finite it raises NonFiniteError and saves nothing more.
+        On SIGTERM or SIGINT it stops after the current epoch and saves it (``self.preempted``
+        is then true); when updates keep being skipped (``train.max_nonfinite_in_a_row``) or
+        the samples are not finite it raises NonFiniteError and saves nothing more; a save that
+        fails (disk full) raises ``SaveError`` at the save.
         """
+        with faults.Preemption() as preemption:
+            return self._run(until, preemption)
+
+    def _run(self, until: Optional[int], preemption: faults.Preemption) -> list[dict]:
         config = self.config
         state, start = self.restore_or_init()
         is_main = jax.process_index() == 0
@@ -160,55 +178,57 @@ class Loop:
             return writer.wall_offset + time.time() - began
 
         try:
-            with faults.Preemption() as preemption:
-                if start == 0:
-                    state, pre = self.stage.pretrain(state)
-                    row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
-                           **{f"pretrain_{k}": v for k, v in pre.items()},
-                           **self.evaluate(state, 0)}
-                    rows.append(writer.write(0, row))
-                progress = _progress(config, start)
-                last = config.train.epochs if until is None else min(until, config.train.epochs)
-                for epoch in range(start, last):
-                    if preemption.stop_now():
-                        self.preempted = True
-                        break
-                    epoch_start = time.time()
-                    state, key = self._split_key(state)
-                    state, metrics = self.stage.epoch(state, epoch, key)
-                    state = state.replace(epoch=state.epoch + 1)
-                    step = epoch + 1
-                    images = metrics.pop("images")
-                    updates = int(state.policy_updates)
-                    value_updates = int(state.value_updates)
-                    row = {**metrics,
-                           "policy_learning_rate": float(
-                               self.trainer.policy_learning_rate(max(updates - 1, 0))),
-                           "value_learning_rate": float(
-                               self.trainer.value_learning_rate(max(value_updates - 1, 0))),
-                           "nonfinite_skips": int(state.nonfinite_skips),
-                           "reward_queries": int(state.reward_queries),
-                           "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
-                    if step % config.train.eval_every == 0 or step == config.train.epochs:
-                        row.update(self.evaluate(state, step))
-                    row["wall_s"] = wall()
-                    rows.append(writer.write(step, row))
-                    if step % config.checkpoint.every == 0 or step == last:
-                        self._save(step, state)
-                    if progress is not None:
-                        progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                             eval=_fmt(row.get("eval_reward_mean")))
-                        progress.update(1)
-                if self.preempted:
-                    if step > 0 and step != self.last_checkpoint:
-                        self._save(step, state)
-                    logging.warning("SIGTERM: stopped after step %d%s; run the same command to "
-                                    "resume", step, " with a checkpoint" if step > 0 else
-                                    " (before the first epoch: nothing to save)")
+            if start == 0:
+                state, pre = self.stage.pretrain(state)
+                row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
+                       **{f"pretrain_{k}": v for k, v in pre.items()},
+                       **self.evaluate(state, 0)}
+                rows.append(writer.write(0, row))
+            progress = _progress(config, start)
+            last = config.train.epochs if until is None else min(until, config.train.epochs)
+            for epoch in range(start, last):
+                if preemption.stop_now():
+                    self.preempted = True
+                    break
+                epoch_start = time.time()
+                state, key = self._split_key(state)
+                state, metrics = self.stage.epoch(state, epoch, key)
+                state = state.replace(epoch=state.epoch + 1)
+                step = epoch + 1
+                images = metrics.pop("images")
+                updates = int(state.policy_updates)
+                value_updates = int(state.value_updates)
+                row = {**metrics,
+                       "policy_learning_rate": float(
+                           self.trainer.policy_learning_rate(max(updates - 1, 0))),
+                       "value_learning_rate": float(
+                           self.trainer.value_learning_rate(max(value_updates - 1, 0))),
+                       "nonfinite_skips": int(state.nonfinite_skips),
+                       "reward_queries": int(state.reward_queries),
+                       "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
+                if step % config.train.eval_every == 0 or step == config.train.epochs:
+                    row.update(self.evaluate(state, step))
+                row["wall_s"] = wall()
+                rows.append(writer.write(step, row))
+                if step % config.checkpoint.every == 0 or step == last:
+                    self._save(step, state)
+                if progress is not None:
+                    progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                         eval=_fmt(row.get("eval_reward_mean")))
+                    progress.update(1)
+            if self.preempted:
+                if step > 0 and step != self.last_checkpoint:
+                    self._save(step, state)
+                logging.warning("%s: stopped after step %d%s; run the same command to resume",
+                                preemption.signal_name, step, " with a checkpoint" if step > 0
+                                else " (before the first epoch: nothing to save)")
+            self.checkpointer.wait()  # raises SaveError when the last save failed
+        except BaseException:
+            self.checkpointer.wait(quiet=True)  # an earlier save in flight still completes
+            raise
         finally:
             if progress is not None:
                 progress.close()
-            self.checkpointer.wait()
             writer.close()
         self.final_state = state
         return rows

@@ -1,7 +1,11 @@
 """Metric writers: one JSON object a line in WORKDIR/metrics.jsonl, and TensorBoard events.
 
-On resume from step S, rows with step > S are dropped from metrics.jsonl (they belong to work
-that the checkpoint does not contain), so the series has no duplicated or missing steps.
+metrics.jsonl is the run's journal. On resume from step S it is read back and rewritten
+(``workdir.write_atomic``) with the rows of steps <= S (later rows belong to work that the
+checkpoint does not contain), so the series has no duplicated or missing steps. Every valid row
+is kept: a line that cannot be read (garbled, not UTF-8) is dropped with a warning naming its line
+number, and the file as it was is first copied to ``metrics.jsonl.unreadable-N``; only a torn last
+line (no newline: a process killed while writing) is dropped without a copy.
 """
 
 from __future__ import annotations
@@ -9,7 +13,12 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Optional
+import shutil
+from typing import Any, NamedTuple, Optional
+
+from absl import logging
+
+from vard_jax.training.workdir import open_append, write_atomic
 
 
 def _clean(value: Any) -> Any:
@@ -19,19 +28,50 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
+class Journal(NamedTuple):
+    rows: list[dict]  # the valid rows, in file order
+    unreadable: list[int]  # 1-based numbers of the lines that could not be read
+    torn: bool  # the last line has no newline and could not be read
+
+
+def read_journal(path: pathlib.Path) -> Journal:
+    """The rows of a metrics.jsonl and what could not be read (an absent file has no rows)."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        return Journal([], [], False)
+    lines = data.split(b"\n")
+    rows, unreadable, torn = [], [], False
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed process: everything after it is dropped
-    return rows
+            row = json.loads(raw.decode("utf-8"))
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("not a metrics row")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # after the last newline: a torn write
+                torn = True
+            else:
+                unreadable.append(number)
+            continue
+        rows.append(row)
+    return Journal(rows, unreadable, torn)
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The valid rows of a metrics.jsonl (see ``read_journal``)."""
+    return read_journal(path).rows
+
+
+def _keep_a_copy(path: pathlib.Path) -> pathlib.Path:
+    """Copies ``path`` to the first free ``<name>.unreadable-N``; returns the copy's path."""
+    for n in range(1, 10_000):
+        copy = path.with_name(f"{path.name}.unreadable-{n}")
+        if not copy.exists() and not copy.is_symlink():
+            shutil.copyfile(path, copy, follow_symlinks=False)
+            return copy
+    raise OSError(f"too many copies of {path}")
 
 
 class MetricWriter:
@@ -40,18 +80,28 @@ class MetricWriter:
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.wall_offset = 0.0
-        rows = read_rows(self.path)
-        if resume_step is None:
-            rows = []
-        else:
-            rows = [r for r in rows if r.get("step", -1) <= resume_step]
+        rows = []
+        if resume_step is not None:
+            journal = read_journal(self.path)
+            by_step = {row["step"]: row for row in journal.rows}  # a repeated step: the last
+            repeated = len(journal.rows) - len(by_step)
+            if (journal.unreadable or repeated) and enabled:
+                copy = _keep_a_copy(self.path)
+                shown = ", ".join(map(str, journal.unreadable[:10]))
+                more = "..." if len(journal.unreadable) > 10 else ""
+                logging.warning("%s: %d unreadable line(s) dropped%s, %d row(s) of a repeated "
+                                "step dropped (the last row of a step is kept); the file as it "
+                                "was is kept in %s", self.path, len(journal.unreadable),
+                                f" (line {shown}{more})" if shown else "", repeated, copy)
+            if journal.torn:
+                logging.warning("%s: dropped a torn last line (a process ended while writing "
+                                "it)", self.path)
+            rows = [by_step[step] for step in sorted(by_step) if step <= resume_step]
             if rows:
                 self.wall_offset = float(rows[-1].get("wall_s") or 0.0)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -63,7 +113,7 @@ class MetricWriter:
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         if not self.enabled:
             return row
-        with self.path.open("a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
         if self._tb is not None:
