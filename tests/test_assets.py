@@ -199,6 +199,7 @@ def test_conv_x0_value_reads_the_reference_models_clipped_prediction():
     assert float(jnp.abs(grad).sum()) > 0.0
 
 
+@pytest.mark.slow  # experiments/pretrain_shapes.py (made the shipped assets): -m slow
 def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
     """--evaluate_only re-measures the quality figures of an asset directory with the current
     sampler and writes them beside the same weights, keeping the training figures."""
@@ -226,6 +227,7 @@ def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
     assert missing.returncode != 0 and "--evaluate_only needs --init_from" in missing.stderr
 
 
+@pytest.mark.slow  # experiments/pretrain_shapes.py from scratch, two models: -m slow
 def test_pretrain_script_trains_from_scratch_and_writes_loadable_assets(tmp_path, loaded):
     """The from-scratch path in miniature: both models train, the figures are printed and
     written, and the asset directory loads like the shipped one."""

@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests.test_entry_points import last_json_line, run_module
 
 
+@pytest.mark.slow  # an experiment script end to end: its own compiles (run with -m slow)
 def test_value_probe_reports_fits_on_held_out_chains(tmp_path):
     out = tmp_path / "probe.json"
     result = run_module("experiments.value_probe",
