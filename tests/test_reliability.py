@@ -6,7 +6,8 @@ Real training processes (``python -m vard_jax.main``) are started once for the m
 
 * ``killed``: SIGKILLed at a random moment after its first checkpoint (step 3); then the same
   command resumes it in the same workdir and is sent SIGINT (Ctrl-C) after its first new epoch;
-* ``reference``: the same run uninterrupted, keeping a checkpoint of every step;
+* ``reference``: the same run uninterrupted, keeping a checkpoint of every step (started once
+  ``killed`` has compiled, so that it loads the programs from the cache);
 * two start-up failures (an unwritable workdir, a directory that is not a checkpoint).
 
 The in-process tests use a copy of the killed run's workdir; they run while the resumed process
@@ -130,9 +131,9 @@ def checkpoint_state(checkpoints: pathlib.Path, step: int) -> dict:
 class Runs:
     """The module's training processes, driven by one background thread, and what it saw.
 
-    Phase one: ``killed`` and ``reference`` start together (and the two start-up failures);
-    ``killed`` gets SIGKILL at a random moment after its checkpoint 3. Phase two: the same
-    command resumes it, and gets SIGINT shortly after it writes its first new epoch.
+    Phase one: ``killed`` starts (with the two start-up failures); at its checkpoint 3
+    ``reference`` starts, and ``killed`` gets SIGKILL at a random moment after it. Phase two:
+    the same command resumes it, and gets SIGINT shortly after it writes its first new epoch.
     """
 
     def __init__(self, root: pathlib.Path):
@@ -164,6 +165,10 @@ class Runs:
     def _phase_one(self) -> None:
         checkpoints = self.killed.workdir / "checkpoints"
         self.killed.wait_until(lambda: (checkpoints / str(EVERY)).is_dir(), "checkpoint 3")
+        # The uninterrupted run starts now: it loads every program from the compilation cache
+        # instead of compiling them a second time beside ``killed`` (2 cores).
+        self.reference = self.start("reference", self.root / "reference", *ARGS,
+                                    "--config.checkpoint.every=1", "--config.checkpoint.keep=100")
         self.kill_delay = self.rng.uniform(0.0, 1.5)
         time.sleep(self.kill_delay)
         assert self.killed.popen.poll() is None, "the run ended before it could be killed"
@@ -207,8 +212,7 @@ class Runs:
         self.not_checkpoint_before = tree_digest(self.not_checkpoint)
         self.refused = self.start("refused", self.not_checkpoint, *ARGS)
         self.killed = self.start("killed", self.root / "killed", *ARGS)
-        self.reference = self.start("reference", self.root / "reference", *ARGS,
-                                    "--config.checkpoint.every=1", "--config.checkpoint.keep=100")
+        self.reference: Optional[Process] = None  # started once ``killed`` has compiled
         self.after_kill = self.root / "after_kill"  # a copy, for the in-process tests
         self.thread.start()
 
@@ -223,6 +227,10 @@ class Runs:
         if self.error is not None:
             raise self.error
         return self.resumed.wait()
+
+    def wait_reference(self) -> int:
+        self.wait_killed()
+        return self.reference.wait()
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -616,7 +624,7 @@ def test_truncated_checkpoint_is_refused_and_kept(trainer, runs, tmp_path):
 # --- the resumed and the reference run -----------------------------------------------------------
 def test_resumed_run_matches_the_uninterrupted_run(runs):
     assert runs.wait_resumed() == 0, runs.resumed.stderr
-    assert runs.reference.wait() == 0, runs.reference.stderr
+    assert runs.wait_reference() == 0, runs.reference.stderr
     checkpoints = runs.killed.workdir / "checkpoints"
     stopped = max(step_dirs(checkpoints))
     expected = checkpoint_state(runs.reference.workdir / "checkpoints", stopped)

@@ -31,7 +31,7 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
-# --- one run per workdir ---------------------------------------------------------------------------
+# --- one run per workdir ------------------------------------------------------------------------
 def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     with WorkdirLock(tmp_path):
         with pytest.raises(WorkdirError) as error:

@@ -97,6 +97,27 @@ class _NoLibraryTracebacks:
         return not (record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"))
 
 
+def _is_closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed save or restore, orbax closes its asyncio loop while tensorstore's
+    threads still call back into it; each callback prints ``RuntimeError: Event loop is closed``
+    with a traceback. Those reports, and only those, are dropped: the failure itself is
+    reported as one line by the entry point."""
+    import threading
+
+    excepthook, unraisablehook, thread_hook = (sys.excepthook, sys.unraisablehook,
+                                               threading.excepthook)
+    sys.excepthook = lambda kind, value, tb: (
+        None if _is_closed_loop(value) else excepthook(kind, value, tb))
+    sys.unraisablehook = lambda report: (
+        None if _is_closed_loop(report.exc_value) else unraisablehook(report))
+    threading.excepthook = lambda args: (
+        None if _is_closed_loop(args.exc_value) else thread_hook(args))
+
+
 def flags_parser(argv: list[str]) -> list[str]:
     rest = parse_flags_or_fail(argv)
     from absl import logging
@@ -104,6 +125,7 @@ def flags_parser(argv: list[str]) -> list[str]:
     if not flags.FLAGS["verbosity"].present:  # orbax and jax log every save at INFO
         logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_NoLibraryTracebacks())
+    _drop_closed_loop_reports()
     return rest
 
 
