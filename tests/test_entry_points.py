@@ -156,7 +156,7 @@ def test_bad_prompts_files_are_reported(trained_run: TrainedRun, tmp_path: pathl
     binary.write_bytes(b"\xff\xfe\x00 not text")
     empty.write_text("\n \n", encoding="utf-8")
     for path, message in ((missing, "does not exist"), (binary, "not UTF-8"),
-                          (empty, "no prompts")):
+                          (empty, "no prompts"), (tmp_path, "is a directory; give a text file")):
         with pytest.raises(EvaluationError, match=message):
             evaluate.run_evaluation(spec, prompts_file=str(path))
     with pytest.raises(EvaluationError, match="num_samples"):
