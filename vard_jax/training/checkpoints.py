@@ -216,13 +216,9 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored.config
 
-    def wait(self, quiet: bool = False) -> None:
-        """Waits for the background save; raises SaveError when it failed (unless ``quiet``)."""
-        try:
-            self.manager.wait_until_finished()
-        except Exception as error:  # noqa: BLE001
-            if not quiet:
-                raise self._save_error(error) from None
+    def wait(self) -> None:
+        """Waits for a save in flight (``save`` already waits for its own)."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

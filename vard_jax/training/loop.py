@@ -222,10 +222,6 @@ class Loop:
                 logging.warning("%s: stopped after step %d%s; run the same command to resume",
                                 preemption.signal_name, step, " with a checkpoint" if step > 0
                                 else " (before the first epoch: nothing to save)")
-            self.checkpointer.wait()  # raises SaveError when the last save failed
-        except BaseException:
-            self.checkpointer.wait(quiet=True)  # an earlier save in flight still completes
-            raise
         finally:
             if progress is not None:
                 progress.close()
