@@ -133,8 +133,14 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrinks any config for a quick CPU run (tests, smoke checks)."""
-    config.sample.num_steps = 4
+    """Shrinks any config for a quick CPU run (tests, smoke checks).
+
+    Two denoising steps, and a constant policy rate: the compiled update steps then do not
+    depend on the number of epochs, so runs of any length share compiled programs (on CPU the
+    compile of a policy step takes far longer than the run itself).
+    """
+    config.sample.num_steps = 2
+    config.policy.lr_schedule = "constant"
     config.sample.batch_size = 4
     config.sample.batches_per_epoch = 1
     config.sample.eval_batch_size = 4

@@ -23,6 +23,8 @@ import pathlib
 import shutil
 import tempfile
 
+import pytest
+
 _SCRATCH_VARIABLE = "VARD_TESTS_SCRATCH"
 _OWNER = _SCRATCH_VARIABLE not in os.environ  # this process made the scratch directory
 if _OWNER:
@@ -57,6 +59,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_compilation_cache_max_size",
                   int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+@pytest.fixture(scope="session")
+def fidelity_trainer():
+    """The Trainer of ``tests.tiny_runs.fidelity_config()``, compiled once per worker."""
+    from tests.tiny_runs import fidelity_config
+    from vard_jax.training.trainer import Trainer
+
+    return Trainer(fidelity_config())
 
 
 def pytest_unconfigure(config):

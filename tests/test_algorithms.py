@@ -20,6 +20,7 @@ def _config(algorithm: str, reward: str):
     config.train.epochs = 1
     config.train.eval_every = 1
     config.policy.learning_rate = 1e-3
+    config.policy.lr_schedule = "cosine"  # (the tiny configs' rate is constant)
     validate(config)
     return config
 

@@ -27,6 +27,7 @@ def reward_init_trainer():
 
     config = shapes.get_config("tiny")
     config.value.arch = "reward_init"
+    config.sample.num_steps = 4  # a state in each timestep quartile
     return Trainer(config)
 
 

@@ -152,6 +152,26 @@ def setup():
     return schedule, x_T, z, context, null
 
 
+def _float64(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        tree)
+
+
+@pytest.fixture
+def setup64(setup):
+    """``setup`` in float64, inside ``jax.enable_x64``, for the tests that compare two ways of
+    computing one gradient (segmented vs one scan, traced vs static cuts, loop vs scan).
+
+    In float32 they differ by rounding that depends on the CPU and the compiler's fusion: the
+    early DDIM steps divide by sqrt(alpha_bar) ~ 0.07, and the chain's gradients agree to only
+    ~1e-4 relative. In float64 the same differences are ~1e-12, so a 1e-9 tolerance holds on
+    any machine and still catches a wrong cut.
+    """
+    with jax.enable_x64(True):
+        yield _float64(setup)
+
+
 def run(setup, params, **kwargs):
     schedule, x_T, z, context, null = setup
     kwargs.setdefault("eta", 1.0)
@@ -279,10 +299,11 @@ def test_gradient_cuts():
         rollout_lib.gradient_cuts(5, 0)
 
 
-def test_last_k_gradient_equals_prefix_free_rollout(setup):
+def test_last_k_gradient_equals_prefix_free_rollout(setup64):
     """With grad_cut='last' and K steps, the gradient equals that of a rollout over the last K
     steps started from the (fixed) state the full chain reached there."""
-    params = tiny_params(2)
+    setup = setup64
+    params = _float64(tiny_params(2))
     k = 2
     g = jax.grad(lambda p: _final_loss(setup, p, grad_depth=k, grad_cut="last"))(params)
     schedule, x_T, z, context, null = setup
@@ -298,16 +319,17 @@ def test_last_k_gradient_equals_prefix_free_rollout(setup):
 
     expected = jax.grad(tail_loss)(params)
     for name in params:
-        np.testing.assert_allclose(g[name], expected[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g[name], expected[name], rtol=1e-9, atol=1e-12)
 
 
-def test_explicit_cuts_array_matches_depth_option(setup):
-    params = tiny_params(3)
+def test_explicit_cuts_array_matches_depth_option(setup64):
+    setup = setup64
+    params = _float64(tiny_params(3))
     by_depth = jax.grad(lambda p: _final_loss(setup, p, grad_depth=2, grad_cut="last"))(params)
     cuts = jnp.asarray(rollout_lib.gradient_cuts(T, 2, "last"))
     by_array = jax.jit(jax.grad(lambda p, c: _final_loss(setup, p, cuts=c)))(params, cuts)
-    for name in params:  # float32 rounding: a segmented scan vs one scan
-        np.testing.assert_allclose(by_depth[name], by_array[name], rtol=1e-4, atol=1e-6)
+    for name in params:  # a segmented scan vs one scan (float64: see setup64)
+        np.testing.assert_allclose(by_depth[name], by_array[name], rtol=1e-9, atol=1e-12)
 
 
 def test_segments_split_the_chain_at_static_cuts():
@@ -326,10 +348,11 @@ def test_segments_split_the_chain_at_static_cuts():
 
 @pytest.mark.parametrize("depth,mode", [(1, "window"), (2, "window"), (4, "window"),
                                         (3, "last"), (1, "last")])
-def test_static_cuts_match_traced_cuts(setup, depth, mode):
+def test_static_cuts_match_traced_cuts(setup64, depth, mode):
     """The segmented scan (static cuts) gives the trajectory, hook outputs and gradients of
     the single scan with a traced cuts array, and of the Python loop."""
-    params = tiny_params(4)
+    setup = setup64
+    params = _float64(tiny_params(4))
     cuts = jnp.asarray(rollout_lib.gradient_cuts(T, depth, mode))
 
     def loss(p, **kwargs):
@@ -344,12 +367,12 @@ def test_static_cuts_match_traced_cuts(setup, depth, mode):
     for kwargs in (dict(cuts=cuts), dict(grad_depth=depth, grad_cut=mode, python_loop=True)):
         (value_other, traj_other), grads_other = jax.value_and_grad(
             lambda p: loss(p, **kwargs), has_aux=True)(params)
-        # float32 rounding differs between one scan, nested scans and unrolled steps
-        np.testing.assert_allclose(value, value_other, rtol=1e-4, atol=1e-4)
+        # One scan, nested scans and unrolled steps round differently (float64: see setup64).
+        np.testing.assert_allclose(value, value_other, rtol=1e-9, atol=1e-12)
         for a, b in zip(traj, traj_other):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
         for name in params:
-            np.testing.assert_allclose(grads[name], grads_other[name], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(grads[name], grads_other[name], rtol=1e-9, atol=1e-12)
 
 
 def _gradient_flops(setup, loss_of_rollout, unroll, **kwargs):

@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import shapes_fidelity
+from tests.tiny_runs import fidelity_config
 from vard_jax import prompts as prompts_lib
 from vard_jax.training import faults
 from vard_jax.training.checkpoints import CheckpointError, Checkpointer
@@ -62,14 +62,13 @@ TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
 
 
 def tiny_config():
-    """The config of ``ARGS``, built in this process (same programs, so the cache applies)."""
-    config = shapes_fidelity.get_config("tiny")
+    """The config of ``ARGS``, built in this process: ``tests/tiny_runs.py``'s, whose compiled
+    programs the session's trainer holds (the processes load them from the cache)."""
+    config = fidelity_config()
     config.train.epochs = EPOCHS
     config.train.eval_every = 100
-    config.reward.eval_extra = ""
     config.logging.tensorboard = False
     config.checkpoint.every = EVERY
-    config.value.arch = "conv"
     return config
 
 
@@ -251,9 +250,9 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trainer(runs):
-    runs.wait_killed()  # every program is compiled (and cached) by then
-    return Trainer(tiny_config())
+def trainer(runs, fidelity_trainer):
+    runs.wait_killed()  # the processes have compiled by then (the two cores are free)
+    return fidelity_trainer
 
 
 def copy_of(source: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:

@@ -427,15 +427,24 @@ def test_pretrained_reward_paths():
 
 # --- configs/pickscore.py end to end on the tiny checkpoints -----------------------------------
 
-def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs, tmp_path):
-    """Two VARD epochs of configs/pickscore.py (LoRA, bfloat16, reward-initialised value),
-    overriding only paths, sizes and batches; only the LoRA adapters train."""
+@pytest.mark.parametrize("value_arch", [
+    "conv",
+    # The config's own value: the policy step then differentiates the VAE decoder and the
+    # PickScore vision tower at every step, ~5 min of compiling on 2 CPU cores.
+    pytest.param("reward_init", marks=pytest.mark.slow)])
+def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs, tmp_path,
+                                               value_arch):
+    """Two VARD epochs of configs/pickscore.py (LoRA, bfloat16, the PickScore reward on the
+    host, its reward-initialised value or the conv value), overriding only paths, sizes and
+    batches; only the LoRA adapters train."""
     from configs import pickscore
     from vard_jax.models import lora
     from vard_jax.training.loop import Loop
 
     model_dir, processor_dir = clip_dirs
     config = pickscore.get_config("tiny")
+    assert config.value.arch == "reward_init"
+    config.value.arch = value_arch
     config.pretrained.path = str(safetensors_checkpoint)
     config.reward.path = f"{model_dir}::{processor_dir}"
     config.sample.num_steps = 2
@@ -443,7 +452,7 @@ def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs
     validate(config, device_count=1)
     loop = Loop(config, tmp_path / "run")
     trainer = loop.trainer
-    assert trainer.pipeline.is_latent and trainer.config.value.arch == "reward_init"
+    assert trainer.pipeline.is_latent and trainer.value_model.name == value_arch
     reference_before = jax.tree_util.tree_map(np.asarray, trainer.reference_params)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trainer.reference_params)} == {
         jnp.dtype(jnp.bfloat16)}

@@ -1,4 +1,5 @@
-"""The training program end to end on the shipped tiny model (one shared, compiled trainer).
+"""The training program end to end on the shipped tiny model (the session's compiled trainer,
+``tests/tiny_runs.py``).
 
 Uses the non-differentiable ``shape_fidelity`` reward, so the same trainer also shows that the
 policy update never calls a host reward.
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_fidelity
+from tests.tiny_runs import fidelity_config
 from vard_jax.rewards import host_rewards
 from vard_jax.training.loop import Loop
 from vard_jax.training.trainer import Trainer
@@ -38,8 +39,7 @@ def counting_reward():
 
 @pytest.fixture(scope="module")
 def config():
-    cfg = shapes_fidelity.get_config("tiny")
-    cfg.reward.eval_extra = ""  # keep the suite fast: the configured reward only
+    cfg = fidelity_config()
     # The value also trains on the previous epoch's states: the resume test below then shows
     # that the replayed states are checkpointed (the Loop reads this; the trainer does not).
     cfg.value.replay_epochs = 2
@@ -47,8 +47,8 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def trainer(config, counting_reward):
-    return Trainer(config)
+def trainer(fidelity_trainer, counting_reward):
+    return fidelity_trainer
 
 
 def test_policy_update_never_calls_the_host_reward(trainer, counting_reward):

@@ -82,7 +82,8 @@ def conv_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int
         del aux
         return module.apply({"params": params}, x, timesteps, context)
 
-    return ValueModel(init=init, apply=apply, name="conv")
+    # One compiled program: run op by op, the initialisers cost ~12 s of small compiles on CPU.
+    return ValueModel(init=jax.jit(init), apply=apply, name="conv")
 
 
 def conv_x0_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int],
@@ -131,7 +132,11 @@ def reward_init_value(backbone_score: Callable[[Any, jax.Array, jax.Array], jax.
         # An own copy: the train state is donated to the update steps, and the reward keeps
         # scoring with its original weights.
         return {"backbone": jax.tree_util.tree_map(jnp.array, backbone_params),
-                "affine": affine.init(key, jnp.zeros((1,), jnp.int32))["params"]}
+                "affine": init_affine(key)}
+
+    @jax.jit
+    def init_affine(key):
+        return affine.init(key, jnp.zeros((1,), jnp.int32))["params"]
 
     def apply(params, x, timesteps, context, aux):
         images = decode(aux, x0_hat_fn(aux, x, timesteps, context))

@@ -65,9 +65,12 @@ class TrainState:
         def zero():  # a buffer per counter: the update steps donate the state
             return jnp.zeros((), jnp.int32)
 
+        # The optimiser states in one compiled program each (op by op: seconds of small
+        # compiles on CPU).
         return cls(epoch=zero(), policy_params=policy_params,
-                   policy_opt_state=policy_optimizer.init(policy_params),
-                   value_params=value_params, value_opt_state=value_optimizer.init(value_params),
+                   policy_opt_state=jax.jit(policy_optimizer.init)(policy_params),
+                   value_params=value_params,
+                   value_opt_state=jax.jit(value_optimizer.init)(value_params),
                    reward_stats=RewardStats.create(), key=key, reward_queries=zero(),
                    policy_updates=zero(), value_updates=zero(), nonfinite_skips=zero(),
                    nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32))
