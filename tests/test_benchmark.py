@@ -16,8 +16,9 @@ def _positive(value):
     return isinstance(value, (int, float)) and value > 0
 
 
+@pytest.mark.slow  # an experiment script end to end (a minute on 2 cores), as the others
 def test_smoke_unet_and_sampling_sections(tmp_path):
-    """The quick part of the smoke mode, in the default suite: UNet calls and sampling."""
+    """The quick part of the smoke mode: UNet calls and sampling."""
     report = benchmark.main(["--smoke", "--sections=unet,sample", f"--out={tmp_path / 'b.json'}"])
     assert report["smoke"] and report["batch"] == 2 and report["steps"] == 2
     for name in ("jax_forward", "jax_forward_backward"):

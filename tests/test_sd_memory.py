@@ -7,9 +7,12 @@ and the value step is compiled for the XLA memory figures.
 
 import json
 
+import pytest
+
 from experiments import sd_memory
 
 
+@pytest.mark.slow  # an experiment script end to end, as the others
 def test_smoke_policy_sizes_and_value_memory(tmp_path):
     out = tmp_path / "policy.json"
     report = sd_memory.main(["--smoke", "--lower_only", f"--out={out}",

@@ -18,6 +18,7 @@ state (the prompt ids of the reward, the reward statistics).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -69,21 +70,27 @@ class ValueModel:
     name: str
 
 
+# One compiled program per architecture, shared by every value model of the process: run op by
+# op, the initialisers cost ~12 s of small compiles on CPU, and compiled once ~5 s.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_conv_value(width: int, sample_shape: tuple[int, ...], context_shape: tuple[int, ...],
+                     key: jax.Array) -> Any:
+    x = jnp.zeros((1,) + sample_shape)
+    context = jnp.zeros((1,) + context_shape)
+    return ConvValue(width=width).init(key, x, jnp.zeros((1,), jnp.int32), context)["params"]
+
+
 def conv_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int],
                width: int) -> ValueModel:
     module = ConvValue(width=width)
-
-    def init(key):
-        x = jnp.zeros((1,) + tuple(sample_shape))
-        context = jnp.zeros((1,) + tuple(context_shape))
-        return module.init(key, x, jnp.zeros((1,), jnp.int32), context)["params"]
+    init = functools.partial(_init_conv_value, int(width), tuple(sample_shape),
+                             tuple(context_shape))
 
     def apply(params, x, timesteps, context, aux):
         del aux
         return module.apply({"params": params}, x, timesteps, context)
 
-    # One compiled program: run op by op, the initialisers cost ~12 s of small compiles on CPU.
-    return ValueModel(init=jax.jit(init), apply=apply, name="conv")
+    return ValueModel(init=init, apply=apply, name="conv")
 
 
 def conv_x0_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, int],
