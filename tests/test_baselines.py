@@ -258,3 +258,22 @@ def test_check_reward():
     host = Reward(name="ocr", score=score, differentiable=False, jittable=False)
     with pytest.raises(ValueError, match="draft needs a differentiable reward; 'ocr' is not"):
         draft.check_reward(host)
+
+
+def test_random_depth_backpropagates_through_the_drawn_steps_only(schedule, inputs):
+    """AlignProp's cost follows the drawn K: the model's backward pass runs K times, not T."""
+    from tests.test_vard_losses import _counting_model
+
+    params = tiny_params(5)
+    for depth in (1, 3):
+        counts = {}
+        model = _counting_model(counts)
+
+        @jax.jit
+        def grad(p, k):
+            return jax.grad(lambda q: draft.draft_loss_random_depth(
+                model, q, None, schedule, inputs, reward_fn, _config(None), k)[0])(p)
+
+        jax.block_until_ready(grad(params, jnp.int32(depth)))
+        assert counts["backward"] == depth, counts
+        assert counts["forward"] == T, counts

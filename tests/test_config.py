@@ -55,6 +55,8 @@ def test_validator_choices_match_the_implementations():
     ("policy.clip_x0_gradient", "identity",
      "config.policy.clip_x0_gradient = 'identity': not allowed; must be one of exact, "
      "straight_through"),
+    ("policy.kl_on", "both",
+     "config.policy.kl_on = 'both': not allowed; must be one of conditional, guided"),
 ])
 def test_impossible_values(field, value, message):
     config = good()

@@ -169,3 +169,201 @@ def test_learning_rate_schedules():
     # Adam's normalised step is ~1 for a constant gradient: each move is ~ the rate.
     rates = learning_rate_schedule(1e-2, 0, 4, "cosine")
     np.testing.assert_allclose(moves, [float(rates(s)) for s in range(4)], rtol=1e-3)
+
+
+# --- the options of the policy loss: kl_on, direct_last_step, step subsampling, dtypes --------
+
+def _hooked(params, reference, kl_on, inputs=None, schedule=None):
+    """Per step: (D_i from reference_eps_distance, D_i computed by hand at the step's x_t)."""
+    schedule = schedule or make_ddim_schedule(NoiseScheduleConfig(), T)
+    inputs = inputs or _inputs()
+    w = 2.0
+
+    def hand(info):
+        t = jnp.full((info.x_t.shape[0],), info.timestep, jnp.int32)
+        null = jnp.broadcast_to(inputs.null_context, inputs.context.shape)
+        c_p, c_r = tiny_eps(params, info.x_t, t, inputs.context), tiny_eps(
+            reference, info.x_t, t, inputs.context)
+        u_p, u_r = tiny_eps(params, info.x_t, t, null), tiny_eps(reference, info.x_t, t, null)
+        if kl_on == "conditional":
+            return jnp.mean((c_p - c_r) ** 2)
+        return jnp.mean(((u_p + w * (c_p - u_p)) - (u_r + w * (c_r - u_r))) ** 2)
+
+    def hook(info):
+        return (rollout_lib.reference_eps_distance(tiny_eps, reference, info, inputs.context,
+                                                   inputs.null_context, w, kl_on), hand(info))
+
+    _, (ours, theirs) = rollout_lib.rollout(
+        tiny_eps, params, schedule, inputs.x_T, inputs.noise, inputs.context,
+        inputs.null_context, eta=1.0, guidance_scale=w, step_hook=hook)
+    return ours, theirs
+
+
+def test_kl_on_conditional_and_guided_match_the_hand_computation():
+    params = tiny_params()
+    reference = dict(params, bias=params["bias"] - jnp.array([0.1, 0.05]),
+                     text=params["text"] + 0.3)
+    results = {}
+    for kl_on in ("conditional", "guided"):
+        ours, theirs = _hooked(params, reference, kl_on)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+        results[kl_on] = ours
+        # The loss's metric is their mean over the (all trained) steps.
+        schedule = make_ddim_schedule(NoiseScheduleConfig(), T)
+        _, metrics = vard.policy_loss(tiny_eps, params, reference, constant_value, None,
+                                      schedule, _inputs(), _config()._replace(kl_on=kl_on))
+        np.testing.assert_allclose(float(metrics["eps_distance"]), float(jnp.mean(ours)),
+                                   rtol=1e-6)
+    # The two differ: the guided one scales the conditional change by w and sees the null one.
+    assert not np.allclose(results["conditional"], results["guided"], rtol=1e-2)
+
+
+def test_conditional_kl_calls_the_reference_on_the_batch_only():
+    calls = []
+
+    def counting_eps(params, x, t, context):  # concrete arrays: no jit, a Python loop
+        calls.append(("reference" if float(params["mark"]) else "policy", x.shape[0]))
+        return tiny_eps(params, x, t, context)
+
+    params = dict(tiny_params(), mark=jnp.float32(0.0))
+    reference = dict(tiny_params(1), mark=jnp.float32(1.0))
+    schedule = make_ddim_schedule(NoiseScheduleConfig(), T)
+    inputs = _inputs(batch=3)
+    for kl_on, batch in (("conditional", 3), ("guided", 6)):
+        calls.clear()
+        vard.policy_loss(counting_eps, params, reference, constant_value, None, schedule, inputs,
+                         _config()._replace(kl_on=kl_on, python_loop=True))
+        assert [b for tag, b in calls if tag == "reference"] == [batch] * T, kl_on
+        assert [b for tag, b in calls if tag == "policy"] == [6] * T  # guided sampling
+
+
+def test_direct_last_step_scores_the_final_state_once():
+    traced = []
+
+    def reward(x0):
+        traced.append(x0.shape)
+        return jnp.mean(jnp.sin(x0), axis=(1, 2, 3))
+
+    params = tiny_params()
+    reference = dict(params, bias=params["bias"] - 0.05)
+    schedule = make_ddim_schedule(NoiseScheduleConfig(), T)
+    inputs = _inputs()
+    config = _config()._replace(python_loop=True)  # every step traced separately
+    loss, metrics = vard.policy_loss(tiny_eps, params, reference, linear_value, jnp.ones(SHAPE),
+                                     schedule, inputs, config, last_step_reward=reward)
+    assert traced == [(3,) + SHAPE]  # once, on x_0
+    trajectory, _ = rollout_lib.rollout(tiny_eps, params, schedule, inputs.x_T, inputs.noise,
+                                        inputs.context, inputs.null_context, eta=1.0,
+                                        guidance_scale=2.0)
+    # float32: the Python loop and the scan round differently (~1e-7 absolute here).
+    np.testing.assert_allclose(float(metrics["final_value"]),
+                               float(jnp.mean(reward(trajectory.x0))), rtol=1e-5, atol=1e-6)
+    # The other steps keep V: the loss differs from the all-V loss by the last step only.
+    loss_v, metrics_v = vard.policy_loss(tiny_eps, params, reference, linear_value,
+                                         jnp.ones(SHAPE), schedule, inputs, config)
+    np.testing.assert_allclose(
+        float(loss - loss_v),
+        -(float(metrics["final_value"]) - float(metrics_v["final_value"])) / T, rtol=1e-4,
+        atol=1e-6)
+
+
+def _counting_model(counts):
+    """tiny_eps whose forward and backward passes are counted when they run (debug callbacks
+    execute only in the branch of a lax.switch that is taken)."""
+
+    def bump(name):
+        def callback():
+            counts[name] = counts.get(name, 0) + 1
+        return callback
+
+    @jax.custom_vjp
+    def model(params, x, t, context):
+        jax.debug.callback(bump("forward"))
+        return tiny_eps(params, x, t, context)
+
+    def forward(params, x, t, context):
+        out, vjp = jax.vjp(lambda p, y, c: tiny_eps(p, y, t, c), params, x, context)
+        jax.debug.callback(bump("forward"))
+        return out, (vjp, t)
+
+    def backward(residuals, cotangent):
+        vjp, t = residuals
+        jax.debug.callback(bump("backward"))
+        d_params, d_x, d_context = vjp(cotangent)
+        return d_params, d_x, np.zeros(t.shape, jax.dtypes.float0), d_context
+
+    model.defvjp(forward, backward)
+    return model
+
+
+def _subsampled_grad(model, params, reference, inputs, depth, subsample):
+    schedule = make_ddim_schedule(NoiseScheduleConfig(), T)
+    config = _config(depth=depth)._replace(subsample=subsample)
+
+    @jax.jit
+    def grad(p):
+        return jax.value_and_grad(lambda q: vard.policy_loss(
+            model, q, reference, linear_value, jnp.ones(SHAPE), schedule, inputs, config),
+            has_aux=True)(p)
+
+    return jax.block_until_ready(grad(params))
+
+
+def test_subsampled_steps_run_forward_only_with_the_same_gradient():
+    params = tiny_params()
+    reference = dict(params, bias=params["bias"] - 0.05)
+    mask = jnp.array([0.0, 1.0, 0.0, 0.0, 1.0])
+    inputs = _inputs()._replace(step_mask=mask)
+    # Backward passes of the model: K = 1, the two trained steps. K = 2: windows {0, 1},
+    # {2, 3}, {4}; the policy at steps 0 (it feeds the trained step 1), 1 and 4, and the
+    # reference at step 1, whose input x_1 depends on step 0. Without subsampling: every
+    # step at least.
+    for depth, backward_calls in ((1, 2), (2, 4)):
+        counts = {}
+        (loss, metrics), grads = _subsampled_grad(_counting_model(counts), params, reference,
+                                                  inputs, depth, subsample=True)
+        assert counts["backward"] == backward_calls, (depth, counts)
+        # Policy calls: one per step; reference calls: the trained steps only.
+        assert counts["forward"] == T + 2, (depth, counts)
+        full_counts = {}
+        (loss_all, metrics_all), grads_all = _subsampled_grad(
+            _counting_model(full_counts), params, reference, inputs, depth, subsample=False)
+        assert full_counts["backward"] >= T
+        np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
+        for key in ("policy_value_mean", "eps_distance", "final_value"):
+            np.testing.assert_allclose(float(metrics[key]), float(metrics_all[key]), rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_all)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_full_fine_tuning_of_a_bfloat16_reference_starts_at_distance_zero():
+    from vard_jax.models import policy as policy_lib
+
+    def eps_in_param_dtype(params, x, t, context):
+        # As Flax modules without an explicit dtype: the computation runs in the parameters'.
+        dtype = params["scale"].dtype
+        out = tiny_eps(params, x.astype(dtype), t, context.astype(dtype))
+        return out.astype(jnp.float32)
+
+    reference = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny_params())
+    policy = policy_lib.FullPolicy(pipeline=None)
+    trainable = policy.init(reference, jax.random.PRNGKey(0))
+    assert {a.dtype for a in jax.tree_util.tree_leaves(trainable)} == {jnp.dtype(jnp.float32)}
+    for cast, original in zip(jax.tree_util.tree_leaves(policy.unet(trainable, reference)),
+                              jax.tree_util.tree_leaves(reference)):
+        assert cast.dtype == original.dtype
+        np.testing.assert_array_equal(np.asarray(cast, np.float32),
+                                      np.asarray(original, np.float32))
+    schedule = make_ddim_schedule(NoiseScheduleConfig(), T)
+    for kl_on in ("conditional", "guided"):
+        def loss(p):
+            return vard.policy_loss(eps_in_param_dtype, policy.unet(p, reference), reference,
+                                    linear_value, jnp.ones(SHAPE), schedule, _inputs(),
+                                    _config()._replace(kl_on=kl_on))
+        (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+        # Without the cast to the reference's dtypes D = 1.8e-7 for both options. With it the
+        # weights are the reference's exactly (above); what remains (~2e-16) is XLA rounding
+        # the bfloat16 operations of the two differently fused calls.
+        assert float(metrics["eps_distance"]) < 1e-12, kl_on
+        assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+        assert float(jnp.abs(grads["bias"]).sum()) > 0

@@ -22,6 +22,7 @@ VALUE_ARCHS = ("conv", "conv_x0", "reward_init")
 REMAT_POLICIES = ("none", "full", "dots")
 CLIP_GRADIENTS = ("exact", "straight_through")
 LR_SCHEDULES = ("constant", "cosine")
+KL_ON = ("conditional", "guided")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -165,6 +166,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.policy.train_fraction", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("config.policy.updates_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.policy.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("config.policy.kl_on", lambda v: v in KL_ON, f"one of {', '.join(KL_ON)}"),
     ("config.policy.lora_rank", lambda v: v >= 0, "an integer >= 0 (0 = full fine-tuning)"),
     ("config.policy.lora_alpha", lambda v: v >= 0.0, "a number >= 0 (0 = the rank)"),
     ("config.policy.lora_targets", lambda v: bool(v.strip()), "comma-separated Dense layer names"),

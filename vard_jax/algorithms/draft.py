@@ -4,17 +4,16 @@ The loss is the negated mean reward of the final samples of a differentiable rol
 the gradient truncated to the last K denoising steps (Clark et al. 2023, DRaFT-K; the state
 entering step T - K is cut from the graph):
     L = -mean_b r(x_0^b) + beta * mean_{i >= T-K} D_i,   D_i = mean_dims (eps_theta - eps_ref)^2
-D_i is VARD's per-step distance between the guided noise predictions of the policy and of the
-frozen reference at the policy's own state x_i. It is taken over the K steps that carry
-gradient (the steps being fine-tuned); steps before the cut skip the reference call.
-beta = 0 (plain DRaFT / AlignProp) drops the reference model from the traced graph.
+D_i is VARD's per-step distance between the noise predictions of the policy and of the frozen
+reference at the policy's own state x_i (conditional or guided, ``kl_on``). It is taken over
+the K steps that carry gradient (the steps being fine-tuned); steps before the cut skip the
+reference call. beta = 0 (plain DRaFT / AlignProp) drops the reference model from the traced
+graph.
 
 AlignProp (Prabhudesai et al. 2023) draws K at random per update. ``draft_loss_random_depth``
-takes a traced K, so one compiled function serves every depth: instead of cutting the state,
-it cuts the policy's noise predictions at the steps before T - K (``stop_gradient`` of
-eps_theta there). No parameter then influences x_{T-K}, so the gradient with respect to the
-parameters equals that of the state cut; only the gradient with respect to x_T differs.
-"""
+takes a traced K, so one compiled function serves every depth: the cut is a traced array, and
+the steps before it run forward only (one ``lax.switch`` per step), so the backward pass costs
+K steps, not T."""
 
 from __future__ import annotations
 
@@ -39,6 +38,8 @@ class DraftConfig(NamedTuple):
     guidance_scale: float
     remat: str = "none"  # rematerialisation of the step body: none | full | dots
     python_loop: bool = False
+    unroll: int | bool = 1  # lax.scan unroll of the differentiated rollout (True = full)
+    kl_on: str = "guided"  # D_i on the guided or the conditional predictions
 
 
 class DraftInputs(NamedTuple):
@@ -71,7 +72,8 @@ def sample_depth(key: jax.Array, num_steps: int, low: int = 1,
 
 
 def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
-             guidance_scale: float, first_trained: jax.Array | int) -> rollout_lib.StepHook:
+             guidance_scale: float, kl_on: str,
+             first_trained: jax.Array | int) -> rollout_lib.StepHook:
     """A step hook returning D_i ([]) at steps i >= first_trained and 0 before (no model call)."""
     reference_params = jax.lax.stop_gradient(reference_params)
 
@@ -79,7 +81,7 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
         def distance() -> jax.Array:
             return rollout_lib.reference_eps_distance(
                 eps_fn, reference_params, info, inputs.context, inputs.null_context,
-                guidance_scale).astype(jnp.float32)
+                guidance_scale, kl_on).astype(jnp.float32)
 
         return jax.lax.cond(info.index >= first_trained, distance,
                             lambda: jnp.zeros((), jnp.float32))
@@ -90,17 +92,20 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
 def _objective(eps_fn: ddim.EpsFn, policy_eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
                schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
                config: DraftConfig, grad_depth: Optional[int],
-               first_trained: jax.Array | int, depth: jax.Array | int) -> tuple[jax.Array, dict]:
+               first_trained: jax.Array | int, depth: jax.Array | int,
+               cuts: Optional[jax.Array] = None,
+               train_mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """Shared body: rollout with ``policy_eps_fn``, reward, optional KL over trained steps."""
     num_steps = schedule.num_steps
     hook = None
     if config.beta != 0:
-        hook = _kl_hook(eps_fn, reference_params, inputs, config.guidance_scale, first_trained)
+        hook = _kl_hook(eps_fn, reference_params, inputs, config.guidance_scale, config.kl_on,
+                        first_trained)
     trajectory, distances = rollout_lib.rollout(
         policy_eps_fn, params, schedule, inputs.x_T, inputs.noise, inputs.context,
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=grad_depth, grad_cut="last", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop)
+        python_loop=config.python_loop, unroll=config.unroll, cuts=cuts, train_mask=train_mask)
     rewards = reward_fn(trajectory.x0)
     reward_mean = jnp.mean(rewards)
     loss = -reward_mean
@@ -146,21 +151,15 @@ def draft_loss_random_depth(eps_fn: ddim.EpsFn, params: Any, reference_params: A
                             config: DraftConfig, depth: jax.Array) -> tuple[jax.Array, dict]:
     """AlignProp: DRaFT-K with a traced depth K ([] int, clipped to [1, T]).
 
-    ``config.grad_depth`` is ignored. The policy's guided noise predictions at steps i < T - K
-    are ``stop_gradient``-ed (the DDIM grid's timesteps decrease strictly, so the step is read
-    off the timestep), which gives the parameters the same gradient as cutting x_{T-K}; see
-    the module docstring. Same arguments and metrics as ``draft_loss``.
+    ``config.grad_depth`` is ignored. The state entering step T - K is cut, and the steps
+    before it run forward only (``rollout``'s ``train_mask``: one ``lax.switch`` per step), so
+    an update's backward pass covers the K drawn steps, not T. Same arguments and metrics as
+    ``draft_loss``.
     """
     num_steps = schedule.num_steps
     depth = jnp.clip(jnp.asarray(depth, jnp.int32), 1, num_steps)
     first_trained = num_steps - depth
-    threshold = schedule.timesteps[first_trained]  # timesteps above it are not trained
-
-    def gated_eps_fn(p: Any, x: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
-        out = eps_fn(p, x, timesteps, context)
-        frozen = (timesteps > threshold).reshape((-1,) + (1,) * (out.ndim - 1))
-        return jnp.where(frozen, jax.lax.stop_gradient(out), out)
-
-    return _objective(eps_fn, gated_eps_fn, params, reference_params, schedule, inputs,
+    steps = jnp.arange(num_steps)
+    return _objective(eps_fn, eps_fn, params, reference_params, schedule, inputs,
                       reward_fn, config, grad_depth=None, first_trained=first_trained,
-                      depth=depth)
+                      depth=depth, cuts=steps == first_trained, train_mask=steps >= first_trained)

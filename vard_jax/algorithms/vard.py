@@ -5,9 +5,14 @@ labelled with the trajectory's standardised final reward r_hat; L_V = mean (V - 
 
 Policy stage: a differentiable rollout whose per-step hook computes
     J_i = V(x_{i-1}, tau_{i-1}, c) - beta * D_i,   D_i = mean_dims (eps_theta - eps_ref)^2
-with eps the classifier-free-guided predictions at x_i; L_pi = -mean over trained steps of J_i.
-The value parameters are constants here; the state entering a step is cut from the graph
-according to the gradient depth K (``vard_jax.diffusion.rollout``).
+with eps the classifier-free-guided predictions at x_i (``kl_on="guided"``, the default) or
+the conditional ones (``"conditional"``); L_pi = -mean over trained steps of J_i. The value
+parameters are constants here; the state entering a step is cut from the graph according to
+the gradient depth K (``vard_jax.diffusion.rollout``): block truncation, the steps are split
+into windows of K and a step's objective is differentiated through the earlier steps of its
+own window only (between 1 and K steps). With step subsampling the untrained steps run
+forward only. With ``last_step_reward`` the last step's value is replaced by the reward of
+x_0, computed once after the rollout.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class PolicyLossConfig(NamedTuple):
     remat: str
     python_loop: bool = False
     unroll: int | bool = 1  # lax.scan unroll of the differentiated rollout (True = full)
+    kl_on: str = "guided"  # D_i on the guided or the conditional predictions
+    subsample: bool = False  # step_mask may leave steps out: they run forward only
 
 
 class PolicyInputs(NamedTuple):
@@ -63,7 +70,7 @@ def policy_loss(
     """L_pi and its per-step metrics; differentiate with respect to ``policy_params``.
 
     ``last_step_reward(x_0) -> [B]`` (standardised) replaces V at the last step when given
-    (differentiable rewards only).
+    (differentiable rewards only); it is evaluated once, on the rollout's final state.
     """
     value_params = jax.lax.stop_gradient(value_params)
     reference_params = jax.lax.stop_gradient(reference_params)
@@ -73,36 +80,44 @@ def policy_loss(
     def hook(info: rollout_lib.StepInfo) -> dict:
         distance = rollout_lib.reference_eps_distance(eps_fn, reference_params, info,
                                                       inputs.context, inputs.null_context,
-                                                      config.guidance_scale)
+                                                      config.guidance_scale, config.kl_on)
         prev_t = jnp.full((batch,), info.prev_timestep, jnp.int32)
         value = value_apply(value_params, info.x_prev, prev_t, inputs.context, inputs.value_aux)
-        if last_step_reward is not None:
-            is_last = info.index == num_steps - 1
-            value = jnp.where(is_last, last_step_reward(info.x_prev), value)
-        value = jnp.mean(value)
-        return {"value": value, "eps_distance": distance,
-                "objective": value - config.beta * distance}
+        return {"value": jnp.mean(value), "eps_distance": distance}
 
-    _, per_step = rollout_lib.rollout(
+    mask = inputs.step_mask
+    trajectory, per_step = rollout_lib.rollout(
         eps_fn, policy_params, schedule, inputs.x_T, inputs.noise, inputs.context,
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=config.grad_depth, grad_cut="window", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop, unroll=config.unroll)
-    mask = inputs.step_mask
+        python_loop=config.python_loop, unroll=config.unroll,
+        train_mask=mask > 0 if config.subsample else None)
+    value = per_step["value"]
+    if last_step_reward is not None:
+        # x_0 is the state after the last step: its gradient reaches the parameters through
+        # the last window, as V(x_0) would.
+        value = value.at[num_steps - 1].set(jnp.mean(last_step_reward(trajectory.x0)))
+    objective = value - config.beta * per_step["eps_distance"]
     trained = jnp.maximum(jnp.sum(mask), 1.0)
-    loss = -jnp.sum(mask * per_step["objective"]) / trained
+    loss = -jnp.sum(mask * objective) / trained
+    last_trained = num_steps - 1 - jnp.argmax(mask[::-1] > 0)
     metrics = {
         "policy_loss": loss,
-        "policy_value_mean": jnp.sum(mask * per_step["value"]) / trained,
-        "eps_distance": jnp.mean(per_step["eps_distance"]),
-        "final_value": per_step["value"][-1],
+        "policy_value_mean": jnp.sum(mask * value) / trained,
+        "eps_distance": jnp.sum(mask * per_step["eps_distance"]) / trained,
+        "final_value": value[last_trained],  # at the last trained step
     }
     return loss, metrics
 
 
+def trained_steps(num_steps: int, fraction: float) -> int:
+    """How many steps of a rollout ``step_mask`` trains: max(1, round(fraction * T))."""
+    return min(num_steps, max(1, int(round(fraction * num_steps))))
+
+
 def step_mask(key: jax.Array, num_steps: int, fraction: float) -> jax.Array:
-    """[T] float mask of max(1, round(fraction * T)) steps drawn without replacement."""
-    count = max(1, int(round(fraction * num_steps)))
+    """[T] float mask of ``trained_steps(T, fraction)`` steps drawn without replacement."""
+    count = trained_steps(num_steps, fraction)
     if count >= num_steps:
         return jnp.ones((num_steps,), jnp.float32)
     chosen = jax.random.permutation(key, num_steps)[:count]

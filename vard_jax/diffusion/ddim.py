@@ -120,11 +120,20 @@ def guided_eps(eps_fn: EpsFn, params: object, x: jax.Array, timesteps: jax.Array
     eps~ = eps(x, t, null) + w (eps(x, t, c) - eps(x, t, null)); with w = 1 the null call is
     skipped. ``null_context`` is [1, L, D] or [B, L, D] (the empty prompt's embedding).
     """
+    return guided_and_conditional_eps(eps_fn, params, x, timesteps, context, null_context,
+                                      guidance_scale)[0]
+
+
+def guided_and_conditional_eps(eps_fn: EpsFn, params: object, x: jax.Array,
+                               timesteps: jax.Array, context: jax.Array, null_context: jax.Array,
+                               guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+    """(eps~ guided, eps(x, t, c) conditional) from the one batched call of ``guided_eps``."""
     if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:
-        return eps_fn(params, x, timesteps, context)
+        eps = eps_fn(params, x, timesteps, context)
+        return eps, eps
     batch = x.shape[0]
     null_context = jnp.broadcast_to(null_context, (batch,) + null_context.shape[1:])
     both = eps_fn(params, jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]),
                   jnp.concatenate([null_context, context]))
     eps_null, eps_cond = both[:batch], both[batch:]
-    return eps_null + guidance_scale * (eps_cond - eps_null)
+    return eps_null + guidance_scale * (eps_cond - eps_null), eps_cond

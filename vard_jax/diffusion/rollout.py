@@ -14,6 +14,12 @@ loss at step i sees the policy's influence through at most K steps.
     so nothing computed there (hook outputs included) carries gradient and the backward pass
     skips them.
 
+Trained steps (``train_mask``, VARD's step subsampling): a step outside the mask runs forward
+only. Its hook is not evaluated (its outputs are zeros there), and its UNet call is
+differentiated only when a later trained step of the same gradient window reads its output
+(never with K = 1); one ``lax.switch`` per step picks the variant, so the backward pass of
+the skipped steps is not computed at all.
+
 Static cuts (the usual case) split the chain into runs that each begin at a cut, and equal
 runs share one scan: the state is ``stop_gradient``-ed *before* the UNet calls of a run's
 first step, so the backward pass never differentiates them with respect to that state. A
@@ -50,6 +56,7 @@ class StepInfo(NamedTuple):
     x_t: jax.Array  # [B, ...] state entering the step (after any gradient cut)
     x_prev: jax.Array  # [B, ...] state after the step
     eps: jax.Array  # [B, ...] guided noise prediction of the policy
+    eps_cond: jax.Array  # [B, ...] its conditional prediction eps(x_t, t, c) (= eps at w = 1)
     x0_hat: jax.Array  # [B, ...] one-step prediction of x_0
     mean: jax.Array  # [B, ...] mu_i
     std: jax.Array  # [] sigma_i
@@ -122,6 +129,7 @@ def rollout(
     python_loop: bool = False,
     cuts: Optional[jax.Array] = None,
     unroll: int | bool = 1,
+    train_mask: Optional[jax.Array] = None,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -140,6 +148,8 @@ def rollout(
       cuts: optional [T] bool array (may be traced) that replaces ``gradient_cuts(T, K, mode)``,
         e.g. for a depth drawn inside jit (AlignProp).
       unroll: ``lax.scan``'s unroll (True = full); see ``resolve_unroll``.
+      train_mask: optional [T] bool array (may be traced): the trained steps; the others run
+        forward only (module docstring). None: every step is trained.
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -152,20 +162,48 @@ def rollout(
         static_cuts = gradient_cuts(num_steps, grad_depth, grad_cut)
     batch = x_T.shape[0]
 
+    def transition(params: Any, x: jax.Array, i: jax.Array, z: jax.Array, hook_on: bool):
+        t = schedule.timesteps[i]
+        model_output, eps_cond = ddim.guided_and_conditional_eps(
+            eps_fn, params, x, jnp.full((batch,), t, jnp.int32), context, null_context,
+            guidance_scale)
+        step = ddim.ddim_step(schedule, i, x, model_output, z, eta)
+        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(step.x_prev), step.mean, step.std)
+        info = StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
+                        x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, x0_hat=step.x0_hat,
+                        mean=step.mean, std=step.std)
+        if step_hook is None:
+            hook_out = None
+        elif hook_on:
+            hook_out = step_hook(info)
+        else:  # a skipped step: zeros of the hook's output structure
+            hook_out = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                              jax.eval_shape(step_hook, info))
+        return step.x_prev, (x, step.x_prev, log_prob, hook_out)
+
+    if train_mask is not None:
+        # 0: forward only; 1: differentiated, no hook (a later trained step of the window
+        # reads its output); 2: trained.
+        window = jnp.cumsum(jnp.asarray(cuts if traced_cuts else static_cuts, jnp.int32))
+        later_same_window = ((jnp.arange(num_steps)[None, :] >= jnp.arange(num_steps)[:, None])
+                             & (window[None, :] == window[:, None]))
+        trained = jnp.asarray(train_mask, bool)
+        needed = jnp.any(later_same_window & trained[None, :], axis=1)
+        variant = needed.astype(jnp.int32) + trained.astype(jnp.int32)
+        branches = [
+            lambda p, x, i, z: transition(jax.lax.stop_gradient(p), jax.lax.stop_gradient(x),
+                                          i, z, False),
+            lambda p, x, i, z: transition(p, x, i, z, False),
+            lambda p, x, i, z: transition(p, x, i, z, True),
+        ]
+
     def step_fn(params: Any, x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
         i, z = inputs
         if traced_cuts:
             x = jnp.where(cuts[i], jax.lax.stop_gradient(x), x)
-        t = schedule.timesteps[i]
-        model_output = ddim.guided_eps(eps_fn, params, x, jnp.full((batch,), t, jnp.int32),
-                                       context, null_context, guidance_scale)
-        step = ddim.ddim_step(schedule, i, x, model_output, z, eta)
-        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(step.x_prev), step.mean, step.std)
-        info = StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
-                        x_prev=step.x_prev, eps=step.eps, x0_hat=step.x0_hat, mean=step.mean,
-                        std=step.std)
-        hook_out = step_hook(info) if step_hook is not None else None
-        return step.x_prev, (x, step.x_prev, log_prob, hook_out)
+        if train_mask is None:
+            return transition(params, x, i, z, True)
+        return jax.lax.switch(variant[i], branches, params, x, i, z)
 
     if remat != "none":
         step_fn = jax.checkpoint(step_fn, policy=REMAT_POLICIES[remat])
@@ -245,16 +283,23 @@ def _segmented_scan(body: Callable, frozen_body: Callable, frozen_before: int, x
 
 def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: StepInfo,
                            context: jax.Array, null_context: jax.Array,
-                           guidance_scale: float) -> jax.Array:
-    """D_i = mean over batch and dims of (eps~_policy - eps~_reference)^2 at the step's state.
+                           guidance_scale: float, kl_on: str = "conditional") -> jax.Array:
+    """D_i = mean over batch and dims of (eps_policy - eps_reference)^2 at the step's state.
 
-    Both predictions are classifier-free guided (the ones the sampler uses); the reference
-    model is called here, at ``info.x_t``.
+    ``kl_on="conditional"`` compares the conditional predictions eps(x_t, t, c), VARD's
+    definition (one reference call on B samples); ``"guided"`` the classifier-free-guided ones
+    the sampler uses (2B reference calls with guidance w != 1; a change of the conditional
+    branch then weighs ~w^2 more). The reference model is called here, at ``info.x_t``.
     """
     timesteps = jnp.full((info.x_t.shape[0],), info.timestep, jnp.int32)
-    eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, context,
-                              null_context, guidance_scale)
-    return jnp.mean((info.eps - eps_ref) ** 2)
+    if kl_on == "conditional":
+        eps_ref = eps_fn(reference_params, info.x_t, timesteps, context)
+        return jnp.mean((info.eps_cond - eps_ref) ** 2)
+    if kl_on == "guided":
+        eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, context,
+                                  null_context, guidance_scale)
+        return jnp.mean((info.eps - eps_ref) ** 2)
+    raise ValueError(f"kl_on {kl_on!r}: use 'conditional' or 'guided'")
 
 
 def resolve_unroll(unroll: int) -> int | bool:

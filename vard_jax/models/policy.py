@@ -38,8 +38,10 @@ class FullPolicy:
         return self.pipeline.eps_fn(unet_params, x, timesteps, context)
 
     def unet(self, trainable: Any, reference: Any) -> Any:
-        del reference
-        return trainable
+        """The float32 master weights cast to the reference's storage dtypes (bfloat16 with
+        ``pretrained.param_dtype``): the model then computes exactly as the reference does
+        at the start (D = 0), and the gradients reach the master copy through the cast."""
+        return jax.tree_util.tree_map(lambda t, r: t.astype(r.dtype), trainable, reference)
 
     def reference_unet(self, reference: Any) -> Any:
         return reference

@@ -172,7 +172,9 @@ class DraftSteps:
         self.config = draft.DraftConfig(
             grad_depth=min(config.draft.grad_depth, num_steps), beta=config.draft.beta,
             eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-            remat=config.policy.remat)
+            remat=config.policy.remat,
+            unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll),
+            kl_on=config.policy.kl_on)
         pipeline, policy, schedule, reward = (trainer.pipeline, trainer.policy,
                                               trainer.policy_schedule, trainer.reward)
         null_ids = trainer.null_ids

@@ -37,7 +37,8 @@ def _distance_sampler(trainer: Trainer):
             return rollout_lib.reference_eps_distance(policy.eps_fn,
                                                       policy.reference_unet(reference_params), info,
                                                       context, null_context,
-                                                      config.sample.guidance_scale)
+                                                      config.sample.guidance_scale,
+                                                      "guided")  # the sampler's predictions
 
         trajectory, distances = rollout_lib.rollout(
             policy.eps_fn, policy.unet(policy_params, reference_params), schedule, x_T, noise,
