@@ -1,0 +1,154 @@
+"""What skipped steps cost: VARD's step subsampling and AlignProp's drawn depth, timed.
+
+    PYTHONPATH=. .venv/bin/python experiments/step_cost.py [--steps=10] [--batch=16]
+        [--repeats=5] [--fraction=0.25] [--out=FILE]
+
+Prints one JSON object (and writes it to ``--out``). On ``configs/shapes.py`` with T steps:
+
+* ``vard``: seconds per ``Trainer.policy_step`` (K = 1) with every step trained and with
+  ``policy.train_fraction = --fraction`` (the other steps run forward only), and their ratio.
+* ``alignprop``: seconds per gradient of ``draft.draft_loss_random_depth`` (one compiled
+  function, the depth K a traced input) at K = 1, T/2 and T, and their ratios to K = T.
+
+Each figure is the median of ``--repeats`` runs after compilation; the variants alternate
+within each repeat, so that they see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _config(steps: int, batch: int, fraction: float):
+    from configs import shapes
+
+    config = shapes.get_config()
+    config.sample.num_steps = steps
+    config.sample.batch_size = batch
+    config.policy.train_fraction = fraction
+    config.logging.progress_bar = False
+    config.logging.tensorboard = False
+    return config
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def _alternate(jobs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            times[name].append(_timed(job))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int) -> dict:
+    """Seconds per policy step, every step trained vs. ``fraction`` of them."""
+    from vard_jax.training.trainer import Trainer
+
+    prompts = ["two red circles on a white background"] * batch
+    jobs, compile_s = {}, {}
+    for name, f in (("all_steps", 1.0), (f"fraction_{fraction:g}", fraction)):
+        trainer = Trainer(_config(steps, batch, f))
+        state = trainer.init_state()
+        ids = trainer.put_batch({"ids": jnp.asarray(trainer.pipeline.tokenize(prompts))})
+        key = trainer.put_key(jax.random.PRNGKey(0))
+        args = (trainer.frozen, trainer.reference_params, ids, key)
+        start = time.perf_counter()
+        compiled = trainer.policy_step.lower(state, *args).compile()
+        compile_s[name] = time.perf_counter() - start
+        box = {"state": state}
+
+        def job(compiled=compiled, box=box, args=args):
+            box["state"], metrics = compiled(box["state"], *args)  # the state is donated
+            return metrics
+
+        jobs[name] = job
+        print(f"compiled {name} in {compile_s[name]:.0f} s", file=sys.stderr)
+    seconds = _alternate(jobs, repeats)
+    names = list(seconds)
+    return {"seconds": seconds, "compile_s": compile_s,
+            "ratio": seconds[names[1]] / seconds[names[0]]}
+
+
+def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
+    """Seconds per AlignProp gradient at drawn depths K = 1, T/2, T (one compiled function)."""
+    from vard_jax.algorithms import draft
+    from vard_jax.diffusion import rollout as rollout_lib
+    from vard_jax.training.trainer import Trainer
+
+    config = _config(steps, batch, 1.0)
+    config.algorithm = "draft"
+    trainer = Trainer(config)
+    pipeline, policy, reward = trainer.pipeline, trainer.policy, trainer.reward
+    prompts = ["two red circles on a white background"] * batch
+    ids = jnp.asarray(pipeline.tokenize(prompts))
+    reward_input = jnp.asarray(reward.prepare(prompts))
+    loss_config = draft.DraftConfig(
+        grad_depth=None, beta=0.0, eta=config.sample.eta,
+        guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
+        unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll))
+
+    @jax.jit
+    def gradient(params, frozen, reference, key, depth):
+        context = pipeline.encode_ids(frozen["text_encoder"], ids)
+        null_context = pipeline.encode_ids(frozen["text_encoder"], trainer.null_ids)
+        x_T, noise = rollout_lib.sample_noise(key, batch, steps, pipeline.sample_shape)
+        inputs = draft.DraftInputs(context=context, null_context=null_context, x_T=x_T,
+                                   noise=noise)
+
+        def reward_fn(x0):
+            return reward.score(pipeline.decode(frozen, x0), reward_input)
+
+        return jax.grad(lambda p: draft.draft_loss_random_depth(
+            policy.eps_fn, policy.unet(p, reference), policy.reference_unet(reference),
+            trainer.policy_schedule, inputs, reward_fn, loss_config, depth)[0])(params)
+
+    params = trainer.pretrained_policy_params()
+    key = jax.random.PRNGKey(0)
+    args = (params, trainer.frozen, trainer.reference_params, key)
+    start = time.perf_counter()
+    compiled = gradient.lower(*args, jnp.int32(1)).compile()
+    compile_s = time.perf_counter() - start
+    depths = sorted({1, max(1, steps // 2), steps})
+    seconds = _alternate({f"K={k}": (lambda k=k: compiled(*args, jnp.int32(k))) for k in depths},
+                         repeats)
+    full = seconds[f"K={steps}"]
+    return {"seconds": seconds, "compile_s": compile_s,
+            "ratio_to_full_depth": {name: s / full for name, s in seconds.items()}}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    result = {"backend": jax.default_backend(), "devices": jax.device_count(),
+              "steps": args.steps, "batch": args.batch, "repeats": args.repeats}
+    result["vard"] = vard_policy_steps(args.steps, args.batch, args.fraction, args.repeats)
+    print(json.dumps({"vard": result["vard"]}), file=sys.stderr, flush=True)
+    result["alignprop"] = alignprop_gradients(args.steps, args.batch, args.repeats)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
