@@ -11,8 +11,8 @@ Real training processes (``python -m vard_jax.main``) are started once for the m
 * two start-up failures (an unwritable workdir, a directory that is not a checkpoint).
 
 The in-process tests use a copy of the killed run's workdir; they run while the resumed process
-is still training. The config is ``tests/test_training.py``'s (the same compiled programs), with
-more epochs.
+is still training. The config is ``tests/tiny_runs.py``'s, as ``tests/test_training.py``'s (the
+same compiled programs), with more epochs.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ EVERY = 3  # checkpoint interval: the SIGTERM checkpoint (step 4 or 5) is not a 
 ARGS = ("--config=configs/shapes_fidelity.py:tiny", f"--config.train.epochs={EPOCHS}",
         "--config.train.eval_every=100", "--config.reward.eval_extra=",
         "--config.logging.tensorboard=False", f"--config.checkpoint.every={EVERY}",
-        # Faults and checkpoints do not depend on the value network: the conv value on x_t
-        # keeps these multi-process tests' compiles small (test_training runs conv_x0).
+        # tests/tiny_runs.py's config as flags: the conv value on x_t (faults and checkpoints
+        # do not depend on the value network; its compiles are the smallest).
         "--config.value.arch=conv")
 PLANTED_TMP = "99.orbax-checkpoint-tmp-1700000000"  # an unfinished save, as orbax names one
 TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly

@@ -283,7 +283,7 @@ def _segmented_scan(body: Callable, frozen_body: Callable, frozen_before: int, x
 
 def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: StepInfo,
                            context: jax.Array, null_context: jax.Array,
-                           guidance_scale: float, kl_on: str = "conditional") -> jax.Array:
+                           guidance_scale: float, kl_on: str) -> jax.Array:
     """D_i = mean over batch and dims of (eps_policy - eps_reference)^2 at the step's state.
 
     ``kl_on="conditional"`` compares the conditional predictions eps(x_t, t, c), VARD's
