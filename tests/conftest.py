@@ -70,6 +70,19 @@ def fidelity_trainer():
     return Trainer(fidelity_config())
 
 
+# The longest modules (by pytest --durations on 2 cores), started first. With --dist loadfile the
+# workers take whole modules in collection order as they become free; a long module taken last
+# leaves the other worker idle for its whole length.
+LONGEST_FIRST = ("test_reliability.py", "test_stable_diffusion.py", "test_entry_points.py",
+                 "test_algorithms.py", "test_assets.py", "test_notebook.py", "test_diffusion.py",
+                 "test_vard_losses.py", "test_baselines.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order in a module
+
+
 def pytest_unconfigure(config):
     """The controller deletes the run's scratch directory (workers have exited by then)."""
     if _OWNER and not hasattr(config, "workerinput"):

@@ -6,12 +6,11 @@ Real training processes (``python -m vard_jax.main``) are started once for the m
 
 * ``killed``: SIGKILLed at a random moment after its first checkpoint (step 3); then the same
   command resumes it in the same workdir and is sent SIGINT (Ctrl-C) after its first new epoch;
-* ``reference``: the same run uninterrupted, keeping a checkpoint of every step (started once
-  ``killed`` has compiled, so that it loads the programs from the cache);
 * two start-up failures (an unwritable workdir, a directory that is not a checkpoint).
 
 The in-process tests use a copy of the killed run's workdir; they run while the resumed process
-is still training. The config is ``tests/tiny_runs.py``'s, as ``tests/test_training.py``'s (the
+is still training. The uninterrupted reference run that the resumed one must equal is trained
+in this process, with the session's compiled trainer. The config is ``tests/tiny_runs.py``'s, as ``tests/test_training.py``'s (the
 same compiled programs), with more epochs.
 """
 
@@ -130,8 +129,8 @@ def checkpoint_state(checkpoints: pathlib.Path, step: int) -> dict:
 class Runs:
     """The module's training processes, driven by one background thread, and what it saw.
 
-    Phase one: ``killed`` starts (with the two start-up failures); at its checkpoint 3
-    ``reference`` starts, and ``killed`` gets SIGKILL at a random moment after it. Phase two:
+    Phase one: ``killed`` starts (with the two start-up failures) and gets SIGKILL at a random
+    moment after its checkpoint 3. Phase two:
     the same command resumes it, and gets SIGINT shortly after it writes its first new epoch.
     """
 
@@ -164,10 +163,6 @@ class Runs:
     def _phase_one(self) -> None:
         checkpoints = self.killed.workdir / "checkpoints"
         self.killed.wait_until(lambda: (checkpoints / str(EVERY)).is_dir(), "checkpoint 3")
-        # The uninterrupted run starts now: it loads every program from the compilation cache
-        # instead of compiling them a second time beside ``killed`` (2 cores).
-        self.reference = self.start("reference", self.root / "reference", *ARGS,
-                                    "--config.checkpoint.every=1", "--config.checkpoint.keep=100")
         self.kill_delay = self.rng.uniform(0.0, 1.5)
         time.sleep(self.kill_delay)
         assert self.killed.popen.poll() is None, "the run ended before it could be killed"
@@ -211,7 +206,6 @@ class Runs:
         self.not_checkpoint_before = tree_digest(self.not_checkpoint)
         self.refused = self.start("refused", self.not_checkpoint, *ARGS)
         self.killed = self.start("killed", self.root / "killed", *ARGS)
-        self.reference: Optional[Process] = None  # started once ``killed`` has compiled
         self.after_kill = self.root / "after_kill"  # a copy, for the in-process tests
         self.thread.start()
 
@@ -226,10 +220,6 @@ class Runs:
         if self.error is not None:
             raise self.error
         return self.resumed.wait()
-
-    def wait_reference(self) -> int:
-        self.wait_killed()
-        return self.reference.wait()
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -621,12 +611,18 @@ def test_truncated_checkpoint_is_refused_and_kept(trainer, runs, tmp_path):
 
 
 # --- the resumed and the reference run -----------------------------------------------------------
-def test_resumed_run_matches_the_uninterrupted_run(runs):
+def test_resumed_run_matches_the_uninterrupted_run(runs, trainer, tmp_path):
+    # The same run uninterrupted, with a checkpoint at every step, trained here (the same
+    # compiled programs as the processes: theirs come from the session's compilation cache)
+    # while the resumed process trains; it stops at step 4 or 5, so 5 steps are enough.
+    config = tiny_config()
+    config.checkpoint.every, config.checkpoint.keep = 1, 100
+    reference = tmp_path / "reference"
+    Loop(config, reference, trainer=trainer).run(until=EPOCHS - 1)
     assert runs.wait_resumed() == 0, runs.resumed.stderr
-    assert runs.wait_reference() == 0, runs.reference.stderr
     checkpoints = runs.killed.workdir / "checkpoints"
     stopped = max(step_dirs(checkpoints))
-    expected = checkpoint_state(runs.reference.workdir / "checkpoints", stopped)
+    expected = checkpoint_state(reference / "checkpoints", stopped)
     actual = checkpoint_state(checkpoints, stopped)
     assert actual.keys() == expected.keys()
     for key in expected:
@@ -634,9 +630,9 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
 
     # metrics.jsonl: every step once, and the same numbers as the uninterrupted run
     rows = read_rows(runs.killed.workdir / "metrics.jsonl")
-    reference = read_rows(runs.reference.workdir / "metrics.jsonl")
+    reference_rows = read_rows(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(stopped + 1))
-    for row, ref in zip(rows, reference):
+    for row, ref in zip(rows, reference_rows):
         keys = set(ref) - {"wall_s", "images_per_s"}
         assert set(row) - {"wall_s", "images_per_s"} == keys
         assert {k: row[k] for k in keys} == {k: ref[k] for k in keys}, row["step"]
