@@ -92,11 +92,25 @@ def get_config() -> ml_collections.ConfigDict:
     policy.clip_x0_gradient = "exact"
 
     # --- baselines (config.algorithm = ddpo | draft; policy.* sets their optimiser) -----------
+    # Defaults as ddpo-pytorch runs DDPO (its config/base.py); the earlier settings of this
+    # project are adv_clip = 5, accumulate_timesteps = False, stat_buffer = 0, stat_min_count = 2.
     config.ddpo = ddpo = ml_collections.ConfigDict()
+    ddpo.learning_rate = 1e-4  # Peak rate of DDPO's policy optimiser (0 = policy.learning_rate).
     ddpo.clip_range = 1e-4  # PPO clip range c of the probability ratio.
-    ddpo.adv_clip = 5.0  # Advantages clipped to [-adv_clip, adv_clip] (0 = no clipping).
+    ddpo.adv_clip = 10.0  # Advantages clipped to [-adv_clip, adv_clip] (0 = no clipping).
     ddpo.inner_epochs = 1  # Passes over an epoch's stored transitions.
-    ddpo.minibatch_size = 32  # Transitions (chain, step) per PPO gradient step.
+    # Micro-batch of a PPO gradient: chains (one step of each) with accumulate_timesteps, else
+    # (chain, step) transitions drawn at random. 4 chains: 4 optimiser steps an epoch of 16
+    # chains, as ddpo-pytorch's paper config makes of its 256 chains (64 chains a step).
+    ddpo.minibatch_size = 4
+    # One optimiser step per minibatch of chains, its gradient averaged over all their
+    # stochastic steps (ddpo-pytorch); False: one step per micro-batch of transitions.
+    ddpo.accumulate_timesteps = True
+    ddpo.gradient_accumulation = 1  # Minibatches whose gradients make one optimiser step.
+    # Advantages from the last stat_buffer rewards of each prompt, across epochs (0 = this
+    # epoch's only), or from the batch while a prompt has fewer than stat_min_count of them.
+    ddpo.stat_buffer = 16
+    ddpo.stat_min_count = 16
     ddpo.reduce = "mean"  # Log-prob over dimensions: mean (DDPO's) | sum (exact density).
     config.draft = draft = ml_collections.ConfigDict()
     draft.grad_depth = 1  # K: the reward gradient flows through the last K denoising steps.

@@ -35,7 +35,7 @@ def _moved(a, b) -> bool:
 def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     config = _config(algorithm, reward)
     if algorithm == "ddpo":
-        config.ddpo.minibatch_size = 2  # several PPO steps in the epoch
+        config.ddpo.minibatch_size = 2  # chains: several PPO steps in the epoch
         # The summed log-density with DDPO's clip range 1e-4: a rollout/training mismatch of
         # float rounding would show in the first minibatch's ratio (float32 here; bfloat16 +
         # LoRA in test_ddpo_first_minibatch_ratio_is_exactly_one).
@@ -58,7 +58,8 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     # The logged rate is that of the run's last update, n - 1 of a cosine over n updates.
     n = int(loop.final_state.policy_updates)
     assert config.policy.lr_schedule == "cosine" and config.policy.warmup_steps == 0
-    np.testing.assert_allclose(last["policy_learning_rate"], config.policy.learning_rate * 0.5 * (
+    peak = config.ddpo.learning_rate if algorithm == "ddpo" else config.policy.learning_rate
+    np.testing.assert_allclose(last["policy_learning_rate"], peak * 0.5 * (
         1 + np.cos(np.pi * (n - 1) / n)), rtol=1e-5)
     assert _moved(loop.final_state.policy_params, start)
     assert last["eval_eps_distance"] > 0.0
@@ -68,26 +69,34 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
         assert "clipfrac" in last and "approx_kl" in last
         assert last["first_log_ratio_max"] == 0.0 and last["first_clipfrac"] == 0.0
         assert np.isfinite(last["rollout_log_prob_gap"])
+        # The per-prompt reward buffers are saved with the checkpoint and restored with it.
+        buffers = loop.stage.steps.tracker.state_dict()
+        assert sum(len(v) for v in buffers.values()) == config.sample.batch_size
+        resumed = Loop(config, tmp_path, trainer=loop.trainer)
+        assert resumed.stage.steps.tracker.state_dict() == {}
+        resumed.restore_or_init()
+        assert resumed.stage.steps.tracker.state_dict() == buffers
     else:
         assert last["grad_depth"] == config.draft.grad_depth
 
 
 def test_ddpo_first_minibatch_ratio_is_exactly_one_in_bfloat16_with_lora(tmp_path):
-    """The first PPO minibatch trains at the sampling parameters: its old log-probs are the
-    update's own computation, so the ratio is 1 and nothing is clipped, on any machine. The
-    summed log-density and DDPO's clip range 1e-4 make a rounding mismatch visible (float32:
-    test_baseline_trains_one_epoch)."""
+    """The first PPO optimiser step trains at the sampling parameters: the old log-probs of all
+    its accumulated micro-batches are the update's own computation, so every ratio is 1 and
+    nothing is clipped, on any machine. The summed log-density and DDPO's clip range 1e-4 make a
+    rounding mismatch visible (float32: test_baseline_trains_one_epoch)."""
     config = _config("ddpo", "jpeg_compressibility")
     config.pretrained.dtype = config.pretrained.param_dtype = "bfloat16"
     config.policy.lora_rank = 2
     config.ddpo.reduce = "sum"
     config.ddpo.clip_range = 1e-4
     config.ddpo.minibatch_size = 2
+    config.ddpo.gradient_accumulation = 2  # the epoch's 4 chains, every step, in one update
     validate(config)
     loop = Loop(config, tmp_path)
     state = loop.trainer.init_state()
-    _, metrics = loop.stage.epoch(state, 0, jax.random.PRNGKey(0))  # one epoch, no evaluation
-    assert loop.trainer.policy_updates_per_epoch >= 2
+    new_state, metrics = loop.stage.epoch(state, 0, jax.random.PRNGKey(0))  # no evaluation
+    assert loop.trainer.policy_updates_per_epoch == 1 == int(new_state.policy_updates)
     assert metrics["first_log_ratio_max"] == 0.0 and metrics["first_clipfrac"] == 0.0
     # The rollout's own log-probs are another computation: their gap is reported, finite.
     assert np.isfinite(metrics["rollout_log_prob_gap"]) and metrics["approx_kl"] >= 0.0

@@ -1,5 +1,7 @@
 """DDPO and DRaFT/AlignProp losses on the tiny differentiable noise model."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +163,95 @@ def test_per_prompt_advantages():
     np.testing.assert_allclose(as_ints, advantages)
     global_only = ddpo.per_prompt_advantages(rewards, prompts, min_count=10)
     np.testing.assert_allclose(global_only, (rewards - rewards.mean()) / rewards.std(), rtol=1e-5)
+
+
+def test_stat_tracker_keeps_each_prompts_last_rewards_across_epochs():
+    """A hand-worked sequence: buffers of 3, statistics from 2 rewards of a prompt on."""
+    tracker = ddpo.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
+    batch = np.array([1.0, 2.0, 10.0])
+    first = tracker.advantages(batch, ["a", "a", "b"])
+    # a: buffer [1, 2] -> mean 1.5, std 0.5; b: one reward < min_count -> the batch's statistics.
+    np.testing.assert_allclose(first, [-1.0, 1.0, (10.0 - batch.mean()) / batch.std()],
+                               rtol=1e-6)
+    second = tracker.advantages(np.array([4.0, 6.0]), ["a", "b"])
+    # a: [1, 2, 4] -> mean 7/3, std sqrt(42/27); b: [10, 6] -> mean 8, std 2.
+    np.testing.assert_allclose(second, [(4.0 - 7.0 / 3.0) / np.sqrt(42.0 / 27.0), -1.0],
+                               rtol=1e-6)
+    saved = json.loads(json.dumps(tracker.state_dict()))  # what a checkpoint carries
+    assert saved == {"a": [1.0, 2.0, 4.0], "b": [10.0, 6.0]}
+    third = tracker.advantages(np.array([0.0, 0.0]), ["a", "a"])
+    # a keeps its last 3: [4, 0, 0] -> mean 4/3, std sqrt(96/27).
+    np.testing.assert_allclose(third, [-(4.0 / 3.0) / np.sqrt(96.0 / 27.0)] * 2, rtol=1e-6)
+    resumed = ddpo.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
+    resumed.load_state_dict(saved)
+    np.testing.assert_array_equal(resumed.advantages(np.array([0.0, 0.0]), ["a", "a"]), third)
+    # A pair of one epoch no longer gets +-1 whatever its gap (ddpo-pytorch's min_count 16):
+    # below min_count the batch's statistics keep the gap's size.
+    tracker = ddpo.PromptStatTracker()
+    rewards = np.array([0.0, 0.1, 5.0, 9.0])
+    advantages = tracker.advantages(rewards, ["a", "a", "b", "b"])
+    np.testing.assert_allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-6),
+                               rtol=1e-6)
+    # buffer_size 0: this batch's rewards of each prompt only, as per_prompt_advantages.
+    epoch_only = ddpo.PromptStatTracker(buffer_size=0, min_count=2)
+    prompts = ["a", "a", "b", "b"]
+    for _ in range(2):
+        np.testing.assert_array_equal(epoch_only.advantages(rewards, prompts),
+                                      ddpo.per_prompt_advantages(rewards, prompts))
+    assert epoch_only.state_dict() == {}
+
+
+def test_plan_by_timestep_accumulates_every_step_of_its_chains():
+    chains, steps = 6, 3
+    plan = ddpo.plan_updates(np.random.default_rng(0), chains, steps, minibatch_size=2)
+    assert len(plan) == ddpo.updates_per_pass(chains, steps, 2) == 3
+    seen = []
+    for indices in plan:
+        assert indices.shape == (steps, 2)
+        chain_ids, step_ids = indices // steps, indices % steps
+        # Each micro-batch: distinct chains, the same chains throughout the optimiser step,
+        # each of them at every step exactly once.
+        assert all(len(set(row)) == 2 for row in chain_ids)
+        assert all(set(row) == set(chain_ids[0]) for row in chain_ids)
+        for column in range(2):
+            assert sorted(step_ids[:, column]) == list(range(steps))
+        seen += indices.ravel().tolist()
+    assert sorted(seen) == list(range(chains * steps))
+    # Two minibatches per optimiser step; a third is left over (not trained this pass).
+    plan = ddpo.plan_updates(np.random.default_rng(0), chains, steps, 2, accumulation=2)
+    assert len(plan) == ddpo.updates_per_pass(chains, steps, 2, 2) == 1
+    assert plan[0].shape == (2 * steps, 2) and len(set(plan[0].ravel())) == 4 * steps
+    # Shuffled: the step order differs between chains for some seed.
+    orders = {tuple(p[:, 0] % steps) for seed in range(5)
+              for p in ddpo.plan_updates(np.random.default_rng(seed), chains, steps, 2)}
+    assert len(orders) > 1
+
+
+def test_plan_of_random_transitions():
+    plan = ddpo.plan_updates(np.random.default_rng(1), 4, 3, minibatch_size=5, accumulation=2,
+                             by_timestep=False)
+    assert len(plan) == ddpo.updates_per_pass(4, 3, 5, 2, by_timestep=False) == 1
+    assert plan[0].shape == (2, 5) and len(set(plan[0].ravel())) == 10
+    assert ddpo.plan_updates(np.random.default_rng(1), 4, 3, 5, 3, by_timestep=False) == []
+
+
+def test_accumulated_gradient_is_the_mean_over_micro_batches():
+    def loss_fn(params, batch):
+        loss = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+        return loss, {"log_ratio_max": jnp.max(batch["y"]), "value": loss}
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 2))
+    y = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+    params = {"w": jnp.array([0.5, -1.0])}
+    loss, metrics, grads = jax.jit(ddpo.accumulated_gradient, static_argnums=0)(
+        loss_fn, params, {"x": x, "y": y})
+    expected = jax.grad(lambda p: jnp.mean(jnp.stack(
+        [loss_fn(p, {"x": x[i], "y": y[i]})[0] for i in range(3)])))(params)
+    np.testing.assert_allclose(grads["w"], expected["w"], rtol=1e-5)
+    losses = [float(loss_fn(params, {"x": x[i], "y": y[i]})[0]) for i in range(3)]
+    np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(metrics["value"], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(metrics["log_ratio_max"], np.max(np.asarray(y)), rtol=1e-6)
 
 
 def test_ddpo_requires_a_stochastic_sampler(schedule, inputs):

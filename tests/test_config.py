@@ -113,6 +113,25 @@ def test_batch_divisible_by_devices_and_mesh_size():
     assert mesh_shape(config, 8) == (4, 2)
 
 
+def test_ddpo_updates_per_epoch_and_too_much_accumulation():
+    from vard_jax.training import stages
+
+    config = good()  # 16 chains an epoch
+    config.algorithm = "ddpo"
+    config.ddpo.inner_epochs = 2
+    # ddpo-pytorch's layout: one step per minibatch of 4 chains (accumulated over their steps)
+    assert stages.policy_updates_per_epoch(config, stochastic_steps=9, data_shards=1) == 2 * 4
+    config.ddpo.gradient_accumulation = 3  # 4 minibatches -> 1 step of 3, one left over
+    assert stages.policy_updates_per_epoch(config, 9, 1) == 2 * 1
+    config.ddpo.accumulate_timesteps = False  # 144 transitions in micro-batches of 4
+    assert stages.policy_updates_per_epoch(config, 9, 1) == 2 * (36 // 3)
+    config.ddpo.accumulate_timesteps = True
+    config.ddpo.gradient_accumulation = 5
+    with pytest.raises(ConfigError, match=r"config.ddpo.gradient_accumulation = 5: an epoch holds "
+                       r"fewer minibatches of 4 chains; lower it or sample more per epoch"):
+        stages.policy_updates_per_epoch(config, 9, 1)
+
+
 def _main(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))  # config files elsewhere import configs.*
     return subprocess.run([sys.executable, "-m", "vard_jax.main", *args], cwd=REPO, env=env,

@@ -21,6 +21,7 @@ same reduction: ``transitions_from_trajectory`` converts the rollout's summed lo
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
@@ -109,6 +110,61 @@ def per_prompt_advantages(rewards: np.ndarray | Sequence[float],
         group_values = values[members]
         advantages[members] = (group_values - group_values.mean()) / (group_values.std() + eps)
     return advantages.astype(np.float32)
+
+
+class PromptStatTracker:
+    """Per-prompt reward statistics across epochs, for DDPO's advantages (host side).
+
+    Each prompt keeps the last ``buffer_size`` rewards it received, over all epochs so far.
+    ``advantages`` first appends the batch's rewards to their prompts' buffers, then
+    standardises each reward with its prompt's buffer, or with the batch's own mean and std
+    while the buffer holds fewer than ``min_count`` rewards (ddpo-pytorch's per-prompt stat
+    tracking; its defaults are 16 and 16). ``buffer_size = 0`` keeps nothing between calls:
+    each batch's own rewards of the prompt are its statistics (``per_prompt_advantages``).
+
+    The buffers are part of a run's state: ``state_dict``/``load_state_dict`` (JSON-ready, the
+    rewards as Python floats) carry them through checkpoints, so a resumed run computes the
+    same advantages as an uninterrupted one.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
+        if buffer_size < 0 or min_count < 1:
+            raise ValueError(f"stat tracker buffer_size = {buffer_size} (>= 0) and min_count = "
+                             f"{min_count} (>= 1)")
+        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
+        self.buffers: dict[str, collections.deque] = {}
+
+    def advantages(self, rewards: np.ndarray | Sequence[float],
+                   prompts: Sequence[str]) -> np.ndarray:
+        """[N] float32 advantages of N rewards, ``prompts[i]`` the prompt of reward i."""
+        values = np.asarray(rewards, np.float64).reshape(-1)
+        ids = np.asarray(list(prompts), dtype=object).reshape(-1)
+        if ids.shape[0] != values.shape[0]:
+            raise ValueError(f"{values.shape[0]} rewards but {ids.shape[0]} prompts")
+        if self.buffer_size == 0:
+            return per_prompt_advantages(values, ids.astype(str), self.min_count, self.eps)
+        if values.size == 0:
+            return np.zeros((0,), np.float32)
+        global_mean, global_std = values.mean(), values.std()
+        advantages = np.empty_like(values)
+        for prompt in dict.fromkeys(ids.tolist()):  # each prompt once, in order of appearance
+            members = ids == prompt
+            buffer = self.buffers.setdefault(prompt, collections.deque(maxlen=self.buffer_size))
+            buffer.extend(values[members].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = global_mean, global_std
+            else:
+                mean, std = np.mean(buffer), np.std(buffer)
+            advantages[members] = (values[members] - mean) / (std + self.eps)
+        return advantages.astype(np.float32)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {prompt: list(buffer) for prompt, buffer in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.buffers = {prompt: collections.deque((float(v) for v in values),
+                                                  maxlen=self.buffer_size)
+                        for prompt, values in state.items()}
 
 
 def _reduce_log_prob(log_prob_sum: jax.Array, sample_shape: tuple[int, ...], reduce: str) -> jax.Array:
@@ -218,6 +274,30 @@ def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DD
     return loss, metrics
 
 
+def accumulated_gradient(loss_fn: Any, params: Any, micro_batches: Any
+                         ) -> tuple[jax.Array, dict, Any]:
+    """The mean over micro-batches of ``loss_fn``'s gradient, one micro-batch at a time.
+
+    Args:
+      loss_fn: ``(params, micro_batch) -> (loss [], metrics)``.
+      micro_batches: a pytree whose leaves have a leading axis A (A micro-batches).
+
+    Returns:
+      (mean loss, metrics: the mean over micro-batches, but ``log_ratio_max`` their max, mean
+      gradient). A ``lax.scan``: one micro-batch's activations in memory at a time.
+    """
+    def step(grad_sum, micro_batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
+        return jax.tree_util.tree_map(jnp.add, grad_sum, grads), (loss, metrics)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grad_sum, (losses, metrics) = jax.lax.scan(step, zeros, micro_batches)
+    count = losses.shape[0]
+    metrics = {name: jnp.max(value) if name == "log_ratio_max" else jnp.mean(value)
+               for name, value in metrics.items()}
+    return jnp.mean(losses), metrics, jax.tree_util.tree_map(lambda g: g / count, grad_sum)
+
+
 def stochastic_steps(schedule: DDIMSchedule, eta: float) -> np.ndarray:
     """[S] int32 indices of the steps with sigma_i > 0 (host-side; needs a concrete schedule).
 
@@ -264,3 +344,50 @@ def transitions_from_trajectory(trajectory: Trajectory, advantages: jax.Array,
         context=jnp.repeat(context, kept, axis=0),
         null_context=null_context,
     )
+
+
+def plan_updates(rng: np.random.Generator, chains: int, steps: int, minibatch_size: int,
+                 accumulation: int = 1, by_timestep: bool = True) -> list[np.ndarray]:
+    """One pass over an epoch's transitions as optimiser steps (host side).
+
+    Transition ``c * steps + s`` is stored step s of chain c (``transitions_from_trajectory``).
+    Each optimiser step is an index array [A, M]: A micro-batches of M transitions whose
+    gradients are averaged into one update.
+
+    * ``by_timestep`` (ddpo-pytorch): the chains are shuffled and cut into minibatches of M
+      chains; each chain visits its steps in its own random order, and micro-batch j of a
+      minibatch holds step ``order_c[j]`` of each of its chains. An optimiser step accumulates
+      every step of ``accumulation`` minibatches: A = steps * accumulation.
+    * otherwise: the transitions are shuffled and cut into micro-batches of M (any chain, any
+      step); an optimiser step accumulates ``accumulation`` of them: A = accumulation.
+
+    Chains (or transitions) left over by the cuts are not trained on in this pass.
+    """
+    if minibatch_size < 1 or accumulation < 1:
+        raise ValueError(f"minibatch_size = {minibatch_size} and accumulation = {accumulation} "
+                         "must be >= 1")
+    if by_timestep:
+        order = rng.permutation(chains)
+        step_orders = np.stack([rng.permutation(steps) for _ in range(chains)]) if chains else (
+            np.zeros((0, steps), np.int64))
+        groups = order[:chains // minibatch_size * minibatch_size].reshape(-1, minibatch_size)
+        # [G, steps, M]: micro-batch j of group g is step step_orders[c, j] of each chain c.
+        micro = groups[:, None, :] * steps + step_orders[groups].transpose(0, 2, 1)
+        updates = micro.shape[0] // accumulation
+        micro = micro[:updates * accumulation].reshape(updates, accumulation * steps,
+                                                        minibatch_size)
+    else:
+        total = chains * steps
+        order = rng.permutation(total)
+        micro = order[:total // minibatch_size * minibatch_size].reshape(-1, minibatch_size)
+        updates = micro.shape[0] // accumulation
+        micro = micro[:updates * accumulation].reshape(updates, accumulation, minibatch_size)
+    return [indices.astype(np.int64) for indices in micro]
+
+
+def updates_per_pass(chains: int, steps: int, minibatch_size: int, accumulation: int = 1,
+                     by_timestep: bool = True) -> int:
+    """The number of optimiser steps ``plan_updates`` makes (without drawing anything)."""
+    units = chains if by_timestep else chains * steps
+    return (units // minibatch_size) // accumulation
+

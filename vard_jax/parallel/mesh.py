@@ -46,6 +46,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+    """[A, M, ...] stacks of A micro-batches: the M axis split over ``data``, the rest replicated."""
+    return NamedSharding(mesh, P(None, DATA))
+
+
 def leaf_spec(shape: tuple[int, ...], fsdp_size: int, min_shard_size: int = 2**14) -> P:
     if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_shard_size:
         return P()

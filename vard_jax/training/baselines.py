@@ -17,6 +17,7 @@ import optax
 
 from vard_jax.algorithms import ddpo, draft
 from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.training.state import TrainState
 from vard_jax.training.trainer import apply_policy_gradient
 
@@ -61,35 +62,49 @@ class DDPOSteps:
                                log_prob=trajectory.log_prob, context=context)
 
         def update(state: TrainState, frozen, reference_params, batch: ddpo.DDPOBatch):
-            def loss_fn(params):
+            # batch: [A, M, ...] per transition (A micro-batches of M); one optimiser step on
+            # the mean of the A micro-batches' gradients.
+            def loss_fn(params, micro_batch):
+                micro_batch = micro_batch._replace(null_context=batch.null_context)
                 return ddpo.ddpo_loss(policy.eps_fn, policy.unet(params, reference_params),
-                                      schedule, batch, loss_config)
+                                      schedule, micro_batch, loss_config)
 
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.policy_params)
+            loss, metrics, grads = ddpo.accumulated_gradient(
+                loss_fn, state.policy_params, batch._replace(null_context=None))
             return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
         def sampling_log_prob(params, frozen, reference_params, batch: ddpo.DDPOBatch):
-            # What ``ddpo.ddpo_loss`` computes as the new log-probs: the same function on the
-            # same minibatch shapes, here at fixed parameters.
+            # What ``ddpo.ddpo_loss`` computes as the new log-probs: the same function in the
+            # same scan over the same micro-batch shapes, here at fixed parameters.
             del frozen
-            return ddpo.transition_log_prob(
-                policy.eps_fn, policy.unet(params, reference_params), schedule, batch.x_t,
-                batch.step_index, batch.x_prev, batch.context, batch.null_context,
-                loss_config.eta, loss_config.guidance_scale, reduce=loss_config.reduce)
+            unet = policy.unet(params, reference_params)
+
+            def micro_step(carry, micro_batch):
+                return carry, ddpo.transition_log_prob(
+                    policy.eps_fn, unet, schedule, micro_batch.x_t, micro_batch.step_index,
+                    micro_batch.x_prev, micro_batch.context, batch.null_context,
+                    loss_config.eta, loss_config.guidance_scale, reduce=loss_config.reduce)
+
+            return jax.lax.scan(micro_step, None, batch._replace(null_context=None))[1]
 
         shardings = trainer.step_shardings()
         batch, replicated = shardings.batch, shardings.replicated
         self._sample = jax.jit(sample, in_shardings=(
             shardings.state.policy_params, shardings.frozen, shardings.reference, batch,
             replicated), out_shardings=Transitions(batch, batch, batch, batch, batch))
-        batch_sharding = ddpo.DDPOBatch(batch, batch, batch, batch, batch, batch, replicated)
+        # Micro-batches [A, M, ...]: the M transitions of each are split over ``data``.
+        micro = mesh_lib.microbatch_sharding(trainer.mesh)
+        self._micro_sharding = micro
+        batch_sharding = ddpo.DDPOBatch(micro, micro, micro, micro, micro, micro, replicated)
         self._update = jax.jit(update, in_shardings=(
             shardings.state, shardings.frozen, shardings.reference, batch_sharding),
             out_shardings=(shardings.state, replicated), donate_argnums=0)
         self._log_prob = jax.jit(sampling_log_prob, in_shardings=(
             shardings.state.policy_params, shardings.frozen, shardings.reference,
-            batch_sharding), out_shardings=batch)
+            batch_sharding), out_shardings=micro)
+        ddpo_config = config.ddpo
+        # Per-prompt reward statistics across epochs (saved with each checkpoint).
+        self.tracker = ddpo.PromptStatTracker(ddpo_config.stat_buffer, ddpo_config.stat_min_count)
 
     def sample(self, policy_params: Any, prompts: list[str], key: jax.Array) -> Transitions:
         trainer = self.trainer
@@ -99,8 +114,9 @@ class DDPOSteps:
 
     def transitions(self, samples: list[Transitions], rewards: np.ndarray,
                     prompts: list[str]) -> ddpo.DDPOBatch:
-        """Every stochastic step of every chain, with per-prompt standardised advantages."""
-        advantages = ddpo.per_prompt_advantages(rewards, prompts)
+        """Every stochastic step of every chain, chain-major, with advantages from the
+        per-prompt statistics of ``self.tracker`` (which takes in ``rewards``)."""
+        advantages = self.tracker.advantages(rewards, prompts)
         trajectory = rollout_lib.Trajectory(
             x_t=jnp.concatenate([s.x_t for s in samples]),
             x_prev=jnp.concatenate([s.x_prev for s in samples]),
@@ -114,8 +130,9 @@ class DDPOSteps:
         return jax.tree_util.tree_map(np.asarray, jax.device_get(batch))  # minibatches on host
 
     def _place(self, batch: ddpo.DDPOBatch) -> ddpo.DDPOBatch:
-        put = self.trainer.put_batch
-        return batch._replace(**{name: put(getattr(batch, name)) for name in batch._fields[:-1]})
+        """Places a planned optimiser step's [A, M, ...] transitions (``transitions.take``)."""
+        return batch._replace(**{name: mesh_lib.put(getattr(batch, name), self._micro_sharding)
+                                 for name in batch._fields[:-1]})
 
     def sampling_log_probs(self, policy_params: Any, transitions: ddpo.DDPOBatch,
                            minibatches: list[np.ndarray]) -> tuple[ddpo.DDPOBatch, float]:
@@ -127,12 +144,13 @@ class DDPOSteps:
         times DDPO's clip range in a summed log-density. Each transition is therefore
         evaluated again with the update's own log-density function, on the first planned
         minibatch that holds it (same shapes and layout as its first update), so the PPO ratio
-        of the first minibatch is 1 and nothing is clipped before the policy has moved.
+        of the first optimiser step is 1 and nothing is clipped before the policy has moved.
 
         Args:
           policy_params: the parameters that sampled the transitions.
           transitions: the epoch's transitions, with the rollout's log-probs.
-          minibatches: the planned minibatches, [M] index arrays, in update order.
+          minibatches: the planned optimiser steps, [A, M] index arrays, in update order
+            (``ddpo.plan_updates``).
 
         Returns:
           (transitions with recomputed ``old_log_prob``, the largest |recomputed - rollout|).

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state plus the config as JSON.
 
-Layout: WORKDIR/checkpoints/<epoch>/{state, config[, replay]} (``replay``: the host arrays of
-the value's replayed epochs, ``value.replay_epochs`` > 1); orbax finalises a step atomically (it
+Layout: WORKDIR/checkpoints/<epoch>/{state, config[, replay][, host]} (``replay``: the host
+arrays of the value's replayed epochs, ``value.replay_epochs`` > 1; ``host``: an algorithm's
+host-side state as JSON, e.g. DDPO's per-prompt reward buffers); orbax finalises a step atomically (it
 writes ``<epoch>.orbax-checkpoint-tmp-*`` and renames it), so a step directory that exists and is
 listed is complete, and an unfinished one is never listed. The latest step is resumed, with
 the config it was written with: fields that change the experiment may differ only when named in
@@ -60,7 +61,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "config", "replay"))
+                                                 item_names=("state", "config", "replay",
+                                                             "host"))
             self._pending: Optional[int] = None  # the step of the latest save
         except OSError as error:
             raise CheckpointError(f"{self.directory} cannot hold checkpoints "
@@ -70,14 +72,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, config_json: str,
-             replay: Optional[list[dict]] = None) -> None:
-        """Saves the state and the config; ``replay`` (a list of dicts of numpy arrays) too
-        when it is not empty; returns once the step is complete. Raises SaveError (one line,
-        naming the step, the cause and the last complete checkpoint) when it cannot be written."""
+             replay: Optional[list[dict]] = None, host: Optional[dict] = None) -> None:
+        """Saves the state and the config; ``replay`` (a list of dicts of numpy arrays) and
+        ``host`` (a JSON-ready dict) too when they are not empty; returns once the step is
+        complete. Raises SaveError (one line, naming the step, the cause and the last complete
+        checkpoint) when it cannot be written."""
         items = {"state": ocp.args.StandardSave(state),
                  "config": ocp.args.JsonSave(json.loads(config_json))}
         if replay:
             items["replay"] = ocp.args.StandardSave({str(i): d for i, d in enumerate(replay)})
+        if host:
+            items["host"] = ocp.args.JsonSave(host)
         self._pending = step
         try:
             self.manager.save(step, args=ocp.args.Composite(**items))
@@ -145,6 +150,19 @@ class Checkpointer:
                                   ) from error
         saved = restored.replay
         return [{k: np.asarray(v) for k, v in saved[str(i)].items()} for i in range(len(saved))]
+
+    def restore_host(self, step: int) -> dict:
+        """The ``host`` dict saved at ``step`` (empty when the step has none)."""
+        if not (self.directory / str(step) / "host").is_dir():
+            return {}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                host=ocp.args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001 - orbax raises many types; reported as one line
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: its host state "
+                                  f"cannot be restored ({_reason(error)}; it was left as it is)"
+                                  ) from error
+        return dict(restored.host)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None,
                 config_json: Optional[str] = None) -> tuple[Any, int]:

@@ -145,10 +145,12 @@ class Loop:
         self.last_checkpoint = int(step)
         if self.replay.maxlen:
             self.replay.extend(self.checkpointer.restore_replay(step))
+        self.stage.load_host_state(self.checkpointer.restore_host(step))
         return state, int(step)
 
     def _save(self, step: int, state: TrainState) -> None:
-        self.checkpointer.save(step, state, self.config.to_json(), list(self.replay))
+        self.checkpointer.save(step, state, self.config.to_json(), list(self.replay),
+                               self.stage.host_state())
         self.last_checkpoint = step
 
     def run(self, until: Optional[int] = None) -> list[dict]:

@@ -20,15 +20,38 @@ import jax
 import numpy as np
 
 from vard_jax import prompts as prompts_lib
+from vard_jax.algorithms import ddpo
 from vard_jax.training import faults
 from vard_jax.training.state import TrainState
 
 
-def ddpo_minibatch_size(config, transitions: int, data_shards: int) -> int:
-    """Transitions per PPO step: ``ddpo.minibatch_size``, at most the epoch's ``transitions``,
-    rounded down to a multiple of the data shards (and at least one per shard)."""
-    size = min(config.ddpo.minibatch_size, transitions)
+def ddpo_minibatch_size(config, stochastic_steps: int, data_shards: int) -> int:
+    """Transitions per PPO micro-batch: ``ddpo.minibatch_size``, at most what an epoch holds
+    (its chains when ``ddpo.accumulate_timesteps``, else its transitions), rounded down to a
+    multiple of the data shards (and at least one per shard)."""
+    units = config.sample.batches_per_epoch * config.sample.batch_size
+    if not config.ddpo.accumulate_timesteps:
+        units *= stochastic_steps
+    size = min(config.ddpo.minibatch_size, units)
     return max(size - size % data_shards, data_shards)
+
+
+def ddpo_updates_per_pass(config, stochastic_steps: int, data_shards: int) -> int:
+    """PPO optimiser steps in one pass over an epoch's transitions (``ddpo.plan_updates``);
+    raises ConfigError when ``ddpo.gradient_accumulation`` leaves none."""
+    from vard_jax.config import ConfigError
+
+    chains = config.sample.batches_per_epoch * config.sample.batch_size
+    size = ddpo_minibatch_size(config, stochastic_steps, data_shards)
+    updates = ddpo.updates_per_pass(chains, stochastic_steps, size,
+                                    config.ddpo.gradient_accumulation,
+                                    config.ddpo.accumulate_timesteps)
+    if updates < 1:
+        unit = "chains" if config.ddpo.accumulate_timesteps else "transitions"
+        raise ConfigError(f"config.ddpo.gradient_accumulation = "
+                          f"{config.ddpo.gradient_accumulation}: an epoch holds fewer minibatches "
+                          f"of {size} {unit}; lower it or sample more per epoch")
+    return updates
 
 
 def policy_updates_per_epoch(config, stochastic_steps: int, data_shards: int) -> int:
@@ -37,17 +60,36 @@ def policy_updates_per_epoch(config, stochastic_steps: int, data_shards: int) ->
     (``ddpo.stochastic_steps``)."""
     batches = config.sample.batches_per_epoch
     if config.algorithm == "ddpo":  # PPO steps over the epoch's transitions (DDPOStage.epoch)
-        transitions = batches * config.sample.batch_size * stochastic_steps
-        size = ddpo_minibatch_size(config, transitions, data_shards)
-        return config.ddpo.inner_epochs * (transitions // size)
+        return config.ddpo.inner_epochs * ddpo_updates_per_pass(config, stochastic_steps,
+                                                                data_shards)
     if config.algorithm == "draft":  # one step per batch (DraftStage.epoch)
         return batches
     return batches * config.policy.updates_per_epoch  # VardStage.epoch -> Loop.policy_stage
 
 
-class VardStage:
+class Stage:
+    """An algorithm's epoch; ``loop`` is the ``vard_jax.training.loop.Loop`` that drives it."""
+
     def __init__(self, loop):
         self.loop = loop
+
+    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
+        """Work before the first epoch (none by default)."""
+        return state, {}
+
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        raise NotImplementedError
+
+    def host_state(self) -> dict:
+        """Host-side state of the algorithm that a checkpoint carries (JSON-ready)."""
+        return {}
+
+    def load_host_state(self, state: dict) -> None:
+        """Restores what ``host_state`` returned (an empty dict for a checkpoint without it)."""
+        del state
+
+
+class VardStage(Stage):
 
     def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
         """``value.pretrain_epochs`` value-only epochs on the pretrained policy's samples."""
@@ -74,15 +116,19 @@ class VardStage:
                        "images": images}
 
 
-class DDPOStage:
+class DDPOStage(Stage):
     def __init__(self, loop):
         from vard_jax.training.baselines import DDPOSteps
 
-        self.loop = loop
+        super().__init__(loop)
         self.steps = DDPOSteps(loop.trainer)
 
-    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
-        return state, {}
+    def host_state(self) -> dict:
+        """The per-prompt reward buffers (``ddpo.stat_buffer``): a resumed run continues them."""
+        return {"ddpo_reward_buffers": self.steps.tracker.state_dict()}
+
+    def load_host_state(self, state: dict) -> None:
+        self.steps.tracker.load_state_dict(state.get("ddpo_reward_buffers", {}))
 
     def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
         loop, config = self.loop, self.loop.config
@@ -101,13 +147,14 @@ class DDPOStage:
         rewards = np.concatenate(rewards)
         state = state.replace(reward_queries=state.reward_queries + rewards.size)
         transitions = self.steps.transitions(samples, rewards, prompts)
-        size = ddpo_minibatch_size(config, transitions.size, loop.trainer.mesh.shape["data"])
+        steps = len(self.steps.steps)
+        size = ddpo_minibatch_size(config, steps, loop.trainer.mesh.shape["data"])
         rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
-        minibatches = []
+        minibatches = []  # one [A, M] index array per optimiser step
         for _ in range(config.ddpo.inner_epochs):
-            order = rng.permutation(transitions.size)
-            minibatches += [order[start:start + size]
-                            for start in range(0, transitions.size - size + 1, size)]
+            minibatches += ddpo.plan_updates(rng, rewards.size, steps, size,
+                                             config.ddpo.gradient_accumulation,
+                                             config.ddpo.accumulate_timesteps)
         transitions, gap = self.steps.sampling_log_probs(state.policy_params, transitions,
                                                          minibatches)
         metrics = []
@@ -115,7 +162,8 @@ class DDPOStage:
             state, m = self.steps.update(state, transitions.take(indices))
             metrics.append(m)
         summary = faults.aggregate(metrics)
-        # The first minibatch trains at the sampling parameters: its ratio must be exactly 1.
+        # The first optimiser step trains at the sampling parameters: every ratio of its
+        # micro-batches must be exactly 1.
         summary["first_log_ratio_max"] = float(metrics[0]["log_ratio_max"])
         summary["first_clipfrac"] = float(metrics[0]["clipfrac"])
         summary["rollout_log_prob_gap"] = gap
@@ -126,15 +174,12 @@ class DDPOStage:
                        "images": int(rewards.size)}
 
 
-class DraftStage:
+class DraftStage(Stage):
     def __init__(self, loop):
         from vard_jax.training.baselines import DraftSteps
 
-        self.loop = loop
+        super().__init__(loop)
         self.steps = DraftSteps(loop.trainer)
-
-    def pretrain(self, state: TrainState) -> tuple[TrainState, dict]:
-        return state, {}
 
     def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
         loop, config = self.loop, self.loop.config
@@ -151,7 +196,7 @@ class DraftStage:
         return state, summary
 
 
-STAGES: dict[str, Any] = {"vard": VardStage, "ddpo": DDPOStage, "draft": DraftStage}
+STAGES: dict[str, type[Stage]] = {"vard": VardStage, "ddpo": DDPOStage, "draft": DraftStage}
 
 
 def make(loop) -> Any:

@@ -133,8 +133,11 @@ class Optimizers(NamedTuple):
 def make_optimizers(config, policy_updates_per_epoch: int) -> Optimizers:
     """The policy and value optimisers (and their rate schedules) of a run whose policy makes
     ``policy_updates_per_epoch`` optimiser steps an epoch (``stages.policy_updates_per_epoch``)."""
+    peak = config.policy.learning_rate
+    if config.algorithm == "ddpo" and config.ddpo.learning_rate > 0.0:
+        peak = config.ddpo.learning_rate  # DDPO's own rate (ddpo-pytorch's default)
     policy_lr = learning_rate_schedule(
-        config.policy.learning_rate, config.policy.warmup_steps,
+        peak, config.policy.warmup_steps,
         config.train.epochs * policy_updates_per_epoch, config.policy.lr_schedule)
     value_lr = learning_rate_schedule(config.value.learning_rate, config.value.warmup_steps, 0,
                                       "constant")
