@@ -5,12 +5,14 @@
 
 Prints one JSON object (and writes it to ``--out``). On ``configs/shapes.py`` with T steps:
 
-* ``vard``: seconds per ``Trainer.policy_step`` (K = 1) with every step trained and with
-  ``policy.train_fraction = --fraction`` (the other steps run forward only), and their ratio.
+* ``vard``: mean seconds per ``Trainer.policy_step`` (K = 1, a new key per update, so new
+  trained steps) with every step trained and with ``policy.train_fraction = --fraction`` (the
+  other steps run forward only, those after the last trained one not at all), and their ratio.
 * ``alignprop``: seconds per gradient of ``draft.draft_loss_random_depth`` (one compiled
   function, the depth K a traced input) at K = 1, T/2 and T, and their ratios to K = T.
 
-Each figure is the median of ``--repeats`` runs after compilation; the variants alternate
+Each figure is over ``--repeats`` runs after compilation and a warm-up call (VARD: the
+mean, AlignProp: the median); the variants alternate
 within each repeat, so that they see the same machine load.
 """
 
@@ -45,12 +47,13 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _alternate(jobs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _alternate(jobs: dict[str, Callable[[], Any]], repeats: int,
+               reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():
             times[name].append(_timed(job))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: reduce(values) for name, values in times.items()}
 
 
 def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int) -> dict:
@@ -63,20 +66,26 @@ def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int) -> 
         trainer = Trainer(_config(steps, batch, f))
         state = trainer.init_state()
         ids = trainer.put_batch({"ids": jnp.asarray(trainer.pipeline.tokenize(prompts))})
-        key = trainer.put_key(jax.random.PRNGKey(0))
-        args = (trainer.frozen, trainer.reference_params, ids, key)
+        # A new key per update, as in training: the trained steps (and so the cost) are drawn
+        # per update; both variants see the same keys.
+        keys = [trainer.put_key(jax.random.PRNGKey(r)) for r in range(repeats + 1)]
+        args = (trainer.frozen, trainer.reference_params, ids)
         start = time.perf_counter()
-        compiled = trainer.policy_step.lower(state, *args).compile()
+        compiled = trainer.policy_step.lower(state, *args, keys[0]).compile()
         compile_s[name] = time.perf_counter() - start
-        box = {"state": state}
+        box = {"state": state, "calls": 0}
 
-        def job(compiled=compiled, box=box, args=args):
-            box["state"], metrics = compiled(box["state"], *args)  # the state is donated
+        def job(compiled=compiled, box=box, args=args, keys=keys):
+            key = keys[box["calls"] % len(keys)]
+            box["calls"] += 1
+            box["state"], metrics = compiled(box["state"], *args, key)  # the state is donated
             return metrics
 
         jobs[name] = job
         print(f"compiled {name} in {compile_s[name]:.0f} s", file=sys.stderr)
-    seconds = _alternate(jobs, repeats)
+    for job in jobs.values():  # a first call each (warm-up, key 0)
+        _timed(job)
+    seconds = _alternate(jobs, repeats, statistics.mean)  # the expected cost per update
     names = list(seconds)
     return {"seconds": seconds, "compile_s": compile_s,
             "ratio": seconds[names[1]] / seconds[names[0]]}

@@ -132,6 +132,28 @@ def test_ddpo_updates_per_epoch_and_too_much_accumulation():
         stages.policy_updates_per_epoch(config, 9, 1)
 
 
+def test_a_config_saved_before_a_behaviour_changing_key_keeps_its_behaviour():
+    """A DDPO run saved before ddpo-pytorch's settings became the defaults resumes (and
+    evaluates) with its old settings, and a resumed run that would switch is named by
+    Checkpointer.check_config; other algorithms get today's defaults (their runs ignore them)."""
+    from vard_jax.config import with_defaults
+
+    saved = good().to_dict()
+    saved["algorithm"] = "ddpo"
+    saved["ddpo"]["minibatch_size"] = 32
+    for key in ("accumulate_timesteps", "gradient_accumulation", "stat_buffer",
+                "stat_min_count", "learning_rate"):
+        del saved["ddpo"][key]
+    completed = with_defaults(saved)
+    assert (completed.ddpo.accumulate_timesteps, completed.ddpo.gradient_accumulation,
+            completed.ddpo.stat_buffer, completed.ddpo.stat_min_count,
+            completed.ddpo.learning_rate, completed.ddpo.minibatch_size) == (False, 1, 0, 2, 0.0, 32)
+    validate(completed)
+    assert saved["ddpo"].get("stat_buffer") is None  # the caller's dict is left as it was
+    saved["algorithm"] = "vard"
+    assert with_defaults(saved).ddpo.stat_buffer == base.get_config().ddpo.stat_buffer
+
+
 def _main(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))  # config files elsewhere import configs.*
     return subprocess.run([sys.executable, "-m", "vard_jax.main", *args], cwd=REPO, env=env,

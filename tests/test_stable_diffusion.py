@@ -432,11 +432,12 @@ def test_pretrained_reward_paths():
     # The config's own value: the policy step then differentiates the VAE decoder and the
     # PickScore vision tower at every step, ~5 min of compiling on 2 CPU cores.
     pytest.param("reward_init", marks=pytest.mark.slow)])
-def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs, tmp_path,
+def test_pickscore_config_trains_lora_bf16(safetensors_checkpoint, clip_dirs, tmp_path,
                                                value_arch):
-    """Two VARD epochs of configs/pickscore.py (LoRA, bfloat16, the PickScore reward on the
-    host, its reward-initialised value or the conv value), overriding only paths, sizes and
-    batches; only the LoRA adapters train."""
+    """VARD epochs of configs/pickscore.py (LoRA, bfloat16, the PickScore reward on the host,
+    its reward-initialised value or the conv value), overriding only paths, sizes and batches
+    (one epoch after the value pre-training: the compiles are the cost on CPU); only the LoRA
+    adapters train."""
     from configs import pickscore
     from vard_jax.models import lora
     from vard_jax.training.loop import Loop
@@ -448,7 +449,7 @@ def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs
     config.pretrained.path = str(safetensors_checkpoint)
     config.reward.path = f"{model_dir}::{processor_dir}"
     config.sample.num_steps = 2
-    config.train.eval_every = 2
+    config.train.epochs = config.train.eval_every = 1
     validate(config, device_count=1)
     loop = Loop(config, tmp_path / "run")
     trainer = loop.trainer
@@ -458,11 +459,11 @@ def test_pickscore_config_two_epochs_lora_bf16(safetensors_checkpoint, clip_dirs
         jnp.dtype(jnp.bfloat16)}
     rows = loop.run()
 
-    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert [row["step"] for row in rows] == [0, 1]
     for key in ("reward_mean", "value_loss", "policy_loss", "policy_grad_norm"):
-        assert all(np.isfinite(row[key]) for row in rows[1:]), key
-    assert np.isfinite(rows[-1]["eval_reward_mean"])
-    assert rows[-1]["eps_distance"] > 0.0  # the policy moved after the first update
+        assert np.isfinite(rows[1][key]), key
+    assert np.isfinite(rows[0]["pretrain_value_loss"]) and np.isfinite(rows[1]["eval_reward_mean"])
+    assert rows[1]["eval_eps_distance"] > rows[0]["eval_eps_distance"]  # the update moved it
 
     state = loop.final_state
     adapters = state.policy_params

@@ -334,6 +334,20 @@ def test_subsampled_steps_run_forward_only_with_the_same_gradient():
             np.testing.assert_allclose(float(metrics[key]), float(metrics_all[key]), rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_all)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    # The last step untrained: the steps after the last trained one (3) do not run at all.
+    inputs = _inputs()._replace(step_mask=jnp.array([0.0, 1.0, 0.0, 1.0, 0.0]))
+    for depth in (1, 2):
+        counts = {}
+        (loss, metrics), grads = _subsampled_grad(_counting_model(counts), params, reference,
+                                                  inputs, depth, subsample=True)
+        assert counts["forward"] == 4 + 2, (depth, counts)  # policy at steps 0-3, reference 1, 3
+        (loss_all, metrics_all), grads_all = _subsampled_grad(
+            _counting_model({}), params, reference, inputs, depth, subsample=False)
+        np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["final_value"]),
+                                   float(metrics_all["final_value"]), rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_all)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_full_fine_tuning_of_a_bfloat16_reference_starts_at_distance_zero():

@@ -35,11 +35,31 @@ def base_config() -> ml_collections.ConfigDict:
     return importlib.import_module("configs.base").get_config()
 
 
+# Keys added with a default that changes what a run of an algorithm does: a config of that
+# algorithm saved before the key existed gets the value that keeps its old behaviour
+# (with_defaults), not today's default. (algorithm, section, key, value before the key)
+BEHAVIOUR_BEFORE_KEY = (
+    # DDPO as ddpo-pytorch runs it (accumulation over timesteps, reward buffers, its rate).
+    ("ddpo", "ddpo", "accumulate_timesteps", False),
+    ("ddpo", "ddpo", "gradient_accumulation", 1),
+    ("ddpo", "ddpo", "stat_buffer", 0),
+    ("ddpo", "ddpo", "stat_min_count", 2),
+    ("ddpo", "ddpo", "learning_rate", 0.0),
+)
+
+
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
-    """A config saved by a run (plain JSON data), completed with today's defaults for the keys
-    it lacks: checkpoints written before a key was added stay loadable (every added key's
-    default keeps the behaviour from before it existed). Saved values win; keys unknown to the
-    schema are kept, so that ``validate`` names them."""
+    """A config saved by a run (plain JSON data), completed with defaults for the keys it
+    lacks, so that checkpoints written before a key was added stay loadable and train as they
+    did: a key it lacks gets today's default, or its ``BEHAVIOUR_BEFORE_KEY`` value where
+    today's default changed the behaviour. Saved values win; keys unknown to the schema are
+    kept, so that ``validate`` names them."""
+    saved = {key: dict(value) if isinstance(value, dict) else value
+             for key, value in saved.items()}
+    for algorithm, section, key, value in BEHAVIOUR_BEFORE_KEY:
+        if (saved.get("algorithm", "vard") == algorithm and isinstance(saved.get(section), dict)
+                and key not in saved[section]):
+            saved[section][key] = value
 
     def merge(defaults: dict, values: dict) -> dict:
         merged = dict(defaults)

@@ -11,8 +11,9 @@ parameters are constants here; the state entering a step is cut from the graph a
 the gradient depth K (``vard_jax.diffusion.rollout``): block truncation, the steps are split
 into windows of K and a step's objective is differentiated through the earlier steps of its
 own window only (between 1 and K steps). With step subsampling the untrained steps run
-forward only. With ``last_step_reward`` the last step's value is replaced by the reward of
-x_0, computed once after the rollout.
+forward only, and the steps after the last trained one do not run. With
+``last_step_reward`` the last step's value is replaced by the reward of x_0, computed once
+after the rollout (every step then runs).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def policy_loss(
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=config.grad_depth, grad_cut="window", remat=config.remat, step_hook=hook,
         python_loop=config.python_loop, unroll=config.unroll,
-        train_mask=mask > 0 if config.subsample else None)
+        train_mask=mask > 0 if config.subsample else None,
+        # Nothing reads the steps after the last trained one, unless the reward of x_0 does.
+        skip_after_last_trained=last_step_reward is None)
     value = per_step["value"]
     if last_step_reward is not None:
         # x_0 is the state after the last step: its gradient reaches the parameters through

@@ -18,7 +18,9 @@ Trained steps (``train_mask``, VARD's step subsampling): a step outside the mask
 only. Its hook is not evaluated (its outputs are zeros there), and its UNet call is
 differentiated only when a later trained step of the same gradient window reads its output
 (never with K = 1); one ``lax.switch`` per step picks the variant, so the backward pass of
-the skipped steps is not computed at all.
+the skipped steps is not computed at all. With ``skip_after_last_trained`` the steps after
+the last trained one do not run either (a policy objective without a final reward never
+reads them).
 
 Static cuts (the usual case) split the chain into runs that each begin at a cut, and equal
 runs share one scan: the state is ``stop_gradient``-ed *before* the UNet calls of a run's
@@ -130,6 +132,7 @@ def rollout(
     cuts: Optional[jax.Array] = None,
     unroll: int | bool = 1,
     train_mask: Optional[jax.Array] = None,
+    skip_after_last_trained: bool = False,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -150,6 +153,9 @@ def rollout(
       unroll: ``lax.scan``'s unroll (True = full); see ``resolve_unroll``.
       train_mask: optional [T] bool array (may be traced): the trained steps; the others run
         forward only (module docstring). None: every step is trained.
+      skip_after_last_trained: with ``train_mask``, the steps after the last trained one do
+        not run at all (no objective reads them): their states stay the last computed one, so
+        ``Trajectory.x0`` is then not the finished sample.
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -190,12 +196,22 @@ def rollout(
         trained = jnp.asarray(train_mask, bool)
         needed = jnp.any(later_same_window & trained[None, :], axis=1)
         variant = needed.astype(jnp.int32) + trained.astype(jnp.int32)
+
+        def skipped(p, x, i, z):  # 3: after the last trained step, nothing runs
+            outputs = jax.eval_shape(lambda *a: transition(*a, False), p, x, i, z)[1]
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), outputs)
+            return x, (x, x) + tuple(zeros[2:])
+
         branches = [
             lambda p, x, i, z: transition(jax.lax.stop_gradient(p), jax.lax.stop_gradient(x),
                                           i, z, False),
             lambda p, x, i, z: transition(p, x, i, z, False),
             lambda p, x, i, z: transition(p, x, i, z, True),
+            skipped,
         ]
+        if skip_after_last_trained:
+            last_trained = num_steps - 1 - jnp.argmax(trained[::-1])
+            variant = jnp.where(jnp.arange(num_steps) > last_trained, 3, variant)
 
     def step_fn(params: Any, x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
         i, z = inputs
