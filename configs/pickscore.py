@@ -17,7 +17,7 @@ Choices (documented in docs/STABLE_DIFFUSION.md):
 ``--config=configs/pickscore.py:tiny`` shrinks batch sizes and steps for a smoke run.
 """
 
-from configs import base
+from vard_jax import schema
 
 #: Stable Diffusion 1.5 on the hub (the diffusers layout; its PyTorch safetensors are
 #: converted to Flax at load time, no PyTorch needed).
@@ -26,7 +26,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 def sd_base(arg: str = ""):
     """What the Stable Diffusion configs share."""
-    config = base.get_config()
+    config = schema.get_config()
     config.pretrained.family = "stable_diffusion"
     config.pretrained.path = SD15
     config.pretrained.dtype = "bfloat16"
@@ -56,7 +56,7 @@ def sd_base(arg: str = ""):
     config.train.eval_every = 10
     config.checkpoint.every = 10
     if arg == "tiny":
-        base.tiny(config)
+        schema.tiny(config)
     elif arg:
         raise ValueError(f"this config takes '' or 'tiny', not {arg!r}")
     return config

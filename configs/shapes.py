@@ -4,11 +4,11 @@ The README's demo: python -m vard_jax.main --config=configs/shapes.py --workdir=
 (finishes in minutes on 2 CPU cores). ``--config=configs/shapes.py:tiny`` shrinks it further.
 """
 
-from configs import base
+from vard_jax import schema
 
 
 def get_config(arg: str = ""):
-    config = base.get_config()
+    config = schema.get_config()
     config.pretrained.family = "shapes"
     config.reward.name = "clip_alignment"
     config.reward.eval_extra = "shape_fidelity"
@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
     config.train.eval_every = 6
     config.checkpoint.every = 6
     if arg == "tiny":
-        base.tiny(config)
+        schema.tiny(config)
     elif arg:
         raise ValueError(f"configs/shapes.py takes '' or 'tiny', not {arg!r}")
     return config
@@ -46,7 +46,7 @@ def with_program_reward(arg: str, reward: str, eval_extra: str):
     drifted; on x0_hat it raises these rewards (docs/RESULTS.md).
 
     The value trains on the states of the last 4 epochs (64 chains; ``value.replay_epochs``,
-    1 = on-policy in configs/base.py): on 16 chains alone it generalises poorly and the policy
+    1 = on-policy in vard_jax/schema.py): on 16 chains alone it generalises poorly and the policy
     over-optimises it. At 512 reward queries, 3 seeds each, the held-out gain with replay vs
     on-policy: shape_fidelity +0.202 +- 0.112 vs +0.075 +- 0.114, jpeg_compressibility
     +0.059 +- 0.018 vs -0.097 +- 0.107 (docs/RESULTS.md; DDPO +0.049 and -0.047).

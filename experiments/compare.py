@@ -40,7 +40,7 @@ two targets computed for it too, under ``variants`` in the reward's summary):
 Budgets: every method gets ``--budget`` reward queries for training. VARD spends
 ``value.pretrain_epochs`` batches of them on value pre-training, DDPO one batch per epoch,
 DRaFT one batch per update (its reward is evaluated inside the differentiable rollout).
-Method settings are each method's own defaults in ``configs/base.py`` (DDPO as ddpo-pytorch
+Method settings are each method's own defaults in ``vard_jax/schema.py`` (DDPO as ddpo-pytorch
 runs it: clip 1e-4, per-prompt reward buffers, one optimiser step per 4 chains accumulated
 over all their steps; DRaFT: K = 1) and the reward's config (``MATRIX``:
 VARD's value reads x0_hat and trains on the last 4 epochs' states for the non-differentiable

@@ -187,7 +187,7 @@ BAD_CONFIGS = {  # config files that load but are not a complete config
     (["--config=<C>/raises.py", "--workdir=<W>"],
      "error: --config=<C>/raises.py: get_config() raised RuntimeError: no GPU here"),
     (["--config=<C>/no_beta.py", "--workdir=<W>"],
-     "error: config.policy.beta: missing key (configs/base.py's default: 0.01)"),
+     "error: config.policy.beta: missing key (vard_jax/schema.py's default: 0.01)"),
     (["--config=<C>/no_mesh.py", "--workdir=<W>"], "error: config.mesh: missing section"),
     (["--config=configs/shapes.py", "--config.sample.guidance_scale=1e30", "--workdir=<W>"],
      "error: config.sample.guidance_scale = 1e+30: not allowed; must be a number in [0, 100]"),

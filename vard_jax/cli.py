@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import sys
 from typing import Callable, NoReturn
@@ -23,8 +24,31 @@ def fail(message: str, status: int = 2) -> NoReturn:
     os._exit(status)
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The paths given to ``--config`` (``--config=PATH[:ARG]`` or ``--config PATH[:ARG]``)."""
+    paths = []
+    for index, argument in enumerate(argv):
+        if argument.startswith("--config="):
+            paths.append(argument.split("=", 1)[1])
+        elif argument == "--config" and index + 1 < len(argv):
+            paths.append(argv[index + 1])
+    return [path.split(":", 1)[0] for path in paths]
+
+
+def make_config_packages_importable(argv: list[str]) -> None:
+    """A config file in a package directory (one with ``__init__.py``, as the repository's
+    ``configs/``) may import its siblings (``from configs import shapes``) from wherever the
+    command runs: the directory above that package is appended to ``sys.path`` (after
+    everything installed)."""
+    for path in config_files(argv):
+        package = pathlib.Path(path).expanduser().resolve().parent
+        if (package / "__init__.py").is_file() and str(package.parent) not in sys.path:
+            sys.path.append(str(package.parent))
+
+
 def parse_flags_or_fail(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors (unknown flag, bad override, bad config file) are one line."""
+    make_config_packages_importable(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as error:  # noqa: BLE001 - user input: reported as one line
@@ -45,8 +69,8 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
         hint = re.search(r"Did you mean \S+", text)
         hint = f" ({hint.group(0).replace(chr(34), chr(39))}?)" if hint else ""
         return (f"unknown config key {name!r}{hint}: the config has no such field (every "
-                "field, with its meaning, is in configs/base.py)")
-    files = [a.split("=", 1)[1].split(":", 1)[0] for a in argv if a.startswith("--config=")]
+                "field, with its meaning, is in vard_jax/schema.py)")
+    files = config_files(argv)
     if files and not isinstance(error, flags.Error):
         path = os.path.abspath(files[-1])
         traceback = error.__traceback__

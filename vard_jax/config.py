@@ -1,4 +1,4 @@
-"""Start-up validation of a configuration against ``configs/base.py``.
+"""Start-up validation of a configuration against the schema, ``vard_jax/schema.py``.
 
 ``validate(config, device_count)`` raises ``ConfigError`` with one line that names the field,
 the value and what is allowed; entry points turn it into that line on stderr and exit status 2.
@@ -6,7 +6,6 @@ the value and what is allowed; entry points turn it into that line on stderr and
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable, Iterator
 
@@ -31,8 +30,10 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The reference schema: ``configs/base.py:get_config()``."""
-    return importlib.import_module("configs.base").get_config()
+    """The reference schema: ``vard_jax.schema.get_config()``."""
+    from vard_jax import schema
+
+    return schema.get_config()
 
 
 # Keys added with a default that changes what a run of an algorithm does: a config of that
@@ -95,11 +96,11 @@ def _type_name(value: Any) -> str:
 
 def check_schema(config: Any) -> None:
     """Raises ConfigError (one line) unless ``config`` is a ConfigDict with exactly the
-    sections and keys of ``configs/base.py`` (unknown or missing ones are named), each of the
+    sections and keys of ``vard_jax/schema.py`` (unknown or missing ones are named), each of the
     schema's type. Needs no jax: entry points call it before anything else."""
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"the config is a {_type_name(config)}, not an ml_collections."
-                          "ConfigDict: get_config() should start from configs.base.get_config() "
+                          "ConfigDict: get_config() should start from vard_jax.schema.get_config() "
                           "and change fields")
     _check_schema(config, base_config())
 
@@ -116,13 +117,13 @@ def _check_schema(config: ml_collections.ConfigDict, reference: ml_collections.C
     for path in sorted(reference_sections - sections):
         if path.rsplit(".", 1)[0] in sections | {"config"}:
             raise ConfigError(f"{path}: missing section; start the config from "
-                              "configs.base.get_config() (it has every section with its defaults)")
+                              "vard_jax.schema.get_config() (it has every section with its defaults)")
     missing = [p for p in reference_leaves if p not in leaves]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConfigError(f"{missing[0]}: missing key{more} (configs/base.py's default: "
+        raise ConfigError(f"{missing[0]}: missing key{more} (vard_jax/schema.py's default: "
                           f"{reference_leaves[missing[0]]!r}); start the config from "
-                          "configs.base.get_config() or set it")
+                          "vard_jax.schema.get_config() or set it")
     for path, value in _leaves(config):
         if path not in reference_leaves:
             section = path.rsplit(".", 1)[0]
