@@ -1,7 +1,8 @@
 """What skipped steps cost: VARD's step subsampling and AlignProp's drawn depth, timed.
 
     PYTHONPATH=. .venv/bin/python experiments/step_cost.py [--steps=10] [--batch=16]
-        [--repeats=5] [--fraction=0.25] [--out=FILE]
+        [--repeats=5] [--fraction=0.25] [--remat=none|full|dots] [--parts=vard,alignprop]
+        [--out=FILE]
 
 Prints one JSON object (and writes it to ``--out``). On ``configs/shapes.py`` with T steps:
 
@@ -9,7 +10,8 @@ Prints one JSON object (and writes it to ``--out``). On ``configs/shapes.py`` wi
   trained steps) with every step trained and with ``policy.train_fraction = --fraction`` (the
   other steps run forward only, those after the last trained one not at all), and their ratio.
 * ``alignprop``: seconds per gradient of ``draft.draft_loss_random_depth`` (one compiled
-  function, the depth K a traced input) at K = 1, T/2 and T, and their ratios to K = T.
+  function, the depth K a traced input) at K = 1, T/2 and T, and their ratios to K = T; and
+  of ``draft.draft_loss`` at the static K = T, the same gradient without the drawn depth.
 
 Each figure is over ``--repeats`` runs after compilation and a warm-up call (VARD: the
 mean, AlignProp: the median); the variants alternate
@@ -56,14 +58,18 @@ def _alternate(jobs: dict[str, Callable[[], Any]], repeats: int,
     return {name: reduce(values) for name, values in times.items()}
 
 
-def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int) -> dict:
+def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int,
+                      remat: str = "") -> dict:
     """Seconds per policy step, every step trained vs. ``fraction`` of them."""
     from vard_jax.training.trainer import Trainer
 
     prompts = ["two red circles on a white background"] * batch
     jobs, compile_s = {}, {}
     for name, f in (("all_steps", 1.0), (f"fraction_{fraction:g}", fraction)):
-        trainer = Trainer(_config(steps, batch, f))
+        config = _config(steps, batch, f)
+        if remat:
+            config.policy.remat = remat
+        trainer = Trainer(config)
         state = trainer.init_state()
         ids = trainer.put_batch({"ids": jnp.asarray(trainer.pipeline.tokenize(prompts))})
         # A new key per update, as in training: the trained steps (and so the cost) are drawn
@@ -92,7 +98,8 @@ def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int) -> 
 
 
 def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
-    """Seconds per AlignProp gradient at drawn depths K = 1, T/2, T (one compiled function)."""
+    """Seconds per AlignProp gradient at drawn depths K = 1, T/2, T (one compiled function),
+    and per gradient of DRaFT's static K = T (the rollout without the per-step switch)."""
     from vard_jax.algorithms import draft
     from vard_jax.diffusion import rollout as rollout_lib
     from vard_jax.training.trainer import Trainer
@@ -109,20 +116,28 @@ def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
         guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
         unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll))
 
-    @jax.jit
-    def gradient(params, frozen, reference, key, depth):
-        context = pipeline.encode_ids(frozen["text_encoder"], ids)
-        null_context = pipeline.encode_ids(frozen["text_encoder"], trainer.null_ids)
-        x_T, noise = rollout_lib.sample_noise(key, batch, steps, pipeline.sample_shape)
-        inputs = draft.DraftInputs(context=context, null_context=null_context, x_T=x_T,
-                                   noise=noise)
+    def gradient_of(loss):
+        def gradient(params, frozen, reference, key, depth):
+            context = pipeline.encode_ids(frozen["text_encoder"], ids)
+            null_context = pipeline.encode_ids(frozen["text_encoder"], trainer.null_ids)
+            x_T, noise = rollout_lib.sample_noise(key, batch, steps, pipeline.sample_shape)
+            inputs = draft.DraftInputs(context=context, null_context=null_context, x_T=x_T,
+                                       noise=noise)
 
-        def reward_fn(x0):
-            return reward.score(pipeline.decode(frozen, x0), reward_input)
+            def reward_fn(x0):
+                return reward.score(pipeline.decode(frozen, x0), reward_input)
 
-        return jax.grad(lambda p: draft.draft_loss_random_depth(
-            policy.eps_fn, policy.unet(p, reference), policy.reference_unet(reference),
-            trainer.policy_schedule, inputs, reward_fn, loss_config, depth)[0])(params)
+            return jax.grad(lambda p: loss(
+                policy.eps_fn, policy.unet(p, reference), policy.reference_unet(reference),
+                trainer.policy_schedule, inputs, reward_fn, depth=depth)[0])(params)
+
+        return jax.jit(gradient)
+
+    gradient = gradient_of(lambda *a, depth: draft.draft_loss_random_depth(
+        *a, loss_config, depth))
+    # The baseline: DRaFT's static full depth (no traced depth, no per-step switch).
+    static = gradient_of(lambda *a, depth: draft.draft_loss(
+        *a, loss_config._replace(grad_depth=steps)))
 
     params = trainer.pretrained_policy_params()
     key = jax.random.PRNGKey(0)
@@ -130,9 +145,11 @@ def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
     start = time.perf_counter()
     compiled = gradient.lower(*args, jnp.int32(1)).compile()
     compile_s = time.perf_counter() - start
+    static_compiled = static.lower(*args, jnp.int32(steps)).compile()
     depths = sorted({1, max(1, steps // 2), steps})
-    seconds = _alternate({f"K={k}": (lambda k=k: compiled(*args, jnp.int32(k))) for k in depths},
-                         repeats)
+    jobs = {f"K={k}": (lambda k=k: compiled(*args, jnp.int32(k))) for k in depths}
+    jobs[f"static_K={steps}"] = lambda: static_compiled(*args, jnp.int32(steps))
+    seconds = _alternate(jobs, repeats)
     full = seconds[f"K={steps}"]
     return {"seconds": seconds, "compile_s": compile_s,
             "ratio_to_full_depth": {name: s / full for name, s in seconds.items()}}
@@ -144,13 +161,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--remat", default="", help="policy.remat (default: the config's)")
+    parser.add_argument("--parts", default="vard,alignprop", help="what to time")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    parts = [part for part in args.parts.split(",") if part]
+    if not parts or set(parts) - {"vard", "alignprop"}:
+        parser.error(f"--parts={args.parts!r}: use vard, alignprop or both, comma-separated")
     result = {"backend": jax.default_backend(), "devices": jax.device_count(),
-              "steps": args.steps, "batch": args.batch, "repeats": args.repeats}
-    result["vard"] = vard_policy_steps(args.steps, args.batch, args.fraction, args.repeats)
-    print(json.dumps({"vard": result["vard"]}), file=sys.stderr, flush=True)
-    result["alignprop"] = alignprop_gradients(args.steps, args.batch, args.repeats)
+              "steps": args.steps, "batch": args.batch, "repeats": args.repeats,
+              "remat": args.remat or _config(args.steps, args.batch, 1.0).policy.remat}
+    if "vard" in parts:
+        result["vard"] = vard_policy_steps(args.steps, args.batch, args.fraction, args.repeats,
+                                           args.remat)
+        print(json.dumps({"vard": result["vard"]}), file=sys.stderr, flush=True)
+    if "alignprop" in parts:
+        result["alignprop"] = alignprop_gradients(args.steps, args.batch, args.repeats)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

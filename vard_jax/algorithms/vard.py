@@ -11,9 +11,10 @@ parameters are constants here; the state entering a step is cut from the graph a
 the gradient depth K (``vard_jax.diffusion.rollout``): block truncation, the steps are split
 into windows of K and a step's objective is differentiated through the earlier steps of its
 own window only (between 1 and K steps). With step subsampling the untrained steps run
-forward only, and the steps after the last trained one do not run. With
+forward only and the steps after the last trained one do not run (at K = 1, without a
+final reward; otherwise the mask only selects the objective's terms). With
 ``last_step_reward`` the last step's value is replaced by the reward of x_0, computed once
-after the rollout (every step then runs).
+after the rollout.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class PolicyLossConfig(NamedTuple):
     python_loop: bool = False
     unroll: int | bool = 1  # lax.scan unroll of the differentiated rollout (True = full)
     kl_on: str = "guided"  # D_i on the guided or the conditional predictions
-    subsample: bool = False  # step_mask may leave steps out: they run forward only
+    # Step subsampling: the number of steps step_mask trains (0 = every step). With K = 1 and
+    # no final reward, only those steps are differentiated (``policy_loss``).
+    trained_steps: int = 0
 
 
 class PolicyInputs(NamedTuple):
@@ -87,14 +90,14 @@ def policy_loss(
         return {"value": jnp.mean(value), "eps_distance": distance}
 
     mask = inputs.step_mask
+    if 0 < config.trained_steps < num_steps and config.grad_depth == 1 and (
+            last_step_reward is None):
+        return _trained_steps_loss(eps_fn, policy_params, schedule, inputs, config, hook)
     trajectory, per_step = rollout_lib.rollout(
         eps_fn, policy_params, schedule, inputs.x_T, inputs.noise, inputs.context,
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=config.grad_depth, grad_cut="window", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop, unroll=config.unroll,
-        train_mask=mask > 0 if config.subsample else None,
-        # Nothing reads the steps after the last trained one, unless the reward of x_0 does.
-        skip_after_last_trained=last_step_reward is None)
+        python_loop=config.python_loop, unroll=config.unroll)
     value = per_step["value"]
     if last_step_reward is not None:
         # x_0 is the state after the last step: its gradient reaches the parameters through
@@ -111,6 +114,49 @@ def policy_loss(
         "final_value": value[last_trained],  # at the last trained step
     }
     return loss, metrics
+
+
+def _trained_steps_loss(eps_fn: ddim.EpsFn, policy_params: Any, schedule: DDIMSchedule,
+                        inputs: PolicyInputs, config: PolicyLossConfig,
+                        hook: Callable[[rollout_lib.StepInfo], dict]) -> tuple[jax.Array, dict]:
+    """``policy_loss`` with step subsampling at K = 1: the same loss and gradient, computed
+    from the trained steps only.
+
+    With K = 1 a trained step's objective depends on the parameters through its own UNet call
+    only (the state entering it is cut from the graph). So the chain runs forward once, without
+    gradient, up to the last trained step (the steps after it are never computed), and then
+    each of the ``config.trained_steps`` trained steps runs again from its stored state, with
+    gradient and the hook: T_last forward calls plus, per trained step, one differentiated call
+    and the hook's (reference, value).
+    """
+    count = config.trained_steps
+    trained = jnp.nonzero(inputs.step_mask > 0, size=count)[0]  # ascending
+    last = trained[count - 1]
+    states = rollout_lib.states_until(
+        eps_fn, jax.lax.stop_gradient(policy_params), schedule, inputs.x_T, inputs.noise,
+        inputs.context, inputs.null_context, last, eta=config.eta,
+        guidance_scale=config.guidance_scale)
+    noise = jnp.swapaxes(inputs.noise, 0, 1)  # [T, B, ...]
+
+    def one(params, index):
+        info = rollout_lib.denoising_step(
+            eps_fn, params, schedule, states[index], index, noise[index], inputs.context,
+            inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale)
+        return hook(info)
+
+    if config.remat != "none":
+        one = jax.checkpoint(one, policy=rollout_lib.REMAT_POLICIES[config.remat])
+    if config.unroll is True:  # CPU: a differentiated loop runs far slower (resolve_unroll)
+        per_step = jax.tree_util.tree_map(
+            lambda *values: jnp.stack(values),
+            *[one(policy_params, trained[j]) for j in range(count)])
+    else:  # one trained step's activations in memory at a time
+        per_step = jax.lax.map(lambda index: one(policy_params, index), trained)
+    objective = per_step["value"] - config.beta * per_step["eps_distance"]
+    loss = -jnp.mean(objective)
+    return loss, {"policy_loss": loss, "policy_value_mean": jnp.mean(per_step["value"]),
+                  "eps_distance": jnp.mean(per_step["eps_distance"]),
+                  "final_value": per_step["value"][count - 1]}
 
 
 def trained_steps(num_steps: int, fraction: float) -> int:

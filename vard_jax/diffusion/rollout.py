@@ -18,9 +18,9 @@ Trained steps (``train_mask``, VARD's step subsampling): a step outside the mask
 only. Its hook is not evaluated (its outputs are zeros there), and its UNet call is
 differentiated only when a later trained step of the same gradient window reads its output
 (never with K = 1); one ``lax.switch`` per step picks the variant, so the backward pass of
-the skipped steps is not computed at all. With ``skip_after_last_trained`` the steps after
-the last trained one do not run either (a policy objective without a final reward never
-reads them).
+the skipped steps is not computed at all (AlignProp's drawn depth). VARD's step subsampling
+at K = 1 does not use it: ``vard_jax.algorithms.vard`` runs the chain forward with
+``states_until`` and differentiates the trained steps alone.
 
 Static cuts (the usual case) split the chain into runs that each begin at a cut, and equal
 runs share one scan: the state is ``stop_gradient``-ed *before* the UNet calls of a run's
@@ -113,6 +113,41 @@ def segments(cuts: np.ndarray) -> list[tuple[int, int, int, bool]]:
     return groups
 
 
+def denoising_step(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x: jax.Array,
+                   i: jax.Array, z: jax.Array, context: jax.Array, null_context: jax.Array, *,
+                   eta: float, guidance_scale: float) -> StepInfo:
+    """DDIM step i from x ([B, ...]) with the input noise z, as the rollout takes it."""
+    t = schedule.timesteps[i]
+    guided, eps_cond = ddim.guided_and_conditional_eps(
+        eps_fn, params, x, jnp.full((x.shape[0],), t, jnp.int32), context, null_context,
+        guidance_scale)
+    step = ddim.ddim_step(schedule, i, x, guided, z, eta)
+    return StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
+                    x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, x0_hat=step.x0_hat,
+                    mean=step.mean, std=step.std)
+
+
+def states_until(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x_T: jax.Array,
+                 noise: jax.Array, context: jax.Array, null_context: jax.Array,
+                 last: jax.Array, *, eta: float, guidance_scale: float) -> jax.Array:
+    """The states x_t entering steps 0..``last`` of the chain, [T, B, ...] (zeros after ``last``),
+    computed forward only (a ``lax.while_loop`` that stops after step ``last`` - 1; ``last``
+    may be traced). Not differentiable: give it constant (``stop_gradient``-ed) parameters."""
+    noise_time_major = jnp.swapaxes(noise, 0, 1)  # [T, B, ...]
+
+    def body(carry):
+        i, x, states = carry
+        states = states.at[i].set(x)
+        info = denoising_step(eps_fn, params, schedule, x, i, noise_time_major[i], context,
+                              null_context, eta=eta, guidance_scale=guidance_scale)
+        return i + 1, info.x_prev, states
+
+    states = jnp.zeros((schedule.num_steps,) + x_T.shape, x_T.dtype)
+    i, x, states = jax.lax.while_loop(lambda carry: carry[0] < last, body,
+                                      (jnp.int32(0), x_T, states))
+    return states.at[i].set(x)
+
+
 def rollout(
     eps_fn: ddim.EpsFn,
     params: Any,
@@ -132,7 +167,6 @@ def rollout(
     cuts: Optional[jax.Array] = None,
     unroll: int | bool = 1,
     train_mask: Optional[jax.Array] = None,
-    skip_after_last_trained: bool = False,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -153,9 +187,6 @@ def rollout(
       unroll: ``lax.scan``'s unroll (True = full); see ``resolve_unroll``.
       train_mask: optional [T] bool array (may be traced): the trained steps; the others run
         forward only (module docstring). None: every step is trained.
-      skip_after_last_trained: with ``train_mask``, the steps after the last trained one do
-        not run at all (no objective reads them): their states stay the last computed one, so
-        ``Trajectory.x0`` is then not the finished sample.
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -169,15 +200,9 @@ def rollout(
     batch = x_T.shape[0]
 
     def transition(params: Any, x: jax.Array, i: jax.Array, z: jax.Array, hook_on: bool):
-        t = schedule.timesteps[i]
-        model_output, eps_cond = ddim.guided_and_conditional_eps(
-            eps_fn, params, x, jnp.full((batch,), t, jnp.int32), context, null_context,
-            guidance_scale)
-        step = ddim.ddim_step(schedule, i, x, model_output, z, eta)
-        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(step.x_prev), step.mean, step.std)
-        info = StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
-                        x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, x0_hat=step.x0_hat,
-                        mean=step.mean, std=step.std)
+        info = denoising_step(eps_fn, params, schedule, x, i, z, context, null_context,
+                              eta=eta, guidance_scale=guidance_scale)
+        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(info.x_prev), info.mean, info.std)
         if step_hook is None:
             hook_out = None
         elif hook_on:
@@ -185,7 +210,7 @@ def rollout(
         else:  # a skipped step: zeros of the hook's output structure
             hook_out = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
                                               jax.eval_shape(step_hook, info))
-        return step.x_prev, (x, step.x_prev, log_prob, hook_out)
+        return info.x_prev, (x, info.x_prev, log_prob, hook_out)
 
     if train_mask is not None:
         # 0: forward only; 1: differentiated, no hook (a later trained step of the window
@@ -196,22 +221,12 @@ def rollout(
         trained = jnp.asarray(train_mask, bool)
         needed = jnp.any(later_same_window & trained[None, :], axis=1)
         variant = needed.astype(jnp.int32) + trained.astype(jnp.int32)
-
-        def skipped(p, x, i, z):  # 3: after the last trained step, nothing runs
-            outputs = jax.eval_shape(lambda *a: transition(*a, False), p, x, i, z)[1]
-            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), outputs)
-            return x, (x, x) + tuple(zeros[2:])
-
         branches = [
             lambda p, x, i, z: transition(jax.lax.stop_gradient(p), jax.lax.stop_gradient(x),
                                           i, z, False),
             lambda p, x, i, z: transition(p, x, i, z, False),
             lambda p, x, i, z: transition(p, x, i, z, True),
-            skipped,
         ]
-        if skip_after_last_trained:
-            last_trained = num_steps - 1 - jnp.argmax(trained[::-1])
-            variant = jnp.where(jnp.arange(num_steps) > last_trained, 3, variant)
 
     def step_fn(params: Any, x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
         i, z = inputs

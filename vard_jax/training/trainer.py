@@ -191,8 +191,7 @@ class Trainer:
             python_loop=config.sample.python_loop,
             unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll),
             kl_on=config.policy.kl_on,
-            subsample=vard.trained_steps(self.num_steps, config.policy.train_fraction)
-            < self.num_steps)
+            trained_steps=vard.trained_steps(self.num_steps, config.policy.train_fraction))
         self._replicated = mesh_lib.replicated(self.mesh)
         self._batch = mesh_lib.batch_sharding(self.mesh)
         # The frozen weights are placed on the mesh once (sharded like parameters).
