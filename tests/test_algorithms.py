@@ -90,6 +90,20 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
         assert last["grad_depth"] == config.draft.grad_depth
 
 
+def test_ddpo_first_step_ratio_is_exactly_one_in_float32(tmp_path):
+    """The ratio check of test_baseline_trains_one_epoch (bfloat16, LoRA) with full fine-tuning
+    in float32 and the summed log-density, one epoch of the stage alone (no evaluation)."""
+    config = _config("ddpo", "jpeg_compressibility")
+    config.ddpo.reduce = "sum"
+    config.ddpo.minibatch_size = 2  # 4 chains: two optimiser steps, each over every step
+    validate(config)
+    loop = Loop(config, tmp_path)
+    state, metrics = loop.stage.epoch(loop.trainer.init_state(), 0, jax.random.PRNGKey(0))
+    assert int(state.policy_updates) == 2 and int(state.nonfinite_skips) == 0
+    assert metrics["first_log_ratio_max"] == 0.0 and metrics["first_clipfrac"] == 0.0
+    assert np.isfinite(metrics["rollout_log_prob_gap"]) and metrics["approx_kl"] >= 0.0
+
+
 def test_baseline_config_errors(tmp_path):
     config = shapes.get_config("tiny")
     config.algorithm = "ddpo"
