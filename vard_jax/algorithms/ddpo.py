@@ -274,8 +274,8 @@ def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DD
     return loss, metrics
 
 
-def accumulated_gradient(loss_fn: Any, params: Any, micro_batches: Any
-                         ) -> tuple[jax.Array, dict, Any]:
+def accumulated_gradient(loss_fn: Any, params: Any, micro_batches: Any,
+                         unroll: int | bool = 1) -> tuple[jax.Array, dict, Any]:
     """The mean over micro-batches of ``loss_fn``'s gradient, one micro-batch at a time.
 
     Args:
@@ -284,14 +284,16 @@ def accumulated_gradient(loss_fn: Any, params: Any, micro_batches: Any
 
     Returns:
       (mean loss, metrics: the mean over micro-batches, but ``log_ratio_max`` their max, mean
-      gradient). A ``lax.scan``: one micro-batch's activations in memory at a time.
+      gradient). A ``lax.scan`` (``unroll`` as ``rollout.resolve_unroll``: on CPU a
+      differentiated loop runs far slower than its unrolled steps): one micro-batch's
+      activations in memory at a time when it is a loop.
     """
     def step(grad_sum, micro_batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
         return jax.tree_util.tree_map(jnp.add, grad_sum, grads), (loss, metrics)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    grad_sum, (losses, metrics) = jax.lax.scan(step, zeros, micro_batches)
+    grad_sum, (losses, metrics) = jax.lax.scan(step, zeros, micro_batches, unroll=unroll)
     count = losses.shape[0]
     metrics = {name: jnp.max(value) if name == "log_ratio_max" else jnp.mean(value)
                for name, value in metrics.items()}

@@ -47,6 +47,8 @@ class DDPOSteps:
         null_ids, num_steps = trainer.null_ids, trainer.num_steps
         loss_config = self.config
         optimizer = trainer.policy_optimizer
+        # The micro-batch loops of the update and of the old log-probs, unrolled alike.
+        unroll = rollout_lib.resolve_unroll(config.policy.scan_unroll)
 
         def sample(policy_params, frozen, reference_params, ids, key):
             context = pipeline.encode_ids(frozen["text_encoder"], ids)
@@ -70,7 +72,7 @@ class DDPOSteps:
                                       schedule, micro_batch, loss_config)
 
             loss, metrics, grads = ddpo.accumulated_gradient(
-                loss_fn, state.policy_params, batch._replace(null_context=None))
+                loss_fn, state.policy_params, batch._replace(null_context=None), unroll)
             return apply_policy_gradient(optimizer, state, grads, loss, metrics)
 
         def sampling_log_prob(params, frozen, reference_params, batch: ddpo.DDPOBatch):
@@ -85,7 +87,8 @@ class DDPOSteps:
                     micro_batch.x_prev, micro_batch.context, batch.null_context,
                     loss_config.eta, loss_config.guidance_scale, reduce=loss_config.reduce)
 
-            return jax.lax.scan(micro_step, None, batch._replace(null_context=None))[1]
+            return jax.lax.scan(micro_step, None, batch._replace(null_context=None),
+                                unroll=unroll)[1]
 
         shardings = trainer.step_shardings()
         batch, replicated = shardings.batch, shardings.replicated
