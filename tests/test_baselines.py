@@ -201,6 +201,21 @@ def test_stat_tracker_keeps_each_prompts_last_rewards_across_epochs():
     assert epoch_only.state_dict() == {}
 
 
+def test_first_step_at_the_sampling_parameters_has_ratio_one_by_construction(schedule, inputs):
+    params = tiny_params()
+    traj, _ = _rollout(schedule, inputs, params)
+    batch = ddpo.transitions_from_trajectory(traj, jnp.array([1.0, -1.0, 0.5]), inputs.context,
+                                             inputs.null_context, reduce="sum")
+    # Old log-probs off by more than the clip range (another computation's rounding, made big).
+    batch = batch._replace(old_log_prob=batch.old_log_prob + 1e-3)
+    config = ddpo.DDPOConfig(clip_range=1e-4, eta=ETA, guidance_scale=GUIDANCE, reduce="sum")
+    _, off = ddpo.ddpo_loss(tiny_eps, params, schedule, batch, config)
+    assert float(off["clipfrac"]) == 1.0
+    _, at_sampling = jax.jit(lambda p: ddpo.ddpo_loss(tiny_eps, p, schedule, batch, config,
+                                                      jnp.bool_(True)))(params)
+    assert float(at_sampling["log_ratio_max"]) == 0.0 and float(at_sampling["clipfrac"]) == 0.0
+
+
 def test_plan_by_timestep_accumulates_every_step_of_its_chains():
     chains, steps = 6, 3
     plan = ddpo.plan_updates(np.random.default_rng(0), chains, steps, minibatch_size=2)

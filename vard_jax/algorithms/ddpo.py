@@ -257,10 +257,14 @@ def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.A
 
 
 def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DDPOBatch,
-              config: DDPOConfig) -> tuple[jax.Array, dict]:
+              config: DDPOConfig, at_sampling_params: jax.Array | bool = False
+              ) -> tuple[jax.Array, dict]:
     """The DDPO loss of a minibatch of stored transitions; differentiate w.r.t. ``params``.
 
     ``batch.old_log_prob`` must use ``config.reduce`` (``transitions_from_trajectory`` does).
+    ``at_sampling_params`` (may be traced): ``params`` are the ones that sampled the batch (the
+    first optimiser step of an epoch), so this computation's own log-probs are the old ones:
+    the ratio is exactly 1 by construction, whatever the rounding of another computation.
     Raises ValueError when ``config.eta`` is not positive.
     """
     _check_stochastic(config.eta)
@@ -268,7 +272,9 @@ def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DD
     new_log_prob = transition_log_prob(
         eps_fn, params, schedule, batch.x_t, batch.step_index, batch.x_prev, batch.context,
         batch.null_context, config.eta, config.guidance_scale, reduce=config.reduce)
-    loss, metrics = ppo_loss(new_log_prob, batch.old_log_prob, batch.advantages,
+    old_log_prob = jnp.where(at_sampling_params, jax.lax.stop_gradient(new_log_prob),
+                             batch.old_log_prob)
+    loss, metrics = ppo_loss(new_log_prob, old_log_prob, batch.advantages,
                              config.clip_range, config.adv_clip)
     metrics["advantage_mean"] = jnp.mean(batch.advantages)
     return loss, metrics

@@ -63,13 +63,14 @@ class DDPOSteps:
                                x_t=trajectory.x_t, x_prev=trajectory.x_prev,
                                log_prob=trajectory.log_prob, context=context)
 
-        def update(state: TrainState, frozen, reference_params, batch: ddpo.DDPOBatch):
+        def update(state: TrainState, frozen, reference_params, batch: ddpo.DDPOBatch,
+                   first: jax.Array):
             # batch: [A, M, ...] per transition (A micro-batches of M); one optimiser step on
             # the mean of the A micro-batches' gradients.
             def loss_fn(params, micro_batch):
                 micro_batch = micro_batch._replace(null_context=batch.null_context)
                 return ddpo.ddpo_loss(policy.eps_fn, policy.unet(params, reference_params),
-                                      schedule, micro_batch, loss_config)
+                                      schedule, micro_batch, loss_config, first)
 
             loss, metrics, grads = ddpo.accumulated_gradient(
                 loss_fn, state.policy_params, batch._replace(null_context=None), unroll)
@@ -100,7 +101,7 @@ class DDPOSteps:
         self._micro_sharding = micro
         batch_sharding = ddpo.DDPOBatch(micro, micro, micro, micro, micro, micro, replicated)
         self._update = jax.jit(update, in_shardings=(
-            shardings.state, shardings.frozen, shardings.reference, batch_sharding),
+            shardings.state, shardings.frozen, shardings.reference, batch_sharding, replicated),
             out_shardings=(shardings.state, replicated), donate_argnums=0)
         self._log_prob = jax.jit(sampling_log_prob, in_shardings=(
             shardings.state.policy_params, shardings.frozen, shardings.reference,
@@ -173,9 +174,12 @@ class DDPOSteps:
         gap = float(np.max(np.abs(old - rollout))) if old.size else 0.0
         return transitions._replace(old_log_prob=old), gap
 
-    def update(self, state: TrainState, batch: ddpo.DDPOBatch):
+    def update(self, state: TrainState, batch: ddpo.DDPOBatch, first: bool = False):
+        """One PPO optimiser step; ``first``: the state holds the sampling parameters (the
+        epoch's first step), whose own log-probs are the old ones (``ddpo.ddpo_loss``)."""
         trainer = self.trainer
-        return self._update(state, trainer.frozen, trainer.reference_params, self._place(batch))
+        return self._update(state, trainer.frozen, trainer.reference_params, self._place(batch),
+                            mesh_lib.put(np.bool_(first), trainer.step_shardings().replicated))
 
 
 class DraftSteps:

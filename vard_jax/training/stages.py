@@ -158,8 +158,8 @@ class DDPOStage(Stage):
         transitions, gap = self.steps.sampling_log_probs(state.policy_params, transitions,
                                                          minibatches)
         metrics = []
-        for indices in minibatches:
-            state, m = self.steps.update(state, transitions.take(indices))
+        for number, indices in enumerate(minibatches):
+            state, m = self.steps.update(state, transitions.take(indices), first=number == 0)
             metrics.append(m)
         summary = faults.aggregate(metrics)
         # The first optimiser step trains at the sampling parameters: every ratio of its
