@@ -147,8 +147,9 @@ class DDPOSteps:
         that depends on the machine and the batch layout: up to 1e-5 relative, already ten
         times DDPO's clip range in a summed log-density. Each transition is therefore
         evaluated again with the update's own log-density function, on the first planned
-        minibatch that holds it (same shapes and layout as its first update), so the PPO ratio
-        of the first optimiser step is 1 and nothing is clipped before the policy has moved.
+        minibatch that holds it (same shapes and layout as its first update). The epoch's
+        first optimiser step does not read these values: it uses its own log-probs
+        (``ddpo.ddpo_loss``'s ``at_sampling_params``), so its ratio is 1 by construction.
 
         Args:
           policy_params: the parameters that sampled the transitions.
