@@ -8,6 +8,7 @@ import pytest
 
 from configs import shapes
 from vard_jax.config import ConfigError, validate
+from tests.tiny_runs import UNROLL
 from vard_jax.training.loop import Loop
 
 
@@ -21,6 +22,7 @@ def _config(algorithm: str, reward: str):
     config.train.eval_every = 1
     config.policy.learning_rate = 1e-3
     config.policy.lr_schedule = "cosine"  # (the tiny configs' rate is constant)
+    config.policy.scan_unroll = UNROLL
     validate(config)
     return config
 
@@ -42,6 +44,7 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     if algorithm == "ddpo":
         config.pretrained.dtype = config.pretrained.param_dtype = "bfloat16"
         config.policy.lora_rank = 2
+        config.policy.scan_unroll = 0  # CPU's default: the micro-batch scans fully unrolled
         # (DDPO's mean log-density: with the summed one the second PPO step's loss here is not
         # finite in bfloat16, and the step is skipped)
         assert config.ddpo.reduce == "mean" and config.ddpo.clip_range == 1e-4

@@ -15,6 +15,14 @@ import ml_collections
 
 from configs import shapes_fidelity
 
+#: ``policy.scan_unroll`` of the tests' one-epoch trainers. On CPU the differentiated rollout is
+#: fully unrolled by default (``rollout.resolve_unroll``: it runs several times faster), which
+#: compiles a copy of the UNet's backward pass per step; a test that trains an epoch or two
+#: spends its time compiling, so it keeps the loop (the same results: ``test_diffusion``'s
+#: loop/unroll equivalence tests). The unrolled default is trained by the notebook's run
+#: (test_notebook) and ``test_algorithms``' bfloat16 DDPO run.
+UNROLL = 1
+
 
 def fidelity_config() -> ml_collections.ConfigDict:
     """``configs/shapes_fidelity.py:tiny`` (the non-differentiable shape_fidelity reward) with
@@ -22,4 +30,5 @@ def fidelity_config() -> ml_collections.ConfigDict:
     config = shapes_fidelity.get_config("tiny")
     config.reward.eval_extra = ""
     config.value.arch = "conv"
+    config.policy.scan_unroll = UNROLL
     return config
