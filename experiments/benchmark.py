@@ -31,7 +31,7 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
   the ``overhead`` (1 = nothing but UNet work).
 * ``torch``: the same sampling loop, VARD policy step (per-step backward, K = 1), value step
   and bare UNet calls in PyTorch with diffusers' ``UNet2DConditionModel`` of the identical
-  configuration holding the *same weights* (``stable_diffusion.diffusers_state_dict``), and a
+  configuration holding the *same weights* (``diffusers_export.diffusers_state_dict``), and a
   PyTorch twin of the conv value model with the value params copied; both are checked against
   the JAX outputs. JAX and PyTorch runs alternate (one of each per repeat) in this process, so
   that both see the same machine load; ratios are JAX time / PyTorch time. The text encoder is
@@ -387,7 +387,7 @@ class TorchTwin:
 
     def __init__(self, torch, trainer, state, unet_config: dict, ids: Any, batch: int,
                  value_batch: int, seed: int = 0):
-        from vard_jax.models import stable_diffusion
+        from vard_jax.models import diffusers_export
 
         self.torch = torch
         diffusers = __import__("diffusers")
@@ -398,7 +398,7 @@ class TorchTwin:
                                else None)
         fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items()}
         state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in
-                      stable_diffusion.diffusers_state_dict(
+                      diffusers_export.diffusers_state_dict(
                           jax.device_get(trainer.reference_params)).items()}
 
         def unet():

@@ -22,6 +22,7 @@ from PIL import Image
 
 import configs.base
 import configs.shapes
+from tests.tiny_runs import UNROLL
 from vard_jax import evaluate
 from vard_jax.evaluate import EvaluationError, ModelSpec
 from vard_jax.training.images import grid
@@ -44,6 +45,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     config = configs.shapes.get_config("tiny")
     config.train.epochs = 1
     config.logging.tensorboard = False
+    config.policy.scan_unroll = UNROLL
     return config
 
 
@@ -262,6 +264,55 @@ def test_prompts_file_is_cycled_in_order(trained_run: TrainedRun, tmp_path: path
     assert source == str(path.resolve())
     prompts, _ = evaluate.evaluation_prompts(trained_run.config, str(path), None, seed=0)
     assert prompts == ["first prompt", "second prompt"]
+
+
+# --- export ---------------------------------------------------------------------------------------
+def test_export_cli_writes_the_merged_unet_and_a_model_card(trained_run: TrainedRun,
+                                                             tmp_path: pathlib.Path) -> None:
+    """A full fine-tuning run exports its UNet in diffusers' layout (the checkpoint's policy,
+    nothing else read from it), with a model card and the config; bad requests are one line."""
+    from safetensors.numpy import load_file
+
+    from vard_jax import export
+    from vard_jax.models import diffusers_export
+    from vard_jax.training.checkpoints import Checkpointer
+
+    out = tmp_path / "export"
+    result = run_module("vard_jax.export", f"--workdir={trained_run.workdir}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    summary = last_json_line(result.stdout)
+    assert summary["format"] == "merged" and summary["step"] == 1
+    assert sorted(p.name for p in (out / "unet").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    checkpointer = Checkpointer(trained_run.workdir / "checkpoints", keep=3)
+    policy = checkpointer.restore_field("policy_params", 1)
+    checkpointer.close()
+    written = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    expected = diffusers_export.diffusers_state_dict(policy)
+    assert set(written) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
+    unet_config = json.loads((out / "unet" / "config.json").read_text())
+    assert unet_config["_class_name"] == "UNet2DConditionModel"
+    card = (out / "README.md").read_text()
+    name = trained_run.config.reward.name
+    first, last = trained_run.rows[0], trained_run.rows[-1]
+    assert (f"| {name}, held-out prompts | {first[f'eval_{name}_mean']:.4g} | "
+            f"{last[f'eval_{name}_mean']:.4g} |") in card
+    assert "| algorithm | vard |" in card and "subfolder=\"unet\"" in card
+    assert json.loads((out / "vard_config.json").read_text())["sample"]["num_steps"] == (
+        trained_run.config.sample.num_steps)
+
+    for kwargs, message in (
+            (dict(out=tmp_path / "lora", fmt="lora"), "--format=lora: this run fine-tuned the "
+             "whole UNet"),
+            (dict(out=trained_run.workdir / "export"), "is inside the run's workdir"),
+            (dict(out=out), "exists and is not an empty directory"),
+            (dict(out=tmp_path / "other", step=7), "--step=7: no checkpoint of that step")):
+        with pytest.raises(export.ExportError, match=message) as error:
+            export.export(trained_run.workdir, **kwargs)
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "lora").exists() and not (trained_run.workdir / "export").exists()
 
 
 # --- sample ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from vard_jax.diffusion import sampler as sampler_lib
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import loader
 from vard_jax.models import stable_diffusion as sd
+from vard_jax.models import diffusers_export
 from vard_jax.rewards import pretrained_rewards, registry
 from vard_jax.worlds import tokenizer_files
 
@@ -117,8 +118,8 @@ def safetensors_checkpoint(flax_checkpoint, tmp_path_factory) -> pathlib.Path:
     pipeline, params = sd.load(str(flax_checkpoint))
     for sub in ("tokenizer", "scheduler", "text_encoder"):
         shutil.copytree(flax_checkpoint / sub, root / sub)
-    sd.save_diffusers_model(pipeline.unet, params["unet"], root / "unet")
-    sd.save_diffusers_model(pipeline.vae, params["vae"], root / "vae")
+    diffusers_export.save_diffusers_model(pipeline.unet, params["unet"], root / "unet")
+    diffusers_export.save_diffusers_model(pipeline.vae, params["vae"], root / "vae")
     return root
 
 
@@ -131,7 +132,7 @@ def test_safetensors_export_round_trip(flax_checkpoint, safetensors_checkpoint):
     _, params = sd.load(str(flax_checkpoint))
     _, again = sd.load(str(safetensors_checkpoint))
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
-    state = sd.diffusers_state_dict(params["unet"])
+    state = diffusers_export.diffusers_state_dict(params["unet"])
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight" in state
     assert "time_embedding.linear_1.weight" in state
     assert state["conv_in.weight"].shape == (32, 4, 3, 3)  # [out, in, kh, kw]
@@ -263,7 +264,7 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
 
     # The exporter writes PyTorch's own names and layouts.
     for module, flax_params in ((unet, params["unet"]), (vae, params["vae"])):
-        exported = sd.diffusers_state_dict(flax_params)
+        exported = diffusers_export.diffusers_state_dict(flax_params)
         reference = {k: v.numpy() for k, v in module.state_dict().items()}
         assert set(exported) == set(reference)
         for key, value in reference.items():
@@ -276,6 +277,52 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
     _, from_bin = sd.load_diffusers_model(upstream.diffusers().FlaxUNet2DConditionModel,
                                           pickled, "unet", jnp.float32)
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_bin, params["unet"])
+
+
+def test_lora_export_loads_in_diffusers_pytorch(safetensors_checkpoint, tmp_path):
+    """diffusers' PyTorch StableDiffusionPipeline reads our LoRA file with load_lora_weights,
+    and its UNet then computes what ours does with the adapters (alpha != rank: the scale is
+    folded into lora_B). Needs the ``interop`` extra (torch, peft)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import diffusers as torch_diffusers
+    import transformers as torch_transformers
+
+    from vard_jax.models import lora
+
+    pipeline, params = sd.load(str(safetensors_checkpoint))
+    spec = lora.LoraSpec(rank=2, alpha=3.0)
+    rng = np.random.default_rng(0)
+    adapters = jax.tree_util.tree_map(  # B = 0 at init: random values everywhere instead
+        lambda leaf: 0.2 * rng.standard_normal(leaf.shape).astype(np.float32),
+        lora.init(params["unet"], spec, jax.random.PRNGKey(0)))
+    latents = rng.standard_normal((2, 4, LATENT_SIZE, LATENT_SIZE)).astype(np.float32)
+    timesteps = np.array([10, 900], np.int32)
+    context = rng.standard_normal((2, pipeline.max_length, UNET_CONFIG["cross_attention_dim"])
+                                  ).astype(np.float32)
+    eps = np.asarray(jax.jit(lora.apply_unmerged(pipeline.eps_fn, adapters, spec.scale))(
+        params["unet"], latents, timesteps, context))
+    base_eps = np.asarray(jax.jit(pipeline.eps_fn)(params["unet"], latents, timesteps, context))
+    assert np.abs(eps - base_eps).max() > 1e-2  # the adapters matter
+    diffusers_export.save_diffusers_lora(adapters, spec.scale, tmp_path / "lora")
+
+    root = safetensors_checkpoint
+    pipe = torch_diffusers.StableDiffusionPipeline(
+        vae=torch_diffusers.AutoencoderKL.from_pretrained(root / "vae"),
+        text_encoder=torch_transformers.CLIPTextModel(torch_transformers.CLIPTextConfig(
+            **TEXT_CONFIG)),
+        tokenizer=torch_transformers.CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        unet=torch_diffusers.UNet2DConditionModel.from_pretrained(root / "unet"),
+        scheduler=torch_diffusers.DDIMScheduler.from_pretrained(root / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # (offline, as the tests run, diffusers needs the file's name; online it finds it)
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=diffusers_export.LORA_WEIGHTS)
+    with torch.no_grad():
+        loaded = pipe.unet(torch.from_numpy(latents), torch.from_numpy(timesteps.astype(np.int64)),
+                           torch.from_numpy(context)).sample.numpy()
+    # float32 rounding through the UNet, with adapters of size ~0.2 (outputs up to ~2): the
+    # loaded model differs by ~3e-4 at most, while the adapters move eps by ~1.
+    np.testing.assert_allclose(loaded, eps, atol=1e-3)
 
 
 def test_converter_reports_mismatches():
@@ -450,6 +497,7 @@ def test_pickscore_config_trains_lora_bf16(safetensors_checkpoint, clip_dirs, tm
     config.reward.path = f"{model_dir}::{processor_dir}"
     config.sample.num_steps = 2
     config.train.epochs = config.train.eval_every = 1
+    config.policy.scan_unroll = 1  # see tests/tiny_runs.py: UNROLL
     validate(config, device_count=1)
     loop = Loop(config, tmp_path / "run")
     trainer = loop.trainer
@@ -482,6 +530,66 @@ def test_pickscore_config_trains_lora_bf16(safetensors_checkpoint, clip_dirs, tm
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.tree_util.tree_map(np.asarray, trainer.reference_params),
                            reference_before)
+    _check_exports(tmp_path, config, trainer, adapters)
+
+
+def _check_exports(tmp_path, config, trainer, adapters):
+    """``vard_jax.export`` of the LoRA run: the adapters as diffusers' LoRA file (by default)
+    and the merged UNet; the LoRA file's W + B A is the merged export's weight."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from vard_jax import export
+    from vard_jax.models import lora
+
+    summary = export.export(tmp_path / "run", tmp_path / "lora")
+    assert summary["format"] == "lora" and summary["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
+        "README.md", diffusers_export.LORA_WEIGHTS, "vard_config.json"]
+    with safe_open(tmp_path / "lora" / diffusers_export.LORA_WEIGHTS, "numpy") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = json.loads(f.metadata()[diffusers_export.LORA_METADATA_KEY])
+    rank = config.policy.lora_rank
+    assert metadata["unet.r"] == metadata["unet.lora_alpha"] == rank
+    modules = sorted(metadata["unet.target_modules"])
+    assert len(modules) == len(lora.target_layers(trainer.reference_params,
+                                                  lora.ATTENTION_TARGETS))
+    assert set(tensors) == {f"unet.{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+
+    merged = export.export(tmp_path / "run", tmp_path / "merged", fmt="merged")
+    assert merged["format"] == "merged"
+    with safe_open(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors",
+                   "numpy") as f:
+        unet = {key: f.get_tensor(key) for key in f.keys()}
+    # The base weights as stored (float32), not the run's bfloat16 copy of them.
+    base = load_file(pathlib.Path(config.pretrained.path) / "unet" / "diffusion_pytorch_model"
+                     ".safetensors")
+    assert set(unet) == set(base)
+    for module in modules:
+        a, b = tensors[f"unet.{module}.lora_A.weight"], tensors[f"unet.{module}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == rank
+        np.testing.assert_allclose(unet[f"{module}.weight"], base[f"{module}.weight"] + b @ a,
+                                   rtol=1e-5, atol=1e-6)
+    assert any(np.any(tensors[f"unet.{m}.lora_B.weight"]) for m in modules)
+    untouched = "conv_in.weight"
+    np.testing.assert_array_equal(unet[untouched], base[untouched])
+    scale = config.policy.lora_alpha / rank if config.policy.lora_alpha else 1.0
+    some = sorted(lora.target_layers(trainer.reference_params, lora.ATTENTION_TARGETS))[0]
+    adapter = adapters
+    for part in some:
+        adapter = adapter[part]
+    np.testing.assert_allclose(tensors[f"unet.{diffusers_export.pt_module_name(some)}"
+                                       ".lora_B.weight"], scale * np.asarray(adapter["b"]).T,
+                               rtol=1e-6)
+
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "load_lora_weights" in card and f"| policy.lora_rank | {rank} |" in card
+    assert "| pickscore, held-out prompts |" in card and "| pickscore, training prompts |" in card
+    saved = json.loads((tmp_path / "lora" / "vard_config.json").read_text())
+    assert saved["policy"]["lora_rank"] == rank
+    # An export never overwrites: a directory that is not empty is refused with one line.
+    with pytest.raises(export.ExportError, match="exists and is not an empty directory"):
+        export.export(tmp_path / "run", tmp_path / "lora")
 
 
 def test_pickscore_config_offline_is_one_line(tmp_path):

@@ -10,7 +10,9 @@ import json
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+from tests import log_files
 from tests.tiny_runs import fidelity_config
 from vard_jax.rewards import host_rewards
 from vard_jax.training.loop import Loop
@@ -116,9 +118,47 @@ def _leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config, tmp_path):
+def _check_logged(workdir, rows, config):
+    """TensorBoard and the offline W&B run hold the rows' scalars, the evaluation grids and
+    the reward histograms; returns the W&B run's id."""
+    steps = [row["step"] for row in rows]
+    logged = log_files.tensorboard_values(workdir / "tensorboard")
+    assert sorted(logged["eval_reward_mean"]) == steps
+    for row in rows:
+        assert logged["eval_reward_mean"][row["step"]] == pytest.approx(row["eval_reward_mean"])
+        grid = np.asarray(Image.open(workdir / "samples" / f"step_{row['step']:05d}.png"))
+        np.testing.assert_array_equal(logged["samples"][row["step"]], grid)
+        histogram = logged["eval_shape_fidelity"][row["step"]]
+        assert histogram.num == config.sample.eval_batch_size * config.sample.eval_batches
+    trained = logged["train_reward"]
+    assert sorted(trained) == steps[1:] if steps[0] == 0 else steps
+    assert all(h.num == config.sample.batch_size * config.sample.batches_per_epoch
+               for h in trained.values())
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    history = [row for path in sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+               for row in log_files.wandb_history(path)]
+    by_step = {}
+    for row in history:
+        by_step.setdefault(int(row["_step"]), {}).update(row)
+    for row in rows:
+        assert float(by_step[row["step"]]["eval_reward_mean"]) == pytest.approx(
+            row["eval_reward_mean"])
+        assert json.loads(by_step[row["step"]]["samples/_type"]) == "image-file"
+        assert json.loads(by_step[row["step"]]["eval_shape_fidelity/_type"]) == "histogram"
+    images = list((workdir / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/*.png"))
+    assert len(images) >= len(rows)
+    return run_id
+
+
+def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config, tmp_path,
+                                                                 monkeypatch):
+    # Every logger: TensorBoard (on by default) and W&B, offline (no network).
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = config.copy_and_resolve_references()
+    config.logging.wandb = True
     straight = Loop(config, tmp_path / "straight", trainer=trainer)
     rows = straight.run()
+    _check_logged(tmp_path / "straight", rows, config)
     assert [r["step"] for r in rows] == [0, 1, 2]
     lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2]
@@ -147,6 +187,7 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     interrupted = Loop(config, tmp_path / "resumed", trainer=trainer)
     interrupted.run(until=1)
     assert interrupted.checkpointer.latest_step() == 1
+    first_id = (tmp_path / "resumed" / "wandb_run_id").read_text().strip()
     resumed = Loop(config, tmp_path / "resumed", trainer=trainer)
     state, step = resumed.restore_or_init()
     assert step == 1
@@ -154,6 +195,8 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     assert [r["step"] for r in resumed_rows] == [2]
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2]
+    # The resumed run continues the interrupted one's W&B run: one id, all steps.
+    assert _check_logged(tmp_path / "resumed", lines, config) == first_id
     _leaves_equal(resumed.final_state.policy_params, straight.final_state.policy_params)
     _leaves_equal(resumed.final_state.value_params, straight.final_state.value_params)
     _leaves_equal(resumed.final_state.key, straight.final_state.key)

@@ -102,7 +102,7 @@ def test_a_garbled_middle_line_drops_only_itself_and_the_file_is_kept(tmp_path, 
     path.write_text("".join(lines))
     original = digest(path)
     with caplog.at_level(logging.WARNING):
-        writer = MetricWriter(tmp_path, resume_step=3, tensorboard=False)
+        writer = MetricWriter(tmp_path, resume_step=3)
     assert [r["step"] for r in read_rows(path)] == [0, 2, 3]
     assert writer.wall_offset == 30.0
     assert "1 unreadable line(s) dropped (line 2)" in caplog.text
@@ -116,7 +116,7 @@ def test_a_binary_journal_is_named_kept_and_replaced(tmp_path, caplog):
     path.write_bytes(bytes(range(256)) * 4)
     original = digest(path)
     with caplog.at_level(logging.WARNING):
-        MetricWriter(tmp_path, resume_step=2, tensorboard=False)
+        MetricWriter(tmp_path, resume_step=2)
     assert read_rows(path) == [] and path.read_text() == ""
     assert f"{path}: " in caplog.text and "unreadable line(s) dropped" in caplog.text
     assert digest(tmp_path / "metrics.jsonl.unreadable-1") == original
@@ -128,7 +128,7 @@ def test_only_a_torn_last_line_is_dropped_without_a_copy(tmp_path, caplog):
     journal = read_journal(path)
     assert journal.torn and journal.unreadable == [] and len(journal.rows) == 3
     with caplog.at_level(logging.WARNING):
-        MetricWriter(tmp_path, resume_step=5, tensorboard=False)
+        MetricWriter(tmp_path, resume_step=5)
     assert [r["step"] for r in read_rows(path)] == [0, 1, 2]
     assert "dropped a torn last line" in caplog.text
     assert not list(tmp_path.glob("*.unreadable-*"))
@@ -137,7 +137,7 @@ def test_only_a_torn_last_line_is_dropped_without_a_copy(tmp_path, caplog):
 def test_repeated_steps_keep_the_last_row_of_each(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(rows_text([0, 0, 1, 1, 2]))
-    MetricWriter(tmp_path, resume_step=2, tensorboard=False)
+    MetricWriter(tmp_path, resume_step=2)
     assert [r["step"] for r in read_rows(path)] == [0, 1, 2]
     assert (tmp_path / "metrics.jsonl.unreadable-1").read_text() == rows_text([0, 0, 1, 1, 2])
 
@@ -156,7 +156,7 @@ def test_planted_links_are_replaced_not_followed(tmp_path):
     (workdir / "metrics.jsonl.tmp").symlink_to(victims["a.txt"])
     (workdir / "eval_step_2.json.tmp").symlink_to(victims["b.txt"])
     (workdir / "eval_step_2.json").symlink_to(victims["c.txt"])
-    writer = MetricWriter(workdir, resume_step=1, tensorboard=False)
+    writer = MetricWriter(workdir, resume_step=1)
     writer.write(2, {"reward_mean": 0.2})
     from vard_jax.evaluate import write_json
 
@@ -173,7 +173,7 @@ def test_planted_links_are_replaced_not_followed(tmp_path):
 def test_an_appended_journal_that_became_a_link_is_refused(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    writer = MetricWriter(tmp_path / "run", resume_step=None, tensorboard=False)
+    writer = MetricWriter(tmp_path / "run", resume_step=None)
     (tmp_path / "run" / "metrics.jsonl").unlink()
     (tmp_path / "run" / "metrics.jsonl").symlink_to(victim)
     with pytest.raises(OSError):

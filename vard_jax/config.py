@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
 # Keys added with a default that changes what a run of an algorithm does: a config of that
 # algorithm saved before the key existed gets the value that keeps its old behaviour
 # (with_defaults), not today's default. (algorithm, section, key, value before the key)
+WANDB_MODES = ("", "online", "offline", "disabled")
+
 BEHAVIOUR_BEFORE_KEY = (
     # DDPO as ddpo-pytorch runs it (accumulation over timesteps, reward buffers, its rate).
     ("ddpo", "ddpo", "accumulate_timesteps", False),
@@ -216,6 +218,8 @@ _RULES: tuple[_Rule, ...] = (
     ("config.checkpoint.every", lambda v: v >= 1, "an integer >= 1"),
     ("config.checkpoint.keep", lambda v: v >= 1, "an integer >= 1"),
     ("config.logging.grid_columns", lambda v: v >= 1, "an integer >= 1"),
+    ("config.logging.wandb_mode", lambda v: v in WANDB_MODES,
+     "one of online, offline, disabled, or \"\" (WANDB_MODE)"),
 )
 
 

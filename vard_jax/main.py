@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> None:
     from vard_jax.training.loop import Loop
 
     try:
-        loop = Loop(config, workdir, allow_changes=_ALLOW_CHANGES.value)
+        loop = Loop(config, workdir, allow_changes=_ALLOW_CHANGES.value, command=sys.argv)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error).splitlines()[0])
     except KeyboardInterrupt:

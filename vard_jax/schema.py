@@ -145,7 +145,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- logging ---------------------------------------------------------------------------------
     config.logging = logging = ml_collections.ConfigDict()
-    logging.tensorboard = True  # Write TensorBoard event files under WORKDIR/tensorboard.
+    logging.tensorboard = True  # TensorBoard events under WORKDIR/tensorboard: scalars, grids.
+    logging.wandb = False  # Log to Weights & Biases too (pip install "vard_jax[wandb]").
+    logging.wandb_project = ""  # W&B project ("" = W&B's default, or WANDB_PROJECT).
+    logging.wandb_entity = ""  # W&B team or user ("" = W&B's default, or WANDB_ENTITY).
+    logging.wandb_name = ""  # W&B run name ("" = the workdir's name).
+    logging.wandb_mode = ""  # online | offline | disabled; "" = WANDB_MODE or online.
     logging.progress_bar = True  # Show a tqdm progress bar with the live reward.
     logging.grid_columns = 8  # Images per row of the sample grids under WORKDIR/samples.
 

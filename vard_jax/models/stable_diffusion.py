@@ -234,58 +234,7 @@ def convert_diffusers_state_dict(state: Mapping[str, np.ndarray], target: Any) -
     return unflatten_dict(converted)
 
 
-# --- Flax params -> PyTorch state dicts (export) ----------------------------------------------
-
-#: Module lists of diffusers models: Flax names their entries ``<name>_<index>``.
-_MODULE_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions",
-                           "transformer_blocks", "downsamplers", "upsamplers", "to_out", "net"})
-_PT_ATTENTION_NAMES = {flax: pt.replace("_0", ".0") for pt, flax in _ATTENTION_RENAMES.items()}
-
-
-def _pt_prefix(path: tuple[str, ...]) -> str:
-    parts: list[str] = []
-    for part in path:
-        name, _, index = part.rpartition("_")
-        if name in _MODULE_LISTS and index.isdigit():
-            parts += [name, index]
-        else:
-            parts.append(_PT_ATTENTION_NAMES.get(part, part))
-    return ".".join(parts)
-
-
-def diffusers_state_dict(params: Any) -> dict[str, np.ndarray]:
-    """The Flax params of a diffusers model as its PyTorch state dict (names and layouts).
-
-    The inverse of ``convert_diffusers_state_dict``: conv kernels [kh, kw, in, out] ->
-    [out, in, kh, kw], dense kernels [in, out] -> [out, in], norm scales and embeddings ->
-    ``weight``. Float32 numpy arrays.
-    """
-    state = {}
-    for path, leaf in flatten_dict(params).items():
-        array = np.asarray(leaf, np.float32)
-        *prefix, name = path
-        if name == "kernel":
-            array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-            name = "weight"
-        elif name in ("scale", "embedding"):
-            name = "weight"
-        state[f"{_pt_prefix(tuple(prefix))}.{name}"] = np.ascontiguousarray(array)
-    return state
-
-
-def save_diffusers_model(module: Any, params: Any, directory: str | pathlib.Path) -> pathlib.Path:
-    """Writes a diffusers model (UNet or VAE) in the PyTorch layout: ``config.json`` and
-    ``diffusion_pytorch_model.safetensors`` (readable by diffusers' PyTorch classes and by
-    ``load``). Use it to export a fine-tuned UNet (LoRA merged first)."""
-    from safetensors.numpy import save_file
-
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = dict(module.config)
-    config["_class_name"] = type(module).__name__.removeprefix("Flax")
-    (directory / "config.json").write_text(json.dumps(config, indent=2, default=list))
-    save_file(diffusers_state_dict(params), str(directory / DIFFUSERS_WEIGHTS.safetensors))
-    return directory
+# The inverse (Flax params -> PyTorch files): vard_jax/models/diffusers_export.py.
 
 
 # --- components --------------------------------------------------------------------------------

@@ -229,6 +229,29 @@ class Checkpointer:
         more = f" and {len(differences) - 5} more" if len(differences) > 5 else ""
         return f"; it was written with {', '.join(differences[:5])}{more}"
 
+    def restore_field(self, field: str, step: Optional[int] = None) -> Any:
+        """One field of the saved train state (e.g. ``policy_params``) as host numpy arrays,
+        read alone (a LoRA export does not read the optimiser state or build a trainer)."""
+        step = self.latest_step() if step is None else step
+        where = self.directory / str(step) / "state"
+        try:
+            metadata = ocp.PyTreeCheckpointer().metadata(where)
+            tree = getattr(metadata, "item_metadata", metadata)
+            tree = getattr(tree, "tree", tree)
+            if field not in tree:
+                raise KeyError(f"no field {field!r} in the saved state")
+            target = {field: jax.tree_util.tree_map(
+                lambda m: np.zeros(m.shape, m.dtype), tree[field])}
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                  target)
+            restored = ocp.PyTreeCheckpointer().restore(where, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+        except Exception as error:  # noqa: BLE001 - orbax raises many types; reported as one line
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: its {field} cannot "
+                                  f"be restored ({_reason(error)}; it was left as it is)"
+                                  ) from error
+        return restored[field]
+
     def restore_config(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -21,17 +21,20 @@ from absl import logging
 from vard_jax import prompts as prompts_lib
 from vard_jax.training import evaluation, faults, stages
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
-from vard_jax.training.images import save_grid
+from vard_jax.training import loggers as loggers_lib
+from vard_jax.training.images import grid
 from vard_jax.training.metrics import MetricWriter
 from vard_jax.training.state import TrainState
 from vard_jax.training.trainer import Trainer
-from vard_jax.training.workdir import open_append
+from vard_jax.training.workdir import open_append, record_command
 
 
 class Loop:
     def __init__(self, config, workdir: str | pathlib.Path, trainer: Optional[Trainer] = None,
-                 allow_changes: Sequence[str] = ()):
+                 allow_changes: Sequence[str] = (), command: Optional[Sequence[str]] = None):
         self.config = config
+        # The command line (sys.argv) recorded in WORKDIR/commands.txt when training starts.
+        self.command = list(command) if command else None
         # Config fields that may differ from the resumed checkpoint's ("all": any).
         self.allow_changes = tuple(allow_changes)
         self.workdir = pathlib.Path(workdir)
@@ -101,7 +104,10 @@ class Loop:
                 metrics.append(m)
         return state, faults.aggregate(metrics)
 
-    def evaluate(self, state: TrainState, step: int) -> dict:
+    def evaluate(self, state: TrainState, step: int) -> tuple[dict, dict, dict]:
+        """Samples the held-out prompts and the fixed training prompts with the evaluation
+        noise; returns (metrics, images, histograms): the sample grid (also written to
+        WORKDIR/samples/step_<N>.png) and the held-out rewards, for the loggers."""
         cfg = self.config.sample
         seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
         held = evaluation.evaluate(self.trainer, state.policy_params, self.eval_prompts,
@@ -111,16 +117,21 @@ class Loop:
         metrics = evaluation.summary(held, "eval")
         metrics["eval_reward_mean"] = metrics[f"eval_{self.trainer.reward.name}_mean"]
         metrics.update(evaluation.summary(train, "eval_train"))
+        images, histograms = {}, {}
         if jax.process_index() == 0:
+            name = self.trainer.reward.name
             count = min(cfg.eval_batch_size, len(held.prompts))
-            images = np.concatenate([held.images[:count], train.images])
+            samples = np.concatenate([held.images[:count], train.images])
             prompts = held.prompts[:count] + train.prompts
-            scores = np.concatenate([held.scores[self.trainer.reward.name][:count],
-                                     train.scores[self.trainer.reward.name]])
-            save_grid(self.workdir / "samples" / f"step_{step:05d}.png", images,
-                      ["[held-out] " + p for p in prompts[:count]] + prompts[count:], scores,
-                      columns=self.config.logging.grid_columns)
-        return metrics
+            scores = np.concatenate([held.scores[name][:count], train.scores[name]])
+            picture = grid(samples, ["[held-out] " + p for p in prompts[:count]] + prompts[count:],
+                           scores, columns=self.config.logging.grid_columns)
+            path = self.workdir / "samples" / f"step_{step:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+            images["samples"] = np.asarray(picture)
+            histograms[f"eval_{name}"] = np.asarray(held.scores[name])
+        return metrics, images, histograms
 
     # --- the run -------------------------------------------------------------------------------------
     def restore_or_init(self) -> tuple[TrainState, int]:
@@ -168,8 +179,12 @@ class Loop:
         config = self.config
         state, start = self.restore_or_init()
         is_main = jax.process_index() == 0
-        writer = MetricWriter(self.workdir, resume_step=start if start else None,
-                              tensorboard=config.logging.tensorboard, enabled=is_main)
+        resume_step = start if start else None
+        if is_main and self.command:
+            record_command(self.workdir, self.command)
+        writer = MetricWriter(self.workdir, resume_step=resume_step, enabled=is_main,
+                              loggers=loggers_lib.make(config, self.workdir, resume_step)
+                              if is_main else ())
         rows = []
         began = time.time()
         self.preempted = False
@@ -182,10 +197,10 @@ class Loop:
         try:
             if start == 0:
                 state, pre = self.stage.pretrain(state)
+                evaluated, images, histograms = self.evaluate(state, 0)
                 row = {"reward_queries": int(state.reward_queries), "wall_s": wall(),
-                       **{f"pretrain_{k}": v for k, v in pre.items()},
-                       **self.evaluate(state, 0)}
-                rows.append(writer.write(0, row))
+                       **{f"pretrain_{k}": v for k, v in pre.items()}, **evaluated}
+                rows.append(writer.write(0, row, images, histograms))
             progress = _progress(config, start)
             last = config.train.epochs if until is None else min(until, config.train.epochs)
             for epoch in range(start, last):
@@ -197,7 +212,9 @@ class Loop:
                 state, metrics = self.stage.epoch(state, epoch, key)
                 state = state.replace(epoch=state.epoch + 1)
                 step = epoch + 1
-                images = metrics.pop("images")
+                drawn = metrics.pop("images")
+                histograms = {"train_reward": metrics.pop("rewards")} if "rewards" in metrics else {}
+                images = {}
                 updates = int(state.policy_updates)
                 value_updates = int(state.value_updates)
                 row = {**metrics,
@@ -207,11 +224,13 @@ class Loop:
                            self.trainer.value_learning_rate(max(value_updates - 1, 0))),
                        "nonfinite_skips": int(state.nonfinite_skips),
                        "reward_queries": int(state.reward_queries),
-                       "images_per_s": images / max(time.time() - epoch_start, 1e-9)}
+                       "images_per_s": drawn / max(time.time() - epoch_start, 1e-9)}
                 if step % config.train.eval_every == 0 or step == config.train.epochs:
-                    row.update(self.evaluate(state, step))
+                    evaluated, images, eval_histograms = self.evaluate(state, step)
+                    row.update(evaluated)
+                    histograms.update(eval_histograms)
                 row["wall_s"] = wall()
-                rows.append(writer.write(step, row))
+                rows.append(writer.write(step, row, images, histograms))
                 if step % config.checkpoint.every == 0 or step == last:
                     self._save(step, state)
                 if progress is not None:

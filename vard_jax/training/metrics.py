@@ -1,4 +1,5 @@
-"""Metric writers: one JSON object a line in WORKDIR/metrics.jsonl, and TensorBoard events.
+"""The run's journal: one JSON object a line in WORKDIR/metrics.jsonl, handed on to the loggers
+(TensorBoard, Weights & Biases: ``vard_jax/training/loggers.py``).
 
 metrics.jsonl is the run's journal. On resume from step S it is read back and rewritten
 (``workdir.write_atomic``) with the rows of steps <= S (later rows belong to work that the
@@ -14,10 +15,12 @@ import json
 import math
 import pathlib
 import shutil
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
+import numpy as np
 from absl import logging
 
+from vard_jax.training.loggers import Logger
 from vard_jax.training.workdir import open_append, write_atomic
 
 
@@ -75,8 +78,10 @@ def _keep_a_copy(path: pathlib.Path) -> pathlib.Path:
 
 
 class MetricWriter:
+    """Writes each row to metrics.jsonl, then to ``loggers`` (process 0: ``enabled``)."""
+
     def __init__(self, workdir: str | pathlib.Path, resume_step: Optional[int],
-                 tensorboard: bool = True, enabled: bool = True):
+                 loggers: Sequence[Logger] = (), enabled: bool = True):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.wall_offset = 0.0
@@ -102,27 +107,29 @@ class MetricWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._tb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+        self.loggers = list(loggers) if enabled else []
 
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=purge)
-
-    def write(self, step: int, metrics: dict) -> dict:
+    def write(self, step: int, metrics: dict, images: Optional[Mapping[str, np.ndarray]] = None,
+              histograms: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+        """Appends the row of ``step`` (its numbers; None for a non-finite one) and hands it,
+        the ``images`` ({name: uint8 [H, W, 3]}) and ``histograms`` ({name: values}) to the
+        loggers. Returns the row."""
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         if not self.enabled:
             return row
         with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, int(step))
-            self._tb.flush()
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float))}
+        for logger in self.loggers:
+            logger.scalars(int(step), scalars)
+            if images:
+                logger.images(int(step), images)
+            if histograms:
+                logger.histograms(int(step), histograms)
         return row
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for logger in self.loggers:
+            logger.close()

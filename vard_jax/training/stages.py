@@ -8,8 +8,10 @@
   (differentiable, in-graph) reward through the last K steps (AlignProp: random K).
 
 Each stage returns the epoch's metrics, with ``reward_mean``/``reward_std`` of the samples
-it trained on and ``images`` (samples drawn, for the throughput figure). The state's
-``reward_queries`` counts every reward evaluated for training.
+it trained on, ``images`` (samples drawn, for the throughput figure) and, where the rewards
+are computed on the host, ``rewards`` (their values, for the loggers' histograms; DRaFT's are
+computed inside its update). The state's ``reward_queries`` counts every reward evaluated for
+training.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class VardStage(Stage):
         images = rewards.size * (1 + loop.config.policy.updates_per_epoch)
         return state, {"reward_mean": float(np.mean(rewards)),
                        "reward_std": float(np.std(rewards)), **value_metrics, **policy_metrics,
-                       "images": images}
+                       "images": images, "rewards": rewards}
 
 
 class DDPOStage(Stage):
@@ -171,7 +173,7 @@ class DDPOStage(Stage):
                             loop.last_checkpoint)
         return state, {"reward_mean": float(np.mean(rewards)),
                        "reward_std": float(np.std(rewards)), **summary,
-                       "images": int(rewards.size)}
+                       "images": int(rewards.size), "rewards": rewards}
 
 
 class DraftStage(Stage):

@@ -26,6 +26,18 @@ from typing import Optional
 from absl import logging
 
 LOCK_NAME = ".lock"
+#: Every command that trained in the workdir, one line each (the model card of an export quotes
+#: them).
+COMMANDS_NAME = "commands.txt"
+
+
+def record_command(workdir: str | pathlib.Path, argv: list[str]) -> None:
+    """Appends ``python -m vard_jax.main ARGS`` (``argv[1:]`` quoted for a shell) to
+    ``WORKDIR/commands.txt``."""
+    import shlex
+
+    with open_append(pathlib.Path(workdir) / COMMANDS_NAME) as f:
+        f.write(shlex.join(["python", "-m", "vard_jax.main", *argv[1:]]) + "\n")
 
 
 class WorkdirError(RuntimeError):
