@@ -22,7 +22,6 @@ from PIL import Image
 
 import configs.base
 import configs.shapes
-from tests.tiny_runs import UNROLL
 from vard_jax import evaluate
 from vard_jax.evaluate import EvaluationError, ModelSpec
 from vard_jax.training.images import grid
@@ -45,7 +44,6 @@ def tiny_config() -> ml_collections.ConfigDict:
     config = configs.shapes.get_config("tiny")
     config.train.epochs = 1
     config.logging.tensorboard = False
-    config.policy.scan_unroll = UNROLL
     return config
 
 

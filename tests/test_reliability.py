@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.tiny_runs import UNROLL, fidelity_config
+from tests.tiny_runs import fidelity_config
 from vard_jax import prompts as prompts_lib
 from vard_jax.training import faults
 from vard_jax.training.checkpoints import CheckpointError, Checkpointer
@@ -55,7 +55,7 @@ ARGS = ("--config=configs/shapes_fidelity.py:tiny", f"--config.train.epochs={EPO
         "--config.logging.tensorboard=False", f"--config.checkpoint.every={EVERY}",
         # tests/tiny_runs.py's config as flags: the conv value on x_t (faults and checkpoints
         # do not depend on the value network; its compiles are the smallest).
-        "--config.value.arch=conv", f"--config.policy.scan_unroll={UNROLL}")
+        "--config.value.arch=conv")
 PLANTED_TMP = "99.orbax-checkpoint-tmp-1700000000"  # an unfinished save, as orbax names one
 TIMEOUT_S = 900  # generous: a loaded 2-core machine compiles slowly
 
@@ -651,5 +651,8 @@ def test_sigint_saves_the_last_epoch_and_exits_0(runs):
     assert f"SIGINT: stopped after step {stopped} with a checkpoint" in runs.resumed.stderr
     assert not list(checkpoints.glob(f"{stopped}.orbax-checkpoint-tmp*"))
     assert json.loads(runs.resumed.stdout_path.read_text().splitlines()[-1])["step"] == stopped
+    # Both processes recorded their command line (the model card of an export quotes them).
+    command = " ".join(["python -m vard_jax.main", *ARGS, f"--workdir={runs.killed.workdir}"])
+    assert (runs.killed.workdir / "commands.txt").read_text().splitlines() == [command] * 2
     # The checkpoint it resumed from and the planted unfinished save are still there.
     assert EVERY in steps and (checkpoints / PLANTED_TMP).is_dir()

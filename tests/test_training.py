@@ -147,6 +147,16 @@ def _check_logged(workdir, rows, config):
         assert json.loads(by_step[row["step"]]["eval_shape_fidelity/_type"]) == "histogram"
     images = list((workdir / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/*.png"))
     assert len(images) >= len(rows)
+    # The run's config is the W&B run's config.
+    logged_config = {}
+    for path in (workdir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"):
+        for record in log_files.wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            update = (record.run.config.update if kind == "run" else
+                      record.config.update if kind == "config" else [])
+            logged_config.update({item.key: json.loads(item.value_json) for item in update})
+    assert logged_config["policy"]["learning_rate"] == config.policy.learning_rate
+    assert logged_config["reward"]["name"] == config.reward.name
     return run_id
 
 
