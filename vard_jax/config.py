@@ -36,11 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
     return schema.get_config()
 
 
+#: config.logging.wandb_mode ("": WANDB_MODE, else online).
+WANDB_MODES = ("", "online", "offline", "disabled")
+
 # Keys added with a default that changes what a run of an algorithm does: a config of that
 # algorithm saved before the key existed gets the value that keeps its old behaviour
 # (with_defaults), not today's default. (algorithm, section, key, value before the key)
-WANDB_MODES = ("", "online", "offline", "disabled")
-
 BEHAVIOUR_BEFORE_KEY = (
     # DDPO as ddpo-pytorch runs it (accumulation over timesteps, reward buffers, its rate).
     ("ddpo", "ddpo", "accumulate_timesteps", False),

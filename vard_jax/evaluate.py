@@ -92,7 +92,7 @@ def checkpoint_dir(workdir: pathlib.Path) -> pathlib.Path:
     return workdir / "checkpoints"
 
 
-def _open_checkpointer(workdir: pathlib.Path) -> "Checkpointer":
+def open_checkpointer(workdir: pathlib.Path) -> "Checkpointer":
     """The run's checkpointer; raises EvaluationError when the run has no checkpoint at all.
 
     The directory is checked before orbax opens it, because opening creates it.
@@ -135,7 +135,7 @@ def resolve_config(spec: ModelSpec) -> ResolvedConfig:
         raise EvaluationError("--step selects a checkpoint and needs --workdir")
     if spec.config is not None:
         return ResolvedConfig(spec.config, None)
-    checkpointer = _open_checkpointer(spec.workdir)
+    checkpointer = open_checkpointer(spec.workdir)
     try:
         step = _checked_step(checkpointer, spec.step)
         try:
@@ -247,7 +247,7 @@ def load_policy(spec: ModelSpec, resolved: ResolvedConfig) -> LoadedPolicy:
         raise EvaluationError(_first_line(error)) from None
     if spec.pretrained:
         return LoadedPolicy(config, trainer, trainer.pretrained_policy_params(), 0, True)
-    checkpointer = _open_checkpointer(spec.workdir)
+    checkpointer = open_checkpointer(spec.workdir)
     abstract = abstract_with_shardings(trainer.abstract_state,
                                        trainer.state_shardings(trainer.abstract_state))
     try:

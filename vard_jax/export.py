@@ -188,7 +188,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, step: Optional[
     config, step = resolved.config, int(resolved.step)
     fmt = _format_for(config, fmt)
     _check_out(out, workdir)
-    checkpointer = evaluate._open_checkpointer(workdir)
+    checkpointer = evaluate.open_checkpointer(workdir)
     from vard_jax.training.checkpoints import CheckpointError
 
     try:

@@ -241,7 +241,7 @@ class Checkpointer:
             if field not in tree:
                 raise KeyError(f"no field {field!r} in the saved state")
             target = {field: jax.tree_util.tree_map(
-                lambda m: np.zeros(m.shape, m.dtype), tree[field])}
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[field])}
             restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                                   target)
             restored = ocp.PyTreeCheckpointer().restore(where, args=ocp.args.PyTreeRestore(

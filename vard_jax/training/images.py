@@ -48,8 +48,10 @@ def grid(images: np.ndarray, prompts: Sequence[str], scores: Optional[Sequence[f
 
 def save_grid(path: str | pathlib.Path, images: np.ndarray, prompts: Sequence[str],
               scores: Optional[Sequence[float]] = None, columns: int = 8,
-              score_name: str = "r") -> pathlib.Path:
+              score_name: str = "r") -> Image.Image:
+    """Writes ``grid(...)`` to ``path`` (PNG; parent directories made) and returns it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid(images, prompts, scores, columns, score_name).save(path)
-    return path
+    picture = grid(images, prompts, scores, columns, score_name)
+    picture.save(path)
+    return picture

@@ -22,7 +22,7 @@ from vard_jax import prompts as prompts_lib
 from vard_jax.training import evaluation, faults, stages
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
 from vard_jax.training import loggers as loggers_lib
-from vard_jax.training.images import grid
+from vard_jax.training.images import save_grid
 from vard_jax.training.metrics import MetricWriter
 from vard_jax.training.state import TrainState
 from vard_jax.training.trainer import Trainer
@@ -124,11 +124,9 @@ class Loop:
             samples = np.concatenate([held.images[:count], train.images])
             prompts = held.prompts[:count] + train.prompts
             scores = np.concatenate([held.scores[name][:count], train.scores[name]])
-            picture = grid(samples, ["[held-out] " + p for p in prompts[:count]] + prompts[count:],
-                           scores, columns=self.config.logging.grid_columns)
-            path = self.workdir / "samples" / f"step_{step:05d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(path)
+            picture = save_grid(self.workdir / "samples" / f"step_{step:05d}.png", samples,
+                                ["[held-out] " + p for p in prompts[:count]] + prompts[count:],
+                                scores, columns=self.config.logging.grid_columns)
             images["samples"] = np.asarray(picture)
             histograms[f"eval_{name}"] = np.asarray(held.scores[name])
         return metrics, images, histograms
