@@ -9,9 +9,11 @@ Prints one JSON object (and writes it to ``--out``). On ``configs/shapes.py`` wi
 * ``vard``: mean seconds per ``Trainer.policy_step`` (K = 1, a new key per update, so new
   trained steps) with every step trained and with ``policy.train_fraction = --fraction`` (the
   other steps run forward only, those after the last trained one not at all), and their ratio.
-* ``alignprop``: seconds per gradient of ``draft.draft_loss_random_depth`` (one compiled
-  function, the depth K a traced input) at K = 1, T/2 and T, and their ratios to K = T; and
-  of ``draft.draft_loss`` at the static K = T, the same gradient without the drawn depth.
+* ``alignprop``: seconds per gradient of ``draft.draft_value_and_grad_random_depth`` (one
+  compiled function, the depth K a traced input) at K = 1, T/2 and T, in its two forms:
+  ``by_hand`` (reverse mode over the drawn steps in a loop, the form on GPU/TPU) and
+  ``gated`` (the unrolled chain, the cut chosen by ``where``: the form on CPU); and of
+  ``draft.draft_loss`` at the static K = T; ratios to the static K = T.
 
 Each figure is over ``--repeats`` runs after compilation and a warm-up call (VARD: the
 mean, AlignProp: the median); the variants alternate
@@ -97,9 +99,10 @@ def vard_policy_steps(steps: int, batch: int, fraction: float, repeats: int,
             "ratio": seconds[names[1]] / seconds[names[0]]}
 
 
-def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
-    """Seconds per AlignProp gradient at drawn depths K = 1, T/2, T (one compiled function),
-    and per gradient of DRaFT's static K = T (the rollout without the per-step switch)."""
+def alignprop_gradients(steps: int, batch: int, repeats: int,
+                        parts: tuple[str, ...] = ("by_hand", "gated")) -> dict:
+    """Seconds per AlignProp gradient at drawn depths K = 1, T/2, T (one compiled function per
+    form in ``parts``), and per gradient of DRaFT's static K = T."""
     from vard_jax.algorithms import draft
     from vard_jax.diffusion import rollout as rollout_lib
     from vard_jax.training.trainer import Trainer
@@ -116,7 +119,7 @@ def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
         guidance_scale=config.sample.guidance_scale, remat=config.policy.remat,
         unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll))
 
-    def gradient_of(loss):
+    def gradient_of(loss, returns_grads=False):
         def gradient(params, frozen, reference, key, depth):
             context = pipeline.encode_ids(frozen["text_encoder"], ids)
             null_context = pipeline.encode_ids(frozen["text_encoder"], trainer.null_ids)
@@ -127,32 +130,49 @@ def alignprop_gradients(steps: int, batch: int, repeats: int) -> dict:
             def reward_fn(x0):
                 return reward.score(pipeline.decode(frozen, x0), reward_input)
 
+            args = (policy.eps_fn, policy.unet(params, reference),
+                    policy.reference_unet(reference), trainer.policy_schedule, inputs, reward_fn)
+            if returns_grads:  # (loss, metrics, grads); full fine-tuning: UNet = policy
+                return loss(*args, depth=depth)[2]
             return jax.grad(lambda p: loss(
-                policy.eps_fn, policy.unet(p, reference), policy.reference_unet(reference),
-                trainer.policy_schedule, inputs, reward_fn, depth=depth)[0])(params)
+                policy.eps_fn, policy.unet(p, reference), *args[2:], depth=depth)[0])(params)
 
         return jax.jit(gradient)
 
-    gradient = gradient_of(lambda *a, depth: draft.draft_loss_random_depth(
-        *a, loss_config, depth))
-    # The baseline: DRaFT's static full depth (no traced depth, no per-step switch).
+    variants = {  # the two forms of the drawn depth (``draft.draft_value_and_grad_random_depth``)
+        "by_hand": gradient_of(lambda *a, depth: draft.draft_value_and_grad_random_depth(
+            *a, loss_config._replace(unroll=1), depth), returns_grads=True),
+        "gated": gradient_of(lambda *a, depth: draft.draft_value_and_grad_random_depth(
+            *a, loss_config._replace(unroll=True), depth), returns_grads=True),
+    }
+    # The baseline: DRaFT's static full depth (no traced depth).
     static = gradient_of(lambda *a, depth: draft.draft_loss(
         *a, loss_config._replace(grad_depth=steps)))
 
     params = trainer.pretrained_policy_params()
     key = jax.random.PRNGKey(0)
     args = (params, trainer.frozen, trainer.reference_params, key)
-    start = time.perf_counter()
-    compiled = gradient.lower(*args, jnp.int32(1)).compile()
-    compile_s = time.perf_counter() - start
-    static_compiled = static.lower(*args, jnp.int32(steps)).compile()
+    compile_s, jobs = {}, {}
     depths = sorted({1, max(1, steps // 2), steps})
-    jobs = {f"K={k}": (lambda k=k: compiled(*args, jnp.int32(k))) for k in depths}
+    for name, fn in variants.items():
+        if name not in parts:
+            continue
+        start = time.perf_counter()
+        compiled = fn.lower(*args, jnp.int32(1)).compile()
+        compile_s[name] = time.perf_counter() - start
+        print(f"compiled {name} in {compile_s[name]:.0f} s", file=sys.stderr, flush=True)
+        for k in depths:
+            jobs[f"{name}_K={k}"] = lambda k=k, compiled=compiled: compiled(*args, jnp.int32(k))
+    start = time.perf_counter()
+    static_compiled = static.lower(*args, jnp.int32(steps)).compile()
+    compile_s[f"static_K={steps}"] = time.perf_counter() - start
     jobs[f"static_K={steps}"] = lambda: static_compiled(*args, jnp.int32(steps))
+    for job in jobs.values():  # warm-up
+        _timed(job)
     seconds = _alternate(jobs, repeats)
-    full = seconds[f"K={steps}"]
+    full = seconds[f"static_K={steps}"]
     return {"seconds": seconds, "compile_s": compile_s,
-            "ratio_to_full_depth": {name: s / full for name, s in seconds.items()}}
+            "ratio_to_static_full_depth": {name: s / full for name, s in seconds.items()}}
 
 
 def main(argv=None) -> dict:

@@ -39,8 +39,13 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     hardest case for its first optimiser step: it trains at the sampling parameters, and the
     old log-probs of all its accumulated micro-batches are the update's own computation, so
     every ratio is exactly 1 and nothing is clipped, on any machine (checked exactly: the
-    rollout's own log-probs differ by rounding, ``rollout_log_prob_gap``)."""
+    rollout's own log-probs differ by rounding, ``rollout_log_prob_gap``). DRaFT runs as
+    AlignProp with a KL term (DRaFT+): its depth drawn inside the update, its gradient taken
+    by hand over the drawn steps (the looped form)."""
     config = _config(algorithm, reward)
+    if algorithm == "draft":
+        config.draft.random_depth = True
+        config.draft.beta = 0.1
     if algorithm == "ddpo":
         config.pretrained.dtype = config.pretrained.param_dtype = "bfloat16"
         config.policy.lora_rank = 2
@@ -75,6 +80,8 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     np.testing.assert_allclose(last["policy_learning_rate"], peak * 0.5 * (
         1 + np.cos(np.pi * (n - 1) / n)), rtol=1e-5)
     assert _moved(loop.final_state.policy_params, start)
+    if algorithm == "draft":
+        assert last["grad_depth"] in (1, 2) and last["eps_distance"] >= 0
     assert last["eval_eps_distance"] > 0.0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1]

@@ -339,23 +339,56 @@ def test_draft_kl_vanishes_at_the_reference(schedule, inputs):
     assert float(difference[0]) > 0 and float(difference[1]) < 0
 
 
-def test_random_depth_matches_static_depth(schedule, inputs):
+@pytest.mark.parametrize("unroll", [True, 1], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("kl_on", ["guided", "conditional"])
+def test_random_depth_matches_static_depth(schedule, inputs, unroll, kl_on):
+    """The drawn depth's gradient (one compiled function for every K; reverse mode by hand
+    when looped, the where-selected cut when unrolled) equals jax.grad of DRaFT at the static
+    K, with the KL term."""
     params = tiny_params(4)
     reference = dict(params, bias=params["bias"] + 0.1)
+    config = _config(None, 0.5)._replace(unroll=unroll, kl_on=kl_on)
 
     @jax.jit
-    def random_grad(p, depth):
-        return jax.grad(lambda q: draft.draft_loss_random_depth(
-            tiny_eps, q, reference, schedule, inputs, reward_fn, _config(None, 0.5), depth)[0])(p)
+    def by_hand(p, depth):
+        return draft.draft_value_and_grad_random_depth(tiny_eps, p, reference, schedule, inputs,
+                                                       reward_fn, config, depth)
 
     for depth in [1, 3, T]:
-        static = _draft_grad(schedule, inputs, params, reference, depth, beta=0.5)
-        _assert_trees_close(random_grad(params, jnp.int32(depth)), static)
+        (loss, metrics), static = jax.value_and_grad(
+            lambda p: draft.draft_loss(tiny_eps, p, reference, schedule, inputs, reward_fn,
+                                       config._replace(grad_depth=depth)), has_aux=True)(params)
+        drawn_loss, drawn_metrics, grads = by_hand(params, jnp.int32(depth))
+        # float32 sums in another order: relative 1e-4 (tiny_eps' gradients are O(1-100)).
+        _assert_trees_close(grads, static)
+        assert float(drawn_loss) == pytest.approx(float(loss), rel=1e-5)
+        for name in ("reward_mean", "eps_distance", "grad_depth"):
+            assert float(drawn_metrics[name]) == pytest.approx(float(metrics[name]), rel=1e-5)
     depths = {int(draft.sample_depth(jax.random.PRNGKey(seed), T, low=2, high=4))
               for seed in range(20)}
     assert depths == {2, 3, 4}
     with pytest.raises(ValueError):
         draft.sample_depth(jax.random.PRNGKey(0), T, low=0)
+
+
+def test_random_depth_differentiates_only_the_trainable_parameters(schedule, inputs):
+    """``model_params`` maps the trained parameters (here the bias alone, as LoRA adapters
+    are) into the model's: the gradient has their structure and equals jax.grad through it."""
+    params = tiny_params(6)
+    frozen = {name: value for name, value in params.items() if name != "bias"}
+
+    def model_params(trainable):
+        return dict(frozen, bias=trainable["bias"])
+
+    config = _config(None, 0.5)
+    _, _, grads = draft.draft_value_and_grad_random_depth(
+        tiny_eps, {"bias": params["bias"]}, params, schedule, inputs, reward_fn, config,
+        jnp.int32(2), model_params=model_params)
+    expected = jax.grad(lambda b: draft.draft_loss(
+        tiny_eps, model_params(b), params, schedule, inputs, reward_fn,
+        config._replace(grad_depth=2))[0])({"bias": params["bias"]})
+    assert set(grads) == {"bias"}
+    _assert_trees_close(grads, expected)
 
 
 def test_check_reward():
@@ -367,19 +400,25 @@ def test_check_reward():
 
 
 def test_random_depth_backpropagates_through_the_drawn_steps_only(schedule, inputs):
-    """AlignProp's cost follows the drawn K: the model's backward pass runs K times, not T."""
+    """AlignProp's looped form costs what the drawn K needs: T forward calls (the chain
+    without gradient), then K steps recomputed and pulled back. The unrolled form (CPU)
+    differentiates every step: T backward calls, whatever K is."""
     from tests.test_vard_losses import _counting_model
 
     params = tiny_params(5)
-    for depth in (1, 3):
-        counts = {}
-        model = _counting_model(counts)
+    for unroll in (1, True):
+        for depth in (1, 3):
+            counts = {}
+            model = _counting_model(counts)
+            config = _config(None)._replace(unroll=unroll)
 
-        @jax.jit
-        def grad(p, k):
-            return jax.grad(lambda q: draft.draft_loss_random_depth(
-                model, q, None, schedule, inputs, reward_fn, _config(None), k)[0])(p)
+            @jax.jit
+            def grad(p, k):
+                return draft.draft_value_and_grad_random_depth(
+                    model, p, None, schedule, inputs, reward_fn, config, k)[2]
 
-        jax.block_until_ready(grad(params, jnp.int32(depth)))
-        assert counts["backward"] == depth, counts
-        assert counts["forward"] == T, counts
+            jax.block_until_ready(grad(params, jnp.int32(depth)))
+            if unroll is True:  # (debug callbacks of unrolled forward rules may be merged)
+                assert counts["backward"] == T, (depth, counts)
+            else:
+                assert counts == {"forward": T + depth, "backward": depth}, (depth, counts)

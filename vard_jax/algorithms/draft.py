@@ -10,10 +10,13 @@ the K steps that carry gradient (the steps being fine-tuned); steps before the c
 reference call. beta = 0 (plain DRaFT / AlignProp) drops the reference model from the traced
 graph.
 
-AlignProp (Prabhudesai et al. 2023) draws K at random per update. ``draft_loss_random_depth``
-takes a traced K, so one compiled function serves every depth: the cut is a traced array, and
-the steps before it run forward only (one ``lax.switch`` per step), so the backward pass costs
-K steps, not T."""
+AlignProp (Prabhudesai et al. 2023) draws K at random per update.
+``draft_value_and_grad_random_depth`` takes a traced K, so one compiled function serves every
+depth. Where the differentiated rollout is a loop (GPU, TPU) it writes reverse mode out over
+the drawn steps, so an update costs T + K forward and K backward model calls; on CPU, where
+XLA runs a model's backward pass inside any loop or conditional ~20x slower than straight-line
+code, it differentiates the whole unrolled chain with the cut selected by ``where`` (the cost
+of K = T, the same gradient). Measured: docs/ALGORITHM.md."""
 
 from __future__ import annotations
 
@@ -72,9 +75,11 @@ def sample_depth(key: jax.Array, num_steps: int, low: int = 1,
 
 
 def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
-             guidance_scale: float, kl_on: str,
-             first_trained: jax.Array | int) -> rollout_lib.StepHook:
-    """A step hook returning D_i ([]) at steps i >= first_trained and 0 before (no model call)."""
+             guidance_scale: float, kl_on: str, first_trained: jax.Array | int,
+             skip: bool = True) -> rollout_lib.StepHook:
+    """A step hook returning D_i ([]) at steps i >= first_trained and 0 before: the reference
+    is not called there (``skip``: a ``lax.cond``), or called and its result masked
+    (``skip=False``: straight-line code, for CPU)."""
     reference_params = jax.lax.stop_gradient(reference_params)
 
     def hook(info: rollout_lib.StepInfo) -> jax.Array:
@@ -83,8 +88,10 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
                 eps_fn, reference_params, info, inputs.context, inputs.null_context,
                 guidance_scale, kl_on).astype(jnp.float32)
 
-        return jax.lax.cond(info.index >= first_trained, distance,
-                            lambda: jnp.zeros((), jnp.float32))
+        trained = info.index >= first_trained
+        if not skip:
+            return jnp.where(trained, distance(), 0.0)
+        return jax.lax.cond(trained, distance, lambda: jnp.zeros((), jnp.float32))
 
     return hook
 
@@ -93,19 +100,18 @@ def _objective(eps_fn: ddim.EpsFn, policy_eps_fn: ddim.EpsFn, params: Any, refer
                schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
                config: DraftConfig, grad_depth: Optional[int],
                first_trained: jax.Array | int, depth: jax.Array | int,
-               cuts: Optional[jax.Array] = None,
-               train_mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+               cuts: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """Shared body: rollout with ``policy_eps_fn``, reward, optional KL over trained steps."""
     num_steps = schedule.num_steps
     hook = None
     if config.beta != 0:
         hook = _kl_hook(eps_fn, reference_params, inputs, config.guidance_scale, config.kl_on,
-                        first_trained)
+                        first_trained, skip=cuts is None)
     trajectory, distances = rollout_lib.rollout(
         policy_eps_fn, params, schedule, inputs.x_T, inputs.noise, inputs.context,
         inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
         grad_depth=grad_depth, grad_cut="last", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop, unroll=config.unroll, cuts=cuts, train_mask=train_mask)
+        python_loop=config.python_loop, unroll=config.unroll, cuts=cuts)
     rewards = reward_fn(trajectory.x0)
     reward_mean = jnp.mean(rewards)
     loss = -reward_mean
@@ -146,20 +152,82 @@ def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule:
                       config, grad_depth=depth, first_trained=num_steps - depth, depth=depth)
 
 
-def draft_loss_random_depth(eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
-                            schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
-                            config: DraftConfig, depth: jax.Array) -> tuple[jax.Array, dict]:
-    """AlignProp: DRaFT-K with a traced depth K ([] int, clipped to [1, T]).
+def draft_value_and_grad_random_depth(
+        eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: DDIMSchedule,
+        inputs: DraftInputs, reward_fn: RewardFn, config: DraftConfig, depth: jax.Array,
+        model_params: Callable[[Any], Any] = lambda p: p) -> tuple[jax.Array, dict, Any]:
+    """AlignProp's loss and its gradient with respect to ``params``, at a traced depth K.
 
-    ``config.grad_depth`` is ignored. The state entering step T - K is cut, and the steps
-    before it run forward only (``rollout``'s ``train_mask``: one ``lax.switch`` per step), so
-    an update's backward pass covers the K drawn steps, not T. Same arguments and metrics as
+    The state entering step T - K is cut, as in ``draft_loss``, and the result equals
+    ``jax.grad`` of ``draft_loss`` at the static K. With a looped rollout (``config.unroll``
+    not True: GPU, TPU) reverse mode is written out over the drawn steps: the chain runs
+    forward once without gradient (T model calls, the states kept), the reward's gradient is
+    taken at x_0, and a ``while_loop`` walks back from step T - 1 to step T - K, each step
+    recomputing its forward pass from the stored state and pulling the cotangent of its
+    output (and of its KL term) back to the parameters and to the state that entered it:
+    T + K forward and K backward model calls (and the reference's K forward calls when
+    beta != 0), the T states and one step's activations in memory. Unrolled (CPU) or in a
+    Python loop, the whole chain is differentiated with the cut chosen by ``where``.
+
+    ``model_params(params)`` gives ``eps_fn``'s parameters (e.g. the frozen base UNet with
+    trainable LoRA adapters, ``params`` being the adapters): only ``params`` is differentiated.
+    Returns ``(loss, metrics, grads)`` with ``grads`` shaped like ``params``. Same metrics as
     ``draft_loss``.
     """
     num_steps = schedule.num_steps
     depth = jnp.clip(jnp.asarray(depth, jnp.int32), 1, num_steps)
     first_trained = num_steps - depth
-    steps = jnp.arange(num_steps)
-    return _objective(eps_fn, eps_fn, params, reference_params, schedule, inputs,
-                      reward_fn, config, grad_depth=None, first_trained=first_trained,
-                      depth=depth, cuts=steps == first_trained, train_mask=steps >= first_trained)
+    if config.unroll is True or config.python_loop:
+        steps = jnp.arange(num_steps)
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: _objective(eps_fn, eps_fn, model_params(p), reference_params, schedule,
+                                 inputs, reward_fn, config, grad_depth=None,
+                                 first_trained=first_trained, depth=depth,
+                                 cuts=steps == first_trained), has_aux=True)(params)
+        return loss, metrics, grads
+    reference_params = jax.lax.stop_gradient(reference_params)
+    trajectory, _ = rollout_lib.rollout(
+        eps_fn, model_params(jax.lax.stop_gradient(params)), schedule, inputs.x_T, inputs.noise,
+        inputs.context, inputs.null_context, eta=config.eta,
+        guidance_scale=config.guidance_scale)
+    states = jnp.swapaxes(trajectory.x_t, 0, 1)  # [T, B, ...]
+    noise = jnp.swapaxes(inputs.noise, 0, 1)
+    rewards, reward_vjp = jax.vjp(reward_fn, trajectory.x0)
+    batch = rewards.shape[0]
+    (x_cotangent,) = reward_vjp(jnp.full(rewards.shape, -1.0 / batch, rewards.dtype))
+    kl_weight = config.beta / depth.astype(jnp.float32)
+
+    def step(p: Any, x: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        info = rollout_lib.denoising_step(eps_fn, p, schedule, x, i, noise[i], inputs.context,
+                                          inputs.null_context, eta=config.eta,
+                                          guidance_scale=config.guidance_scale)
+        if config.beta == 0:
+            return info.x_prev, jnp.zeros((), jnp.float32)
+        return info.x_prev, rollout_lib.reference_eps_distance(
+            eps_fn, reference_params, info, inputs.context, inputs.null_context,
+            config.guidance_scale, config.kl_on).astype(jnp.float32)
+
+    def back(i: jax.Array, carry: tuple) -> tuple:
+        cotangent, grads, distance_sum = carry
+        (x_prev, distance), pullback = jax.vjp(lambda p, x: step(model_params(p), x, i),
+                                               params, states[i])
+        step_grads, cotangent = pullback((cotangent.astype(x_prev.dtype), kl_weight))
+        grads = jax.tree_util.tree_map(jnp.add, grads, step_grads)
+        return cotangent, grads, distance_sum + distance
+
+    carry = (x_cotangent, jax.tree_util.tree_map(jnp.zeros_like, params),
+             jnp.zeros((), jnp.float32))
+    carry = jax.lax.while_loop(
+        lambda c: c[0] >= first_trained, lambda c: (c[0] - 1, *back(c[0], c[1:])),
+        (jnp.int32(num_steps - 1), *carry))[1:]
+    _, grads, distance_sum = carry
+    reward_mean = jnp.mean(rewards)
+    loss = -reward_mean
+    metrics = {"reward_mean": reward_mean, "reward_std": jnp.std(rewards),
+               "grad_depth": depth}
+    if config.beta != 0:
+        distance = distance_sum / depth.astype(jnp.float32)
+        loss = loss + config.beta * distance
+        metrics["eps_distance"] = distance
+    metrics["draft_loss"] = loss
+    return loss, metrics, grads

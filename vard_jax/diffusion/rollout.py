@@ -14,13 +14,9 @@ loss at step i sees the policy's influence through at most K steps.
     so nothing computed there (hook outputs included) carries gradient and the backward pass
     skips them.
 
-Trained steps (``train_mask``, VARD's step subsampling): a step outside the mask runs forward
-only. Its hook is not evaluated (its outputs are zeros there), and its UNet call is
-differentiated only when a later trained step of the same gradient window reads its output
-(never with K = 1); one ``lax.switch`` per step picks the variant, so the backward pass of
-the skipped steps is not computed at all (AlignProp's drawn depth). VARD's step subsampling
-at K = 1 does not use it: ``vard_jax.algorithms.vard`` runs the chain forward with
-``states_until`` and differentiates the trained steps alone.
+VARD's step subsampling (``vard_jax.algorithms.vard``) and AlignProp's drawn depth
+(``vard_jax.algorithms.draft``) skip the backward work of untrained steps outside this scan:
+the chain runs forward without gradient, and only the trained steps are differentiated again.
 
 Static cuts (the usual case) split the chain into runs that each begin at a cut, and equal
 runs share one scan: the state is ``stop_gradient``-ed *before* the UNet calls of a run's
@@ -166,7 +162,6 @@ def rollout(
     python_loop: bool = False,
     cuts: Optional[jax.Array] = None,
     unroll: int | bool = 1,
-    train_mask: Optional[jax.Array] = None,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -185,8 +180,6 @@ def rollout(
       cuts: optional [T] bool array (may be traced) that replaces ``gradient_cuts(T, K, mode)``,
         e.g. for a depth drawn inside jit (AlignProp).
       unroll: ``lax.scan``'s unroll (True = full); see ``resolve_unroll``.
-      train_mask: optional [T] bool array (may be traced): the trained steps; the others run
-        forward only (module docstring). None: every step is trained.
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -199,42 +192,15 @@ def rollout(
         static_cuts = gradient_cuts(num_steps, grad_depth, grad_cut)
     batch = x_T.shape[0]
 
-    def transition(params: Any, x: jax.Array, i: jax.Array, z: jax.Array, hook_on: bool):
-        info = denoising_step(eps_fn, params, schedule, x, i, z, context, null_context,
-                              eta=eta, guidance_scale=guidance_scale)
-        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(info.x_prev), info.mean, info.std)
-        if step_hook is None:
-            hook_out = None
-        elif hook_on:
-            hook_out = step_hook(info)
-        else:  # a skipped step: zeros of the hook's output structure
-            hook_out = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                              jax.eval_shape(step_hook, info))
-        return info.x_prev, (x, info.x_prev, log_prob, hook_out)
-
-    if train_mask is not None:
-        # 0: forward only; 1: differentiated, no hook (a later trained step of the window
-        # reads its output); 2: trained.
-        window = jnp.cumsum(jnp.asarray(cuts if traced_cuts else static_cuts, jnp.int32))
-        later_same_window = ((jnp.arange(num_steps)[None, :] >= jnp.arange(num_steps)[:, None])
-                             & (window[None, :] == window[:, None]))
-        trained = jnp.asarray(train_mask, bool)
-        needed = jnp.any(later_same_window & trained[None, :], axis=1)
-        variant = needed.astype(jnp.int32) + trained.astype(jnp.int32)
-        branches = [
-            lambda p, x, i, z: transition(jax.lax.stop_gradient(p), jax.lax.stop_gradient(x),
-                                          i, z, False),
-            lambda p, x, i, z: transition(p, x, i, z, False),
-            lambda p, x, i, z: transition(p, x, i, z, True),
-        ]
-
     def step_fn(params: Any, x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
         i, z = inputs
         if traced_cuts:
             x = jnp.where(cuts[i], jax.lax.stop_gradient(x), x)
-        if train_mask is None:
-            return transition(params, x, i, z, True)
-        return jax.lax.switch(variant[i], branches, params, x, i, z)
+        info = denoising_step(eps_fn, params, schedule, x, i, z, context, null_context,
+                              eta=eta, guidance_scale=guidance_scale)
+        log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(info.x_prev), info.mean, info.std)
+        hook_out = None if step_hook is None else step_hook(info)
+        return info.x_prev, (x, info.x_prev, log_prob, hook_out)
 
     if remat != "none":
         step_fn = jax.checkpoint(step_fn, policy=REMAT_POLICIES[remat])

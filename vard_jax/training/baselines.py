@@ -219,18 +219,18 @@ class DraftSteps:
             def reward_fn(x0):
                 return reward.score(pipeline.decode(frozen, x0), batch["reward_input"])
 
-            def loss_fn(params):
-                unet = policy.unet(params, reference_params)
-                reference = policy.reference_unet(reference_params)
-                if random_depth:  # AlignProp: K ~ uniform on {1, ..., draft.grad_depth}
-                    depth = draft.sample_depth(key_depth, num_steps, 1, loss_config.grad_depth)
-                    return draft.draft_loss_random_depth(policy.eps_fn, unet, reference, schedule,
-                                                         inputs, reward_fn, loss_config, depth)
-                return draft.draft_loss(policy.eps_fn, unet, reference, schedule, inputs,
-                                        reward_fn, loss_config)
-
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.policy_params)
+            reference = policy.reference_unet(reference_params)
+            if random_depth:  # AlignProp: K ~ uniform on {1, ..., draft.grad_depth}
+                depth = draft.sample_depth(key_depth, num_steps, 1, loss_config.grad_depth)
+                loss, metrics, grads = draft.draft_value_and_grad_random_depth(
+                    policy.eps_fn, state.policy_params, reference, schedule, inputs, reward_fn,
+                    loss_config, depth,
+                    model_params=lambda p: policy.unet(p, reference_params))
+            else:
+                (loss, metrics), grads = jax.value_and_grad(
+                    lambda p: draft.draft_loss(policy.eps_fn, policy.unet(p, reference_params),
+                                               reference, schedule, inputs, reward_fn,
+                                               loss_config), has_aux=True)(state.policy_params)
             return apply_policy_gradient(optimizer, state, grads, loss, metrics,
                                          reward_queries=batch["ids"].shape[0])
 
