@@ -40,12 +40,15 @@ def test_baseline_trains_one_epoch(algorithm, reward, tmp_path):
     old log-probs of all its accumulated micro-batches are the update's own computation, so
     every ratio is exactly 1 and nothing is clipped, on any machine (checked exactly: the
     rollout's own log-probs differ by rounding, ``rollout_log_prob_gap``). DRaFT runs as
-    AlignProp with a KL term (DRaFT+): its depth drawn inside the update, its gradient taken
-    by hand over the drawn steps (the looped form)."""
+    AlignProp with a KL term (DRaFT+): its depth drawn inside the update (CPU's unrolled form;
+    the looped form is tested against it in test_baselines)."""
     config = _config(algorithm, reward)
     if algorithm == "draft":
         config.draft.random_depth = True
         config.draft.beta = 0.1
+        # CPU's default, the unrolled form (the looped one, tested in test_baselines, runs
+        # its UNet backward passes in a loop body: slow on CPU)
+        config.policy.scan_unroll = 0
     if algorithm == "ddpo":
         config.pretrained.dtype = config.pretrained.param_dtype = "bfloat16"
         config.policy.lora_rank = 2

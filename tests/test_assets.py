@@ -144,7 +144,10 @@ def test_value_gradient_alignment_is_one_for_the_reward_itself_and_flips_with_it
     dataset = trainer.value_dataset(rollouts, rewards, updated.reward_stats, prompts)
     assert dataset["states"].shape[0] == 4 * trainer.num_steps
     initial_value["affine"]["Dense_1"]["bias"] = np.array([-2.0, 0.0], np.float32)
-    state = updated.replace(value_params=jax.device_put(initial_value))
+    # Placed as the trainer places V (a default placement would compile the program anew).
+    state = updated.replace(value_params=jax.tree_util.tree_map(
+        lambda host, like: jax.device_put(host, like.sharding), initial_value,
+        updated.value_params))
     flipped = trainer.value_gradient_alignment(state, dataset, prompts)
     assert flipped["value_grad_cosine"] == pytest.approx(-1.0, abs=1e-3), flipped
     assert flipped["value_grad_cosine_positive"] == 0.0

@@ -31,10 +31,13 @@ DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_
 
 def _env(device_count: int) -> dict:
     """CPU with ``device_count`` devices; the rest of this process's environment (the test
-    session's compilation cache included) less any multi-process settings."""
+    session's compilation cache and other XLA flags included) less any multi-process
+    settings."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+        flags + [f"--xla_force_host_platform_device_count={device_count}"]))
     return env
 
 

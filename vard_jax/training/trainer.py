@@ -474,15 +474,17 @@ class Trainer:
     def _per_state(self, function, state: TrainState, dataset: dict,
                    extra: Optional[dict] = None) -> np.ndarray:
         """``function(value_params, reward_stats, frozen, reference_params, batch) -> [B]`` over
-        every state of ``dataset``, in batches of ``value.batch_size`` padded to split over the
-        data axis; ``extra`` holds more per-state inputs of the batch. Host values [N]."""
-        chunk = max(self.config.value.batch_size, 1)
+        every state of ``dataset``, in batches of ``value.batch_size`` (the last one padded to
+        the same size, split over the data axis); ``extra`` holds more per-state inputs of the
+        batch. Host values [N]."""
         data_axis = self.mesh.shape[mesh_lib.DATA]
         total = dataset["states"].shape[0]
+        chunk = min(max(self.config.value.batch_size, 1), total)
+        size = chunk + (-chunk) % data_axis  # every batch padded to one shape: one program
         values = []
         for start in range(0, total, chunk):
             idx = np.arange(start, min(start + chunk, total))
-            idx_padded = np.concatenate([idx, np.repeat(idx[-1:], (-len(idx)) % data_axis)])
+            idx_padded = np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))])
             batch = self._value_batch(dataset, idx_padded)
             for name, per_state in (extra or {}).items():
                 batch[name] = self.put_batch(per_state[idx_padded])
