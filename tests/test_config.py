@@ -152,6 +152,14 @@ def test_a_config_saved_before_a_behaviour_changing_key_keeps_its_behaviour():
     assert saved["ddpo"].get("stat_buffer") is None  # the caller's dict is left as it was
     saved["algorithm"] = "vard"
     assert with_defaults(saved).ddpo.stat_buffer == base.get_config().ddpo.stat_buffer
+    # VARD and DRaFT runs saved before policy.kl_on existed kept D on the guided predictions.
+    assert base.get_config().policy.kl_on == "conditional"
+    del saved["policy"]["kl_on"]
+    for algorithm in ("vard", "draft"):
+        saved["algorithm"] = algorithm
+        assert with_defaults(saved).policy.kl_on == "guided"
+    saved["algorithm"] = "ddpo"  # (DDPO has no KL term)
+    assert with_defaults(saved).policy.kl_on == "conditional"
 
 
 def _main(*args):

@@ -49,6 +49,9 @@ BEHAVIOUR_BEFORE_KEY = (
     ("ddpo", "ddpo", "stat_buffer", 0),
     ("ddpo", "ddpo", "stat_min_count", 2),
     ("ddpo", "ddpo", "learning_rate", 0.0),
+    # The KL term on the guided predictions, the default before "conditional".
+    ("vard", "policy", "kl_on", "guided"),
+    ("draft", "policy", "kl_on", "guided"),
 )
 
 
