@@ -29,7 +29,7 @@ def test_value_regression_learns_a_synthetic_target():
     targets = (states[:, 0].mean((1, 2)) * 4.0 * (1.0 - timesteps / 1000.0)
                + context.mean((1, 2))).astype(np.float32)
     targets = (targets - targets.mean()) / targets.std()
-    optimizer = optax.adam(3e-3)
+    optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -40,7 +40,7 @@ def test_value_regression_learns_a_synthetic_target():
         return optax.apply_updates(params, updates), opt_state, loss
 
     initial = float(step(params, opt_state)[2])
-    for _ in range(200):
+    for _ in range(60):  # (the loss reaches ~2e-4: far below the bound)
         params, opt_state, loss = step(params, opt_state)
     assert initial > 0.9  # zero-initialised head: starts at the target variance
     assert float(loss) < 0.1, float(loss)
