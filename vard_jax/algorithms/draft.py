@@ -74,8 +74,16 @@ def sample_depth(key: jax.Array, num_steps: int, low: int = 1,
     return jax.random.randint(key, (), low, high + 1, dtype=jnp.int32)
 
 
+def _reference_distance(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
+                        config: DraftConfig, info: rollout_lib.StepInfo) -> jax.Array:
+    """D_i ([] float32) at the state of step ``info``, against the (constant) reference."""
+    return rollout_lib.reference_eps_distance(
+        eps_fn, reference_params, info, inputs.context, inputs.null_context,
+        config.guidance_scale, config.kl_on).astype(jnp.float32)
+
+
 def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
-             guidance_scale: float, kl_on: str, first_trained: jax.Array | int,
+             config: DraftConfig, first_trained: jax.Array | int,
              skip: bool = True) -> rollout_lib.StepHook:
     """A step hook returning D_i ([]) at steps i >= first_trained and 0 before: the reference
     is not called there (``skip``: a ``lax.cond``), or called and its result masked
@@ -84,9 +92,7 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
 
     def hook(info: rollout_lib.StepInfo) -> jax.Array:
         def distance() -> jax.Array:
-            return rollout_lib.reference_eps_distance(
-                eps_fn, reference_params, info, inputs.context, inputs.null_context,
-                guidance_scale, kl_on).astype(jnp.float32)
+            return _reference_distance(eps_fn, reference_params, inputs, config, info)
 
         trained = info.index >= first_trained
         if not skip:
@@ -96,23 +102,10 @@ def _kl_hook(eps_fn: ddim.EpsFn, reference_params: Any, inputs: DraftInputs,
     return hook
 
 
-def _objective(eps_fn: ddim.EpsFn, policy_eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
-               schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
-               config: DraftConfig, grad_depth: Optional[int],
-               first_trained: jax.Array | int, depth: jax.Array | int,
-               cuts: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
-    """Shared body: rollout with ``policy_eps_fn``, reward, optional KL over trained steps."""
-    num_steps = schedule.num_steps
-    hook = None
-    if config.beta != 0:
-        hook = _kl_hook(eps_fn, reference_params, inputs, config.guidance_scale, config.kl_on,
-                        first_trained, skip=cuts is None)
-    trajectory, distances = rollout_lib.rollout(
-        policy_eps_fn, params, schedule, inputs.x_T, inputs.noise, inputs.context,
-        inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
-        grad_depth=grad_depth, grad_cut="last", remat=config.remat, step_hook=hook,
-        python_loop=config.python_loop, unroll=config.unroll, cuts=cuts)
-    rewards = reward_fn(trajectory.x0)
+def _loss_and_metrics(rewards: jax.Array, distance: Optional[jax.Array], depth: jax.Array | int,
+                      beta: float) -> tuple[jax.Array, dict]:
+    """L = -mean reward (+ beta * ``distance``, the mean D_i over the trained steps, when
+    given) and the metrics of every DRaFT form."""
     reward_mean = jnp.mean(rewards)
     loss = -reward_mean
     metrics = {
@@ -120,13 +113,33 @@ def _objective(eps_fn: ddim.EpsFn, policy_eps_fn: ddim.EpsFn, params: Any, refer
         "reward_std": jax.lax.stop_gradient(jnp.std(rewards)),
         "grad_depth": jnp.asarray(depth, jnp.int32),
     }
-    if distances is not None:
-        trained = jnp.asarray(num_steps - first_trained, jnp.float32)
-        distance = jnp.sum(distances) / trained  # D_i = 0 at untrained steps
-        loss = loss + config.beta * distance
+    if distance is not None:
+        loss = loss + beta * distance
         metrics["eps_distance"] = jax.lax.stop_gradient(distance)
     metrics["draft_loss"] = jax.lax.stop_gradient(loss)
     return loss, metrics
+
+
+def _objective(eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
+               schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
+               config: DraftConfig, grad_depth: Optional[int],
+               first_trained: jax.Array | int, depth: jax.Array | int,
+               cuts: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """Shared body: rollout, reward, optional KL over trained steps."""
+    hook = None
+    if config.beta != 0:
+        hook = _kl_hook(eps_fn, reference_params, inputs, config, first_trained,
+                        skip=cuts is None)
+    trajectory, distances = rollout_lib.rollout(
+        eps_fn, params, schedule, inputs.x_T, inputs.noise, inputs.context,
+        inputs.null_context, eta=config.eta, guidance_scale=config.guidance_scale,
+        grad_depth=grad_depth, grad_cut="last", remat=config.remat, step_hook=hook,
+        python_loop=config.python_loop, unroll=config.unroll, cuts=cuts)
+    distance = None
+    if distances is not None:  # D_i = 0 at untrained steps
+        distance = jnp.sum(distances) / jnp.asarray(schedule.num_steps - first_trained,
+                                                    jnp.float32)
+    return _loss_and_metrics(reward_fn(trajectory.x0), distance, depth, config.beta)
 
 
 def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: DDIMSchedule,
@@ -148,7 +161,7 @@ def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule:
     depth = num_steps if config.grad_depth is None else min(config.grad_depth, num_steps)
     if depth < 1:
         raise ValueError(f"grad_depth = {config.grad_depth} must be >= 1")
-    return _objective(eps_fn, eps_fn, params, reference_params, schedule, inputs, reward_fn,
+    return _objective(eps_fn, params, reference_params, schedule, inputs, reward_fn,
                       config, grad_depth=depth, first_trained=num_steps - depth, depth=depth)
 
 
@@ -180,7 +193,7 @@ def draft_value_and_grad_random_depth(
     if config.unroll is True or config.python_loop:
         steps = jnp.arange(num_steps)
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: _objective(eps_fn, eps_fn, model_params(p), reference_params, schedule,
+            lambda p: _objective(eps_fn, model_params(p), reference_params, schedule,
                                  inputs, reward_fn, config, grad_depth=None,
                                  first_trained=first_trained, depth=depth,
                                  cuts=steps == first_trained), has_aux=True)(params)
@@ -203,9 +216,7 @@ def draft_value_and_grad_random_depth(
                                           guidance_scale=config.guidance_scale)
         if config.beta == 0:
             return info.x_prev, jnp.zeros((), jnp.float32)
-        return info.x_prev, rollout_lib.reference_eps_distance(
-            eps_fn, reference_params, info, inputs.context, inputs.null_context,
-            config.guidance_scale, config.kl_on).astype(jnp.float32)
+        return info.x_prev, _reference_distance(eps_fn, reference_params, inputs, config, info)
 
     def back(i: jax.Array, carry: tuple) -> tuple:
         cotangent, grads, distance_sum = carry
@@ -221,13 +232,5 @@ def draft_value_and_grad_random_depth(
         lambda c: c[0] >= first_trained, lambda c: (c[0] - 1, *back(c[0], c[1:])),
         (jnp.int32(num_steps - 1), *carry))[1:]
     _, grads, distance_sum = carry
-    reward_mean = jnp.mean(rewards)
-    loss = -reward_mean
-    metrics = {"reward_mean": reward_mean, "reward_std": jnp.std(rewards),
-               "grad_depth": depth}
-    if config.beta != 0:
-        distance = distance_sum / depth.astype(jnp.float32)
-        loss = loss + config.beta * distance
-        metrics["eps_distance"] = distance
-    metrics["draft_loss"] = loss
-    return loss, metrics, grads
+    distance = distance_sum / depth.astype(jnp.float32) if config.beta != 0 else None
+    return (*_loss_and_metrics(rewards, distance, depth, config.beta), grads)

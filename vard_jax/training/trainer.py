@@ -479,7 +479,7 @@ class Trainer:
         batch. Host values [N]."""
         data_axis = self.mesh.shape[mesh_lib.DATA]
         total = dataset["states"].shape[0]
-        chunk = min(max(self.config.value.batch_size, 1), total)
+        chunk = max(min(self.config.value.batch_size, total), 1)
         size = chunk + (-chunk) % data_axis  # every batch padded to one shape: one program
         values = []
         for start in range(0, total, chunk):
