@@ -19,9 +19,9 @@ from configs import shapes_fidelity
 #: differentiated rollout is fully unrolled by default (``rollout.resolve_unroll``: it runs
 #: several times faster), which compiles a copy of the UNet's backward pass per step; a test
 #: that trains one epoch spends its time compiling, so it keeps the loop (the same results:
-#: ``test_diffusion``'s loop/unroll equivalence tests). Tests that train several epochs (this
-#: module's fidelity trainer, test_entry_points, test_notebook) keep the unrolled default:
-#: with the loop, their runs took longer than the compile saved (measured from a clean clone).
+#: ``test_diffusion``'s loop/unroll equivalence tests). This module's fidelity trainer (several
+#: epochs), test_notebook's run and test_entry_points' run keep the unrolled default: with the
+#: loop, their runs took longer than the compile saved (measured from a clean clone).
 UNROLL = 1
 
 
