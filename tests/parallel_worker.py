@@ -114,6 +114,15 @@ def one_epoch(data: int, fsdp: int, devices) -> dict:
     state, policy_metrics = loop.policy_stage(state, prompts, jax.random.PRNGKey(4))
     final = mesh_lib.to_host(state)
     _log("policy stage done")
+    # Value-steered sampling (guided SMC, 2 particles a prompt) on the trained value.
+    from vard_jax.training import value_sampling
+
+    sampler = value_sampling.ValueSampler(trainer, value_sampling.SteeringSpec(
+        value_guidance=0.5, particles=2, temperature=0.5))
+    half = config.sample.batch_size // 2
+    steered = sampler.sample(state.policy_params, state.value_params, state.reward_stats,
+                             prompts[0][:half], jax.random.PRNGKey(5))
+    _log("steered sampling done")
     state_specs = jax.tree_util.tree_map(_spec, state)
     expected_specs = jax.tree_util.tree_map(
         lambda s: str(s.spec), trainer.state_shardings(trainer.abstract_state))
@@ -133,6 +142,8 @@ def one_epoch(data: int, fsdp: int, devices) -> dict:
         "policy_leaves": len(jax.tree_util.tree_leaves(state.policy_params)),
         "reference_sharded": len(_sharded_leaves(trainer.reference_params)),
         "state_specs_as_declared": state_specs == expected_specs,
+        "steered_images": steered.images, "steered_log_weights": steered.log_weights,
+        "steered_resampled": steered.resampled,
     }
 
 
@@ -172,6 +183,12 @@ def run_meshes(out: pathlib.Path) -> None:
         item["policy_update_size"] = _max_abs_diff(base["final"].policy_params,
                                                    base["initial"].policy_params)
         item["policy_loss_diff"] = abs(run["policy_loss"] - base["policy_loss"])
+        item["steered_images_diff"] = _max_abs_diff(run["steered_images"], base["steered_images"])
+        item["steered_log_weights_diff"] = _max_abs_diff(run["steered_log_weights"],
+                                                         base["steered_log_weights"])
+        item["steered_resampled_same"] = bool(np.array_equal(run["steered_resampled"],
+                                                             base["steered_resampled"]))
+        item["steered_resampled_any"] = bool(np.any(base["steered_resampled"]))
         item["policy_grad_norm_relative_diff"] = (abs(run["policy_grad_norm"]
                                                       - base["policy_grad_norm"])
                                                   / base["policy_grad_norm"])

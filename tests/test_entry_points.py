@@ -376,3 +376,59 @@ def test_sample_warns_about_over_long_prompts(trained_run: TrainedRun, tmp_path:
     assert summary["images"][0]["prompt"] == long_prompt.strip()
     assert ("prompt set --prompt/--prompts_file: 1 of 1 prompts are longer than the "
             "tokenizer's") in caplog.text
+
+
+def test_steered_sampling_and_evaluation_with_the_runs_value(trained_run: TrainedRun,
+                                                              tmp_path: pathlib.Path) -> None:
+    """The run's value steers its policy or, with --pretrained, the base model."""
+    from vard_jax import sample
+    from vard_jax.diffusion.sampler import SteeringSpec
+
+    prompts = world.all_prompts("heldout")[:3]
+    smc = SteeringSpec(particles=2, temperature=0.5)
+    summary = sample.run_sampling(ModelSpec(workdir=trained_run.workdir, pretrained=True),
+                                  prompts, tmp_path / "smc.png", steering=smc, seed=5)
+    assert summary["pretrained"] is True and summary["steering"]["select"] == "weight"
+    assert [image["prompt"] for image in summary["images"]] == prompts
+    assert all(math.isfinite(image["value"]) and math.isfinite(image["reward"])
+               for image in summary["images"])
+    assert (tmp_path / "smc.png").is_file()
+
+    best = SteeringSpec(particles=2, resample_every=0)
+    spec = ModelSpec(workdir=trained_run.workdir)
+    evaluated = evaluate.run_evaluation(spec, num_samples=6, steering=best, select="reward")
+    steered = evaluated["steering"]
+    assert steered["unet_calls_per_image"] == 2 * 2 * trained_run.config.sample.num_steps
+    assert steered["resampled_fraction"] == 0.0
+    reward = evaluated["reward"]
+    # The best of each prompt's two samples beats any weighting of them.
+    assert evaluated["rewards"][reward]["mean"] >= steered["weighted_means"][reward] - 1e-6
+    assert evaluated["eps_distance"] is None and evaluated["num_samples"] == 6
+    assert evaluate.default_output(spec, evaluated).name == "eval_step_1_bestof2_reward.json"
+
+    guided = evaluate.run_evaluation(spec, num_samples=4,
+                                     steering=SteeringSpec(value_guidance=1.0))
+    assert guided["steering"]["unet_calls_per_image"] == 2 * trained_run.config.sample.num_steps
+    assert math.isfinite(guided["rewards"][reward]["mean"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"config": True}, "needs the run that trained it"),
+    ({"select": "best"}, "--select=best: use one of"),
+    ({"steering": {"particles": 2, "temperature": 0.0}}, "temperature = 0.0: must be > 0"),
+    ({"batch_size": 3}, "multiple of 2"),
+])
+def test_bad_steering_is_a_one_line_error(trained_run: TrainedRun, tmp_path: pathlib.Path,
+                                          kwargs: dict, message: str) -> None:
+    from vard_jax import sample
+    from vard_jax.diffusion.sampler import SteeringSpec
+
+    spec = ModelSpec(workdir=trained_run.workdir)
+    if kwargs.pop("config", False):
+        spec = ModelSpec(config=tiny_config(), pretrained=True)
+    steering = SteeringSpec(**kwargs.pop("steering", {"particles": 2}))
+    with pytest.raises(EvaluationError, match=message) as error:
+        sample.run_sampling(spec, ["a red circle"], tmp_path / "grid.png", steering=steering,
+                            **kwargs)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "grid.png").exists()

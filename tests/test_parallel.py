@@ -208,6 +208,10 @@ def test_sharded_epoch_matches_one_device(meshes, name):
     assert run["policy_update_relative_diff"] < 1e-3
     assert run["policy_loss_diff"] < 1e-5
     assert run["policy_grad_norm_relative_diff"] < 1e-4
+    # Value-steered sampling: the same particles, weights and resampling on the sharded batch
+    # (the resampling gathers rows across devices).
+    assert run["steered_resampled_any"] and run["steered_resampled_same"]
+    assert run["steered_images_diff"] < 1e-3 and run["steered_log_weights_diff"] < 1e-3
 
 
 @SUBPROCESSES

@@ -13,7 +13,7 @@ import ml_collections
 
 # Choices the implementations accept, repeated here to keep jax out of start-up validation
 # (tests/test_config.py checks that they match).
-ALGORITHMS = ("vard", "ddpo", "draft")
+ALGORITHMS = ("vard", "value", "ddpo", "draft")
 DDPO_REDUCTIONS = ("mean", "sum")
 MODEL_FAMILIES = ("shapes",)
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py

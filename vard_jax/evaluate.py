@@ -77,6 +77,10 @@ class LoadedPolicy:
     policy_params: Any
     step: int  # the checkpoint's epoch; 0 for the pretrained model
     pretrained: bool
+    # The run's value and reward statistics (``load_policy(..., with_value=True)``), also with
+    # the pretrained policy (sampling-time steering of the base model); None otherwise.
+    value_params: Any = None
+    reward_stats: Any = None
 
 
 class ResolvedConfig(NamedTuple):
@@ -235,17 +239,23 @@ def prepare_config(config: ml_collections.ConfigDict, batch_size: int) -> int:
     return data_axis
 
 
-def load_policy(spec: ModelSpec, resolved: ResolvedConfig) -> LoadedPolicy:
-    """Builds the trainer of ``resolved.config`` and restores (or takes) the policy params."""
+def load_policy(spec: ModelSpec, resolved: ResolvedConfig,
+                with_value: bool = False) -> LoadedPolicy:
+    """Builds the trainer of ``resolved.config`` and restores (or takes) the policy params;
+    ``with_value`` also restores the run's value (which needs ``spec.workdir``, with or
+    without ``spec.pretrained``)."""
     from vard_jax.training.checkpoints import abstract_with_shardings
     from vard_jax.training.trainer import Trainer
 
+    if with_value and spec.workdir is None:
+        raise EvaluationError("sampling with a value needs the run that trained it: give "
+                              "--workdir=RUN (add --pretrained to steer the base model)")
     config = resolved.config
     try:
         trainer = Trainer(config)
     except (FileNotFoundError, ValueError) as error:
         raise EvaluationError(_first_line(error)) from None
-    if spec.pretrained:
+    if spec.pretrained and not with_value:
         return LoadedPolicy(config, trainer, trainer.pretrained_policy_params(), 0, True)
     checkpointer = open_checkpointer(spec.workdir)
     abstract = abstract_with_shardings(trainer.abstract_state,
@@ -257,7 +267,10 @@ def load_policy(spec: ModelSpec, resolved: ResolvedConfig) -> LoadedPolicy:
                               f"{checkpointer.directory}: {_first_line(error)}") from None
     finally:
         checkpointer.close()
-    return LoadedPolicy(config, trainer, state.policy_params, int(step), False)
+    value = (state.value_params, state.reward_stats) if with_value else (None, None)
+    if spec.pretrained:
+        return LoadedPolicy(config, trainer, trainer.pretrained_policy_params(), 0, True, *value)
+    return LoadedPolicy(config, trainer, state.policy_params, int(step), False, *value)
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -338,40 +351,61 @@ def _finite(value: float) -> Optional[float]:
 
 def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
                    num_samples: Optional[int] = None, seed: Optional[int] = None,
-                   batch_size: Optional[int] = None) -> dict:
+                   batch_size: Optional[int] = None, steering: Any = None,
+                   select: str = "auto") -> dict:
     """Loads the model of ``spec``, samples and scores the prompts; returns the JSON summary.
 
     ``seed`` (default ``train.seed``) selects the prompts and, offset by
-    ``EVAL_NOISE_SEED_OFFSET``, the initial and per-step noise.
+    ``EVAL_NOISE_SEED_OFFSET``, the initial and per-step noise. ``steering`` (a
+    ``SteeringSpec``) samples with the run's value (``vard_jax.sample``'s steering options);
+    each prompt's image is then chosen among its particles by ``select``, and the summary has
+    a ``steering`` entry (no eps distance).
     """
     resolved = resolve_config(spec)
     config = resolved.config
     seed = config.train.seed if seed is None else seed
     prompts, source = evaluation_prompts(config, prompts_file, num_samples, seed)
-    batch_size = config.sample.eval_batch_size if batch_size is None else batch_size
+    steered = steering is not None and (steering.value_guidance != 0 or steering.particles > 1)
+    particles = steering.particles if steered else 1
+    if batch_size is None:
+        batch_size = max(config.sample.eval_batch_size // particles, 1) * particles
+    if batch_size % particles:
+        raise EvaluationError(f"--batch_size={batch_size} holds whole groups of "
+                              f"--particles={particles}: use a multiple of {particles}")
     skipped = configure_eval_rewards(config, prompts)
     prepare_config(config, batch_size)
-    loaded = load_policy(spec, resolved)
+    loaded = load_policy(spec, resolved, with_value=steered)
     warn_if_truncated(prompts, loaded.trainer.pipeline, source)
 
     from vard_jax.training import evaluation
 
+    extra = {}
     try:
-        result = evaluation.evaluate(loaded.trainer, loaded.policy_params, prompts, batch_size,
-                                     seed + EVAL_NOISE_SEED_OFFSET)
-    except ValueError as error:  # a reward that failed its checks
+        if steered:
+            from vard_jax.training import value_sampling
+
+            select = checked_selection(select, steering)
+            scores, extra = value_sampling.evaluate_steered(
+                loaded, steering, select, prompts, batch_size // particles,
+                seed + EVAL_NOISE_SEED_OFFSET)
+            eps_distance = math.nan
+        else:
+            result = evaluation.evaluate(loaded.trainer, loaded.policy_params, prompts,
+                                         batch_size, seed + EVAL_NOISE_SEED_OFFSET)
+            scores, eps_distance = result.scores, result.eps_distance
+    except ValueError as error:  # a reward that failed its checks, impossible steering
         raise EvaluationError(_first_line(error)) from None
     rewards = {name: {"mean": _finite(values.mean()), "std": _finite(values.std()),
                       "min": _finite(values.min()), "max": _finite(values.max())}
-               for name, values in result.scores.items()}
-    return {
+               for name, values in scores.items()}
+    summary = {
         "step": loaded.step,
         "pretrained": loaded.pretrained,
         "workdir": str(spec.workdir) if spec.workdir is not None else None,
         "reward": loaded.trainer.reward.name,
         "rewards": rewards,
         "skipped_rewards": skipped,
-        "eps_distance": _finite(result.eps_distance),
+        "eps_distance": _finite(eps_distance),
         "num_samples": len(prompts),
         "distinct_prompts": len(set(prompts)),
         "seed": seed,
@@ -379,14 +413,25 @@ def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
         "devices": loaded.trainer.mesh.devices.size,
         "prompts_source": source,
     }
+    if steered:
+        summary["steering"] = {**steering._asdict(), "select": select, **extra}
+    return summary
 
 
 def default_output(spec: ModelSpec, summary: dict) -> Optional[pathlib.Path]:
-    """WORKDIR/eval_step_<N>.json or WORKDIR/eval_pretrained.json (None without a workdir)."""
+    """WORKDIR/eval_step_<N>.json or WORKDIR/eval_pretrained.json (None without a workdir);
+    steered evaluations add the steering, e.g. eval_step_12_guidance2_smc4.json."""
     if spec.workdir is None:
         return None
-    name = "eval_pretrained.json" if summary["pretrained"] else f"eval_step_{summary['step']}.json"
-    return spec.workdir / name
+    name = "eval_pretrained" if summary["pretrained"] else f"eval_step_{summary['step']}"
+    steering = summary.get("steering")
+    if steering:
+        if steering["value_guidance"]:
+            name += f"_guidance{steering['value_guidance']:g}"
+        if steering["particles"] > 1:
+            kind = "smc" if steering["resample_every"] else "bestof"
+            name += f"_{kind}{steering['particles']}_{steering['select']}"
+    return spec.workdir / f"{name}.json"
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
@@ -504,7 +549,61 @@ def quiet_logging() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
+class SteeringFlags(NamedTuple):
+    value_guidance: "FlagHolder"
+    particles: "FlagHolder"
+    temperature: "FlagHolder"
+    resample_every: "FlagHolder"
+    ess_threshold: "FlagHolder"
+    select: "FlagHolder"
+
+
+def define_steering_flags() -> SteeringFlags:
+    """The flags of sampling with a run's value (``vard_jax.diffusion.steering``)."""
+    from absl import flags
+
+    return SteeringFlags(
+        value_guidance=flags.DEFINE_float(
+            "value_guidance", 0.0, "Value guidance strength lambda: eps - lambda sqrt(1 - a_t) "
+            "grad V (0: off)."),
+        particles=flags.DEFINE_integer(
+            "particles", 1, "Particles per image; > 1 runs value-steered SMC (or best-of-N "
+            "with --resample_every=0)."),
+        temperature=flags.DEFINE_float("temperature", 1.0, "SMC temperature of exp(V / T)."),
+        resample_every=flags.DEFINE_integer("resample_every", 1, "Steps between SMC "
+                                            "resampling points (0: never: best-of-N)."),
+        ess_threshold=flags.DEFINE_float("ess_threshold", 1.0, "Resample when the effective "
+                                         "sample size is below this fraction of --particles."),
+        select=flags.DEFINE_string("select", "auto", "Which particle an image is: weight "
+                                   "(drawn by SMC weight), value (highest V), reward (highest "
+                                   "reward); auto = weight with resampling, else value."),
+    )
+
+
+def steering_from_flags(steering_flags: Optional[SteeringFlags]) -> Any:
+    """The SteeringSpec of the parsed flags."""
+    from vard_jax.diffusion.sampler import SteeringSpec
+
+    assert steering_flags is not None
+    return SteeringSpec(value_guidance=steering_flags.value_guidance.value,
+                        particles=steering_flags.particles.value,
+                        temperature=steering_flags.temperature.value,
+                        resample_every=steering_flags.resample_every.value,
+                        ess_threshold=steering_flags.ess_threshold.value)
+
+
+def checked_selection(select: str, steering: Any) -> str:
+    """``value_sampling.resolve_selection``, its error as an EvaluationError."""
+    from vard_jax.training import value_sampling
+
+    try:
+        return value_sampling.resolve_selection(select, steering)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+
+
 _FLAGS: Optional[ModelFlags] = None
+_STEERING: Optional[SteeringFlags] = None
 _NUM_SAMPLES: Optional["FlagHolder"] = None
 
 
@@ -515,7 +614,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; use --workdir=DIR or --config=FILE "
                  "--pretrained")
-    assert _FLAGS is not None and _NUM_SAMPLES is not None, "flags are defined in __main__"
+    assert _FLAGS is not None and _NUM_SAMPLES is not None and _STEERING is not None, \
+        "flags are defined in __main__"
     quiet_logging()
     spec = model_spec(_FLAGS)
     configure_host_devices(spec, _FLAGS.batch_size.value)
@@ -524,7 +624,9 @@ def main(argv: list[str]) -> None:
             check_output(pathlib.Path(_FLAGS.out.value))
         summary = run_evaluation(spec, prompts_file=_FLAGS.prompts_file.value,
                                  num_samples=_NUM_SAMPLES.value, seed=_FLAGS.seed.value,
-                                 batch_size=_FLAGS.batch_size.value)
+                                 batch_size=_FLAGS.batch_size.value,
+                                 steering=steering_from_flags(_STEERING),
+                                 select=_STEERING.select.value)
         out = pathlib.Path(_FLAGS.out.value) if _FLAGS.out.value else default_output(spec,
                                                                                      summary)
         if out is not None:
@@ -545,4 +647,5 @@ if __name__ == "__main__":
     _NUM_SAMPLES = _absl_flags.DEFINE_integer(
         "num_samples", None, "Images to sample and score (default: eval_batch_size * "
         "eval_batches of the config; with --prompts_file, one per line).")
+    _STEERING = define_steering_flags()
     _cli.run(main)

@@ -5,6 +5,16 @@
         --num_per_prompt=4 --seed=1 --out=grid.png
     python -m vard_jax.sample --config=configs/shapes.py --pretrained --prompt="..." --out=base.png
 
+With a run's value (VARD's, or one trained alone on the base model with
+``--config.algorithm=value``), sampling can be steered by it, for the run's policy or with
+``--pretrained`` for the base model (docs/STEERING.md):
+
+    python -m vard_jax.sample --workdir=runs/demo --value_guidance=2 --prompt="..." --out=g.png
+    python -m vard_jax.sample --workdir=runs/value --pretrained --particles=4 --prompt="..." \
+        --out=smc.png                          # value-steered SMC, 4 particles a prompt
+    python -m vard_jax.sample --workdir=runs/demo --particles=4 --resample_every=0 \
+        --select=reward --prompt="..." --out=best.png      # best-of-4 by the reward
+
 The model is chosen as in ``vard_jax.evaluate``: the latest (or ``--step``) checkpoint of a
 training run, or with ``--pretrained`` the untouched base model of the run's or the given
 config. Each prompt gets ``--num_per_prompt`` samples (one row of the grid each when more than
@@ -69,14 +79,19 @@ def collect_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list
 
 def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Path,
                  num_per_prompt: int = 1, seed: Optional[int] = None,
-                 batch_size: Optional[int] = None) -> dict:
+                 batch_size: Optional[int] = None, steering: Any = None,
+                 select: str = "auto") -> dict:
     """Samples ``num_per_prompt`` images per prompt, scores them, writes the grid to ``out``.
 
+    ``steering`` (a ``SteeringSpec``) steers sampling with the run's value: each image is then
+    chosen (``select``) among ``steering.particles`` particles of its prompt.
     Returns the summary: the grid's path, the model (step, pretrained), the reward and one
-    ``{"prompt", "reward"}`` entry per image in grid order (prompt-major).
+    ``{"prompt", "reward"}`` entry per image in grid order (prompt-major; with steering also
+    the image's final value).
     """
     if num_per_prompt < 1:
         raise EvaluationError(f"--num_per_prompt={num_per_prompt}: must be >= 1")
+    steered = steering is not None and (steering.value_guidance != 0 or steering.particles > 1)
     out = pathlib.Path(out)
     if out.suffix.lower() != ".png":
         raise EvaluationError(f"--out={out}: the grid is written as PNG; name it *.png")
@@ -86,17 +101,27 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
     seed = config.train.seed if seed is None else seed
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     data_axis = eval_lib.data_axis_size(config)
+    particles = steering.particles if steered else 1
     if batch_size is None:  # no larger than needed, rounded up to the data axis
-        needed = -(-len(expanded) // data_axis) * data_axis
-        batch_size = min(config.sample.eval_batch_size, needed)
+        needed = -(-len(expanded) * particles // data_axis) * data_axis
+        batch_size = min(max(config.sample.eval_batch_size, particles), needed)
+    if batch_size % particles:
+        raise EvaluationError(f"--batch_size={batch_size} holds whole groups of "
+                              f"--particles={particles}: use a multiple of {particles}")
     eval_lib.prepare_config(config, batch_size)
-    loaded = eval_lib.load_policy(spec, resolved)
+    if steered:
+        select = eval_lib.checked_selection(select, steering)
+    loaded = eval_lib.load_policy(spec, resolved, with_value=steered)
     trainer = loaded.trainer
     eval_lib.warn_if_truncated(prompts, trainer.pipeline, "--prompt/--prompts_file")
 
     from vard_jax.training.images import save_grid
 
-    images = sample_images(trainer, loaded.policy_params, expanded, batch_size, seed)
+    values = None
+    if steered:
+        images, values = _steered_images(loaded, expanded, steering, select, batch_size, seed)
+    else:
+        images = sample_images(trainer, loaded.policy_params, expanded, batch_size, seed)
     try:
         rewards, _ = trainer.reward_evaluator(images, expanded)
     except ValueError as error:  # a reward that failed its checks
@@ -107,7 +132,8 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
                   score_name=score_label(trainer.reward.name))
     except OSError as error:
         raise EvaluationError(f"cannot write {out}: {error.strerror}") from None
-    return {
+    entries = [{"prompt": p, "reward": float(r)} for p, r in zip(expanded, rewards)]
+    summary = {
         "path": str(out),
         "step": loaded.step,
         "pretrained": loaded.pretrained,
@@ -115,11 +141,42 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
         "reward": trainer.reward.name,
         "seed": seed,
         "num_per_prompt": num_per_prompt,
-        "images": [{"prompt": p, "reward": float(r)} for p, r in zip(expanded, rewards)],
+        "images": entries,
     }
+    if steered:
+        for entry, value in zip(entries, values):
+            entry["value"] = float(value)
+        summary["steering"] = {**steering._asdict(), "select": select}
+    return summary
+
+
+def _steered_images(loaded, prompts: list[str], steering: Any, select: str, batch_size: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image per prompt, chosen among its particles, and its final value."""
+    import jax
+
+    from vard_jax.training import value_sampling
+
+    trainer, n = loaded.trainer, steering.particles
+    try:
+        sampler = value_sampling.ValueSampler(trainer, steering)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+    batch = value_sampling.sample_all(sampler, loaded.policy_params, loaded.value_params,
+                                      loaded.reward_stats, prompts, batch_size // n, seed)
+    rewards = None
+    if select == "reward":
+        try:
+            rewards, _ = trainer.reward_evaluator(batch.images, batch.prompts)
+        except ValueError as error:
+            raise EvaluationError(str(error).splitlines()[0]) from None
+    rows = value_sampling.select(batch, n, select, rewards,
+                                 jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    return batch.images[rows], batch.final_value[rows]
 
 
 # --- command line --------------------------------------------------------------------------------
+_STEERING: Optional[eval_lib.SteeringFlags] = None
 _FLAGS: Optional[eval_lib.ModelFlags] = None
 _PROMPT: Optional["FlagHolder"] = None
 _NUM_PER_PROMPT: Optional["FlagHolder"] = None
@@ -141,7 +198,9 @@ def main(argv: list[str]) -> None:
         eval_lib.configure_host_devices(spec, _FLAGS.batch_size.value)
         summary = run_sampling(spec, prompts, _FLAGS.out.value,
                                num_per_prompt=_NUM_PER_PROMPT.value, seed=_FLAGS.seed.value,
-                               batch_size=_FLAGS.batch_size.value)
+                               batch_size=_FLAGS.batch_size.value,
+                               steering=eval_lib.steering_from_flags(_STEERING),
+                               select=_STEERING.select.value)
     except EvaluationError as error:
         cli.fail(str(error))
     print(json.dumps(summary), flush=True)
@@ -155,5 +214,6 @@ if __name__ == "__main__":
     _FLAGS = eval_lib.define_model_flags("Path of the PNG grid to write (required).")
     _PROMPT = _absl_flags.DEFINE_multi_string("prompt", None, "A prompt to sample (repeatable).")
     _NUM_PER_PROMPT = _absl_flags.DEFINE_integer("num_per_prompt", 1, "Samples per prompt.")
+    _STEERING = eval_lib.define_steering_flags()
     _absl_flags.adopt_module_key_flags(eval_lib)
     _cli.run(main)

@@ -13,7 +13,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.algorithm = "vard"  # Training objective over the shared rollout: vard | ddpo | draft.
+    # Training objective over the shared rollout: vard | ddpo | draft, or value (VARD's value
+    # alone on the pretrained model's samples, for sampling-time steering).
+    config.algorithm = "vard"
 
     # --- the pretrained text-to-image model -------------------------------------------------
     config.pretrained = pretrained = ml_collections.ConfigDict()

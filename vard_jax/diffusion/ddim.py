@@ -54,6 +54,12 @@ def _clip_straight_through_jvp(limit, primals, tangents):
 def predict_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
                    model_output: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x0_hat, eps) from the model's output, for any prediction type; a_t: [] or [B]."""
+    x0, eps = _unclipped_x0_eps(schedule, a_t, x_t, model_output)
+    return clip_x0(schedule, x0), eps
+
+
+def _unclipped_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
+                      model_output: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = _broadcast(a_t, x_t)
     if schedule.prediction_type == "epsilon":
         eps = model_output
@@ -66,7 +72,7 @@ def predict_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
         eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
     else:
         raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
-    return clip_x0(schedule, x0), eps
+    return x0, eps
 
 
 def clip_x0(schedule: DDIMSchedule, x0: jax.Array) -> jax.Array:
@@ -90,10 +96,22 @@ def ddim_std(schedule: DDIMSchedule, i: jax.Array | int, eta: float) -> jax.Arra
 
 
 def ddim_step(schedule: DDIMSchedule, i: jax.Array | int, x_t: jax.Array,
-              model_output: jax.Array, noise: jax.Array | None, eta: float) -> StepOutput:
-    """Step i of the DDIM grid (i = 0 is the noisiest). ``noise`` is z_i, or None for the mean."""
+              model_output: jax.Array, noise: jax.Array | None, eta: float,
+              eps_shift: jax.Array | None = None) -> StepOutput:
+    """Step i of the DDIM grid (i = 0 is the noisiest). ``noise`` is z_i, or None for the mean.
+
+    ``eps_shift`` ([B, ...], optional) is added to the noise prediction (in the eps
+    parametrisation, whatever the model predicts) and x0_hat follows from the shifted eps:
+    classifier (value) guidance, ``vard_jax.diffusion.steering``.
+    """
     a_t, a_prev = schedule.alpha_t[i], schedule.alpha_prev[i]
-    x0_hat, eps = predict_x0_eps(schedule, a_t, x_t, model_output)
+    if eps_shift is None:
+        x0_hat, eps = predict_x0_eps(schedule, a_t, x_t, model_output)
+    else:  # x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) moves by -sqrt((1 - a) / a) * shift; a zero
+        # shift leaves both exactly as they were.
+        x0_raw, eps = _unclipped_x0_eps(schedule, a_t, x_t, model_output)
+        eps = eps + eps_shift
+        x0_hat = clip_x0(schedule, x0_raw - jnp.sqrt((1.0 - a_t) / a_t) * eps_shift)
     std = ddim_std(schedule, i, eta)
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - std**2, 0.0)) * eps
     mean = jnp.sqrt(a_prev) * x0_hat + direction

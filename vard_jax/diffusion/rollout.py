@@ -61,6 +61,8 @@ class StepInfo(NamedTuple):
 
 
 StepHook = Callable[[StepInfo], Any]
+# eps_shift(x_t [B, ...], step index []) -> [B, ...], added to the guided noise prediction.
+EpsShift = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Trajectory(NamedTuple):
@@ -111,13 +113,19 @@ def segments(cuts: np.ndarray) -> list[tuple[int, int, int, bool]]:
 
 def denoising_step(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x: jax.Array,
                    i: jax.Array, z: jax.Array, context: jax.Array, null_context: jax.Array, *,
-                   eta: float, guidance_scale: float) -> StepInfo:
-    """DDIM step i from x ([B, ...]) with the input noise z, as the rollout takes it."""
+                   eta: float, guidance_scale: float,
+                   eps_shift: Optional[EpsShift] = None) -> StepInfo:
+    """DDIM step i from x ([B, ...]) with the input noise z, as the rollout takes it.
+
+    ``eps_shift(x, i) -> [B, ...]`` is added to the guided noise prediction (value guidance,
+    ``vard_jax.diffusion.steering``); it is a sampling-time term, constant for gradients.
+    """
     t = schedule.timesteps[i]
     guided, eps_cond = ddim.guided_and_conditional_eps(
         eps_fn, params, x, jnp.full((x.shape[0],), t, jnp.int32), context, null_context,
         guidance_scale)
-    step = ddim.ddim_step(schedule, i, x, guided, z, eta)
+    shift = None if eps_shift is None else jax.lax.stop_gradient(eps_shift(x, i))
+    step = ddim.ddim_step(schedule, i, x, guided, z, eta, eps_shift=shift)
     return StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
                     x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, x0_hat=step.x0_hat,
                     mean=step.mean, std=step.std)
@@ -162,6 +170,7 @@ def rollout(
     python_loop: bool = False,
     cuts: Optional[jax.Array] = None,
     unroll: int | bool = 1,
+    eps_shift: Optional[EpsShift] = None,
 ) -> tuple[Trajectory, Any]:
     """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
 
@@ -180,6 +189,8 @@ def rollout(
       cuts: optional [T] bool array (may be traced) that replaces ``gradient_cuts(T, K, mode)``,
         e.g. for a depth drawn inside jit (AlignProp).
       unroll: ``lax.scan``'s unroll (True = full); see ``resolve_unroll``.
+      eps_shift: optional ``fn(x_t, i) -> [B, ...]`` added to the guided noise prediction of
+        every step (value guidance; ``vard_jax.diffusion.steering.value_guidance``).
     """
     num_steps = schedule.num_steps
     if noise.shape[:2] != (x_T.shape[0], num_steps):
@@ -197,7 +208,7 @@ def rollout(
         if traced_cuts:
             x = jnp.where(cuts[i], jax.lax.stop_gradient(x), x)
         info = denoising_step(eps_fn, params, schedule, x, i, z, context, null_context,
-                              eta=eta, guidance_scale=guidance_scale)
+                              eta=eta, guidance_scale=guidance_scale, eps_shift=eps_shift)
         log_prob = ddim.gaussian_log_prob(jax.lax.stop_gradient(info.x_prev), info.mean, info.std)
         hook_out = None if step_hook is None else step_hook(info)
         return info.x_prev, (x, info.x_prev, log_prob, hook_out)

@@ -64,13 +64,20 @@ def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_siz
         images.append(mesh_lib.to_host(batch_images)[:len(chunk)])
         distances.append(float(distance))
     images = np.concatenate(images)
+    return EvalResult(images=images, prompts=list(prompts),
+                      scores=score_images(trainer, images, prompts),
+                      eps_distance=float(np.mean(distances)))
+
+
+def score_images(trainer: Trainer, images: np.ndarray, prompts: list[str]) -> dict:
+    """Every configured reward of host images: the trained one, its parts, the evaluation
+    extras (name -> [N])."""
     total, parts = trainer.reward_evaluator(images, prompts)
     scores = dict(parts)
     scores[trainer.reward.name] = total
     for name, evaluator in trainer.eval_evaluators.items():
         scores[name] = evaluator(images, prompts)[0]
-    return EvalResult(images=images, prompts=list(prompts), scores=scores,
-                      eps_distance=float(np.mean(distances)))
+    return scores
 
 
 def summary(result: EvalResult, prefix: str = "eval") -> dict:

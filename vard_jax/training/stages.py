@@ -4,6 +4,8 @@
   dense policy update(s) through the value. Value pre-training epochs come first.
 * ``ddpo``: roll out the policy storing transitions and log-probs -> rewards (host) ->
   per-prompt advantages -> PPO-clip epochs over minibatches of transitions.
+* ``value``: VARD's value stage alone on the pretrained model's samples (the policy is never
+  updated): a value for sampling-time steering of the base model (``vard_jax.sample``).
 * ``draft``: per batch, one update that samples with gradients and backpropagates the
   (differentiable, in-graph) reward through the last K steps (AlignProp: random K).
 
@@ -118,6 +120,21 @@ class VardStage(Stage):
                        "images": images, "rewards": rewards}
 
 
+class ValueStage(VardStage):
+    """VARD without its policy stage: every epoch trains the value on fresh samples of the
+    (unchanged) pretrained policy."""
+
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        loop = self.loop
+        rollouts, rewards, prompts = loop.collect(state, (0, epoch), key, step=epoch + 1)
+        state, value_metrics = loop.value_stage(state, rollouts, rewards, prompts, (0, epoch))
+        faults.check_streak(state, loop.config.train.max_nonfinite_in_a_row, epoch + 1,
+                            value_metrics, loop.last_checkpoint)
+        return state, {"reward_mean": float(np.mean(rewards)),
+                       "reward_std": float(np.std(rewards)), **value_metrics,
+                       "images": rewards.size, "rewards": rewards}
+
+
 class DDPOStage(Stage):
     def __init__(self, loop):
         from vard_jax.training.baselines import DDPOSteps
@@ -198,7 +215,8 @@ class DraftStage(Stage):
         return state, summary
 
 
-STAGES: dict[str, type[Stage]] = {"vard": VardStage, "ddpo": DDPOStage, "draft": DraftStage}
+STAGES: dict[str, type[Stage]] = {"vard": VardStage, "value": ValueStage, "ddpo": DDPOStage,
+                                  "draft": DraftStage}
 
 
 def make(loop) -> Any:
