@@ -44,8 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--num_prompts", type=int, default=64)
     parser.add_argument("--batch_prompts", type=int, default=8,
                         help="prompts per sampling batch (rows: this times the particles)")
-    parser.add_argument("--lambdas", default="0.5,2,8")
+    parser.add_argument("--lambdas", default="1,4,16")
     parser.add_argument("--temperatures", default="0.25,1")
+    parser.add_argument("--combined", action="store_true",
+                        help="also SMC with value guidance in its proposal")
     return parser.parse_args(argv)
 
 
@@ -65,7 +67,8 @@ def restore(trainer, workdir: pathlib.Path):
 class Methods:
     """The compiled samplers of every method, shared by the seeds (one trainer)."""
 
-    def __init__(self, trainer, particles: int, guidance: float, temperature: float):
+    def __init__(self, trainer, particles: int, guidance: float, temperature: float,
+                 combined: bool):
         from vard_jax.training.value_sampling import SteeringSpec, ValueSampler
 
         n = particles
@@ -75,9 +78,10 @@ class Methods:
             "guidance": SteeringSpec(value_guidance=guidance),
             f"best_of_{n}": SteeringSpec(particles=n, resample_every=0),
             f"smc_{n}": SteeringSpec(particles=n, temperature=temperature),
-            f"smc_{n}+guidance": SteeringSpec(particles=n, temperature=temperature,
-                                               value_guidance=guidance),
         }
+        if combined:
+            self.specs[f"smc_{n}+guidance"] = SteeringSpec(particles=n, temperature=temperature,
+                                                           value_guidance=guidance)
         self.samplers = {name: ValueSampler(trainer, spec) for name, spec in self.specs.items()}
 
 
@@ -154,7 +158,7 @@ def main(argv=None) -> None:
                       "temperature": temperature}), flush=True)
 
     # 2. the table on held-out prompts
-    methods = Methods(trainer, args.particles, guidance, temperature)
+    methods = Methods(trainer, args.particles, guidance, temperature, args.combined)
     per_seed: dict = {}
     for seed in seeds:
         held_out = prompts_lib.fixed(prompts_lib.load_prompts(config.sample.eval_prompts),

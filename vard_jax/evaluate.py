@@ -372,6 +372,8 @@ def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
     if batch_size % particles:
         raise EvaluationError(f"--batch_size={batch_size} holds whole groups of "
                               f"--particles={particles}: use a multiple of {particles}")
+    if steered:
+        select = checked_selection(select, steering)
     skipped = configure_eval_rewards(config, prompts)
     prepare_config(config, batch_size)
     loaded = load_policy(spec, resolved, with_value=steered)
@@ -384,7 +386,6 @@ def run_evaluation(spec: ModelSpec, prompts_file: Optional[str] = None,
         if steered:
             from vard_jax.training import value_sampling
 
-            select = checked_selection(select, steering)
             scores, extra = value_sampling.evaluate_steered(
                 loaded, steering, select, prompts, batch_size // particles,
                 seed + EVAL_NOISE_SEED_OFFSET)
