@@ -46,6 +46,8 @@ def parse_args(argv=None):
                         help="prompts per sampling batch (rows: this times the particles)")
     parser.add_argument("--lambdas", default="1,4,16")
     parser.add_argument("--temperatures", default="0.25,1")
+    parser.add_argument("--models", default="base,vard",
+                        help="which models to steer: base (with --value_only's value), vard")
     parser.add_argument("--combined", action="store_true",
                         help="also SMC with value guidance in its proposal")
     return parser.parse_args(argv)
@@ -163,7 +165,9 @@ def main(argv=None) -> None:
     for seed in seeds:
         held_out = prompts_lib.fixed(prompts_lib.load_prompts(config.sample.eval_prompts),
                                      args.num_prompts, seed)
-        for model, workdir in (("base", value_dir), ("vard", tuned_dir)):
+        models = [m for m in (("base", value_dir), ("vard", tuned_dir))
+                  if m[0] in args.models.split(",")]
+        for model, workdir in models:
             state, step = restore(trainer, workdir / f"seed_{seed}")
             policy_params = pretrained if model == "base" else state.policy_params
             for name, spec in methods.specs.items():

@@ -184,3 +184,19 @@ def test_value_algorithm_trains_the_value_and_leaves_the_policy(fidelity_trainer
                                                   jax.tree_util.tree_leaves(before.value_params))]
     assert max(moved) > 0 and np.isfinite(metrics["value_loss"])
     assert metrics["images"] == config.sample.batch_size
+
+
+def test_value_sampler_without_steering_draws_the_samplers_images(fidelity_trainer):
+    """Same key, same noise: without steering, the plain sampler's images."""
+    from vard_jax.training import value_sampling
+
+    trainer = fidelity_trainer
+    state = trainer.init_state()
+    prompts = ["a red circle", "two blue squares"]
+    key = jax.random.PRNGKey(7)
+    plain = value_sampling.ValueSampler(trainer, value_sampling.SteeringSpec())
+    out = plain.sample(state.policy_params, state.value_params, state.reward_stats, prompts, key)
+    reference = np.asarray(trainer.rollout_batch(state.policy_params, prompts, key).images)
+    # two compiled programs of the same computation: equal up to float32 rounding
+    np.testing.assert_allclose(out.images, reference, atol=1e-5)
+    assert out.prompts == prompts and np.all(out.log_weights == 0)
