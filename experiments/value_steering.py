@@ -15,8 +15,10 @@ prompt's particles averaged under their final weights (the expectation under the
 distribution); best-of-N's are the chosen sample's.
 
 Guidance strength and SMC temperature are chosen first on the *training* prompts of seed 0
-(``--lambdas``, ``--temperatures``; highest trained reward), then fixed for the table. Prints
-and writes ``OUT/results.json`` with per-seed figures and mean +- std over seeds.
+(``--lambdas``, ``--temperatures``; highest trained reward, the base model steered by the
+value-only run's value), then fixed for the table; ``--fixed=LAMBDA,T`` skips the choice
+(e.g. to add ``--models=vard`` later with an earlier invocation's values). Prints and writes
+``OUT/results.json`` with per-seed figures and mean +- std over seeds.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperatures", default="0.25,1")
     parser.add_argument("--models", default="base,vard",
                         help="which models to steer: base (with --value_only's value), vard")
+    parser.add_argument("--fixed", default="",
+                        help="LAMBDA,T: use these instead of choosing them (e.g. the values an "
+                             "earlier invocation chose, to add the other model)")
     parser.add_argument("--combined", action="store_true",
                         help="also SMC with value guidance in its proposal")
     return parser.parse_args(argv)
@@ -128,7 +133,8 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     tuned_dir, value_dir, out = (pathlib.Path(args.tuned), pathlib.Path(args.value_only),
                                  pathlib.Path(args.out))
-    checkpointer = Checkpointer(tuned_dir / f"seed_{seeds[0]}" / "checkpoints", 1_000_000)
+    # the value-only runs' config: the tuned runs' one but for config.algorithm
+    checkpointer = Checkpointer(value_dir / f"seed_{seeds[0]}" / "checkpoints", 1_000_000)
     config = with_defaults(checkpointer.restore_config(checkpointer.latest_step()))
     checkpointer.close()
     config.sample.eval_batch_size = args.batch_prompts * args.particles
@@ -142,20 +148,24 @@ def main(argv=None) -> None:
     from vard_jax.training.value_sampling import SteeringSpec, ValueSampler
 
     tuning = {}
-    for lam in [float(v) for v in args.lambdas.split(",")]:
+    if args.fixed:
+        guidance, temperature = (float(v) for v in args.fixed.split(","))
+        args.lambdas = args.temperatures = ""
+    for lam in [float(v) for v in args.lambdas.split(",") if v]:
         spec = SteeringSpec(value_guidance=lam)
         figures, _ = run_method(trainer, ValueSampler(trainer, spec), spec, pretrained, state,
                                 train_prompts, args.batch_prompts, 1)
         tuning[f"guidance {lam:g}"] = figures[""][trainer.reward.name]
-    for temperature in [float(v) for v in args.temperatures.split(",")]:
-        spec = SteeringSpec(particles=args.particles, temperature=temperature)
+    for t in [float(v) for v in args.temperatures.split(",") if v]:
+        spec = SteeringSpec(particles=args.particles, temperature=t)
         figures, _ = run_method(trainer, ValueSampler(trainer, spec), spec, pretrained, state,
                                 train_prompts, args.batch_prompts, 1)
-        tuning[f"smc T={temperature:g}"] = figures[""][trainer.reward.name]
-    guidance = max((v, float(k.split()[1])) for k, v in tuning.items()
-                   if k.startswith("guidance"))[1]
-    temperature = max((v, float(k.split("=")[1])) for k, v in tuning.items()
-                      if k.startswith("smc"))[1]
+        tuning[f"smc T={t:g}"] = figures[""][trainer.reward.name]
+    if not args.fixed:
+        guidance = max((v, float(k.split()[1])) for k, v in tuning.items()
+                       if k.startswith("guidance"))[1]
+        temperature = max((v, float(k.split("=")[1])) for k, v in tuning.items()
+                          if k.startswith("smc"))[1]
     print(json.dumps({"tuning_on_training_prompts": tuning, "guidance": guidance,
                       "temperature": temperature}), flush=True)
 
