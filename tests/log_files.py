@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pathlib
 import struct
+import time
 
 import numpy as np
 
@@ -53,11 +54,29 @@ _BLOCK = 32768  # LevelDB log blocks
 _HEADER = 7  # CRC (4), length (2), type (1)
 
 
-def wandb_records(path: pathlib.Path) -> list:
-    """The ``Record`` protos of a W&B run file (``run-<id>.wandb``)."""
+def wandb_records(path: pathlib.Path, wait_s: float = 120.0) -> list:
+    """The ``Record`` protos of a W&B run file (``run-<id>.wandb``), once it is complete.
+
+    wandb's own process writes the file; ``run.finish()`` can return before that process has
+    flushed it (seen on a loaded machine: the file still held only its header), so this
+    waits, up to ``wait_s`` seconds, for the run's ``exit`` record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {wait_s:.0f} s "
+                                 f"({len(records)} records)")
+        time.sleep(0.5)
+
+
+def _read_wandb_records(path: pathlib.Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = pathlib.Path(path).read_bytes()
+    if len(data) < 7:
+        return []
     assert data[:4] == b":W&B", data[:7]
     position, chunks, pending = 7, [], b""
     while position + _HEADER <= len(data):

@@ -52,12 +52,16 @@ def test_unmerged_and_merged_sampling_agree(world):
                                          "two blue squares on a black background"]))
     key = jax.random.PRNGKey(3)
 
+    # float32 matrix products: on GPUs the default precision is TF32 (10-bit mantissa), with
+    # which the two summation orders of W x + B (A x) and (W + B A) x differ by 1e-2 here.
     @jax.jit
+    @jax.default_matmul_precision("float32")
     def unmerged(adapters):
         return sampler_lib.sample(pipeline, params, policy.unet(adapters, unet), ids, key, spec,
                                   eps_fn=policy.eps_fn).images
 
     @jax.jit
+    @jax.default_matmul_precision("float32")
     def plain(unet_params):
         return sampler_lib.sample(pipeline, params, unet_params, ids, key, spec).images
 

@@ -135,8 +135,9 @@ def _check_logged(workdir, rows, config):
     assert all(h.num == config.sample.batch_size * config.sample.batches_per_epoch
                for h in trained.values())
     run_id = (workdir / "wandb_run_id").read_text().strip()
-    history = [row for path in sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
-               for row in log_files.wandb_history(path)]
+    run_files = sorted((workdir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+    assert run_files, f"no offline W&B run file of run {run_id} under {workdir / 'wandb'}"
+    history = [row for path in run_files for row in log_files.wandb_history(path)]
     by_step = {}
     for row in history:
         by_step.setdefault(int(row["_step"]), {}).update(row)

@@ -373,8 +373,9 @@ def test_full_fine_tuning_of_a_bfloat16_reference_starts_at_distance_zero():
                                     _config()._replace(kl_on=kl_on))
         (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
         # Without the cast to the reference's dtypes D = 1.8e-7 for both options. With it the
-        # weights are the reference's exactly (above); what remains (~2e-16) is XLA rounding
-        # the bfloat16 operations of the two differently fused calls.
-        assert float(metrics["eps_distance"]) < 1e-12, kl_on
+        # weights are the reference's exactly (above); what remains is XLA rounding the
+        # bfloat16 operations of the two differently fused calls (~2e-16 on CPU, 1.4e-9 seen
+        # on an H200).
+        assert float(metrics["eps_distance"]) < 1e-8, kl_on
         assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
         assert float(jnp.abs(grads["bias"]).sum()) > 0
