@@ -24,9 +24,9 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
 * ``unet``: a bare jitted UNet forward and forward+backward (gradient of the parameters) at
   the batch the steps use (2B: the [null; cond] guidance batch), split over the devices as
   the steps' batches are.
-* ``epoch``: one VARD epoch as ``configs/shapes.py`` runs it (``training.loop.Loop``'s
-  collect -> value_stage -> policy_stage: sampling, reward, value diagnostics, value updates,
-  policy update), divided by the time of the bare UNet calls it needs: T forwards for
+* ``epoch``: one VARD epoch as ``configs/shapes.py`` runs it (``training.epochs.VardStage``'s
+  collect -> value_update -> policy_update: sampling, reward, value diagnostics, value
+  updates, policy update), divided by the time of the bare UNet calls it needs: T forwards for
   sampling, and per policy update T reference forwards and T forward+backwards. The ratio is
   the ``overhead`` (1 = nothing but UNet work).
 * ``torch``: the same sampling loop, VARD policy step (per-step backward, K = 1), value step
@@ -106,7 +106,6 @@ def _register_families() -> None:
     """Loader families ``benchmark_sd15`` and ``benchmark_tiny`` (random weights)."""
     from vard_jax import upstream
     from vard_jax.models import loader, shapes as shapes_model
-    from vard_jax.rewards.registry import RewardContext
     from vard_jax.diffusion.schedule import NoiseScheduleConfig
 
     if "benchmark_sd15" in loader._LOADERS:
@@ -160,7 +159,7 @@ def _register_families() -> None:
                             schedule=NoiseScheduleConfig(**SD15_SCHEDULE),
                             sample_shape=SD15_LATENT, max_length=max_length)
         params = {"unet": unet_params, "text_encoder": text_params}
-        return loader.LoadedModel(pipeline, params, RewardContext(path=""))
+        return loader.LoadedModel(pipeline, params)
 
     memoised("benchmark_sd15", _sd15)
 
@@ -434,8 +433,8 @@ class TorchTwin:
         self.steps = trainer.num_steps
         self.batch, self.value_batch = batch, value_batch
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        context = np.asarray(trainer._encode(ids), np.float32)
-        null = np.asarray(trainer._encode(trainer.null_ids), np.float32)
+        context = np.asarray(trainer.encode(ids), np.float32)
+        null = np.asarray(trainer.encode(trainer.null_ids), np.float32)
         self.context = torch.from_numpy(context).to(self.device)
         self.null_context = torch.from_numpy(np.broadcast_to(null, context.shape).copy()).to(
             self.device)
@@ -692,8 +691,8 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((n2, c, h, w)).astype(np.float32)
     t_np = np.full((n2,), int(np.asarray(trainer.schedule.timesteps)[0]), np.int32)
-    cond_context = trainer._encode(ids)
-    null_context = jnp.broadcast_to(trainer._encode(trainer.null_ids), cond_context.shape)
+    cond_context = trainer.encode(ids)
+    null_context = jnp.broadcast_to(trainer.encode(trainer.null_ids), cond_context.shape)
     ctx_np = np.asarray(jnp.concatenate([null_context, cond_context]), np.float32)
     g_np = rng.standard_normal((n2, c, h, w)).astype(np.float32)
     compiled = {}
@@ -869,9 +868,9 @@ def _epoch(trainer, state, compiled: dict, result: dict, timer: Timer) -> dict:
             s, key = loop._split_key(holder["state"])
             key_sample, key_policy = jax.random.split(key)
             e = holder["epoch"]
-            rollouts, rewards, prompts = loop.collect(s, (0, e), key_sample, step=e + 1)
-            s, _ = loop.value_stage(s, rollouts, rewards, prompts, (0, e))
-            s, metrics = loop.policy_stage(s, prompts, key_policy)
+            rollouts, rewards, prompts = loop.stage.collect(s, (0, e), key_sample, step=e + 1)
+            s, _ = loop.stage.value_update(s, rollouts, rewards, prompts, (0, e))
+            s, metrics = loop.stage.policy_update(s, prompts, key_policy)
             _block(metrics)
             holder["state"], holder["epoch"] = s, e + 1
 

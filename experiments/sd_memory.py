@@ -19,14 +19,14 @@ while loop once, so with the rolled scan the flops are about those of *one* deno
 The steps:
 
 * ``policy``: ``Trainer.policy_step`` (``vard_jax/training/trainer.py``) through the functions
-  it is built from, ``trainer.policy_inputs`` and ``trainer.policy_update``: ``vard.policy_loss``
+  it is built from, ``steps.policy_inputs`` and ``steps.policy_update``: ``vard.policy_loss``
   over the differentiable rollout with the policy parametrisation of ``vard_jax.models.policy``
   (``FullPolicy``, or ``LoraPolicy`` rank 8 on to_q,to_k,to_v,to_out_0), the conv value model on
-  latents [4, 64, 64], Adam (``training.trainer.make_optimizers``) on the trainable parameters
+  latents [4, 64, 64], Adam (``training.optimizers.make_optimizers``) on the trainable parameters
   only, and ``faults.keep_finite``. The text context [B, 77, 768] and the null context
   [1, 77, 768] are inputs: the text encoder is frozen and outside the differentiated part, so
   it is left out (the Trainer needs loaded weights for it).
-* ``value``: ``Trainer.value_step`` through ``trainer.value_update`` (conv value MSE + Adam)
+* ``value``: ``Steps.value_step`` through ``steps.value_update`` (conv value MSE + Adam)
   on a batch of ``--value_batch`` labelled states.
 * ``sample``: the sampling scan without gradients (``Trainer.sample`` less the text encoder
   and the VAE decode).
@@ -74,7 +74,7 @@ from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
-from vard_jax.training import stages, trainer as trainer_lib
+from vard_jax.training import optimizers as optimizers_lib, steps as steps_lib
 from vard_jax.training.state import TrainState
 
 GIB = 2.0**30
@@ -97,7 +97,7 @@ SMOKE_UNET = dict(
 SMOKE_TEXT_LENGTH = 8
 
 #: The default run: about 16 minutes on a 2-core CPU shared with other jobs (a policy step
-#: compiles in 2-5 minutes there); see docs/ALGORITHM.md for these and further figures.
+#: compiles in 2-5 minutes there); see docs/IMPLEMENTATION.md for these and further figures.
 DEFAULT_CONFIGS = (
     "policy-lora-full-K1-T10",
     "policy-lora-full-K1-T50",
@@ -202,8 +202,8 @@ class Model:
 
     def optimizers(self):
         config = self.config  # VARD: no DDPO steps, one data shard
-        optimizers = trainer_lib.make_optimizers(
-            config, stages.policy_updates_per_epoch(config, 0, 1))
+        optimizers = optimizers_lib.make_optimizers(
+            config, optimizers_lib.policy_updates_per_epoch(config, 0, 1))
         return optimizers.policy, optimizers.value
 
     def abstract_state(self, policy: policy_lib.PolicyModel, policy_opt, value_opt) -> TrainState:
@@ -249,7 +249,7 @@ def build(model: Model, variant: Variant, batch: int):
         def value_step(state: TrainState, reference_params, batch: dict):
             # Trainer.value_step with the conv value (value_aux is empty).
             del reference_params
-            return trainer_lib.value_update(value_apply, value_opt, state, batch, {})
+            return steps_lib.value_update(value_apply, value_opt, state, batch, {})
 
         value_batch = {
             "states": jax.ShapeDtypeStruct((n,) + tuple(shape), jnp.float32),
@@ -288,9 +288,9 @@ def build(model: Model, variant: Variant, batch: int):
 
     def policy_step(state: TrainState, reference_params, batch: dict, key):
         # Trainer.policy_step, the text encoder left out (context and null context are inputs).
-        inputs = trainer_lib.policy_inputs(key, batch["context"], batch["null_context"],
+        inputs = steps_lib.policy_inputs(key, batch["context"], batch["null_context"],
                                            num_steps, shape, config.policy.train_fraction, {})
-        return trainer_lib.policy_update(policy, value_apply, policy_opt, schedule, loss_config,
+        return steps_lib.policy_update(policy, value_apply, policy_opt, schedule, loss_config,
                                          state, reference_params, inputs)
 
     policy_batch = {"context": context, "null_context": null_context}

@@ -53,7 +53,8 @@ def main(argv):
 
     from vard_jax import prompts as prompts_lib
     from vard_jax.config import ConfigError, validate
-    from vard_jax.training.trainer import EV_BUCKETS, Trainer
+    from vard_jax.training.trainer import Trainer
+    from vard_jax.training.value_data import EV_BUCKETS
 
     config = cli.config_or_fail(_CONFIG)
     chain_counts = _counts(_CHAINS.value, "chains")

@@ -134,7 +134,7 @@ def test_value_gradient_alignment_is_one_for_the_reward_itself_and_flips_with_it
     config.value.log_grad_alignment = True
     loop = Loop(config, tmp_path, trainer=trainer)
     initial_value = jax.device_get(state.value_params)  # the update donates the state
-    updated, aligned = loop.value_stage(state, rollouts, rewards, [prompts], (0, 0))
+    updated, aligned = loop.stage.value_update(state, rollouts, rewards, [prompts], (0, 0))
     for name in ("value_grad_cosine", *(f"value_grad_cosine_q{q}" for q in range(1, 5))):
         assert aligned[name] == pytest.approx(1.0, abs=1e-3), (name, aligned)
     assert aligned["value_grad_cosine_positive"] == 1.0

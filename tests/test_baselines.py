@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vard_jax.algorithms import ddpo, draft
+from vard_jax.algorithms import advantages as advantages_lib, ddpo, draft
 from vard_jax.diffusion import ddim, rollout as rollout_lib
 from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
 from vard_jax.rewards.registry import Reward
@@ -149,7 +149,7 @@ def test_ppo_clipping_stops_the_gradient():
 def test_per_prompt_advantages():
     rewards = np.array([1.0, 2.0, 4.0, 10.0, 20.0, 7.0, -3.0, 0.5])
     prompts = ["a", "a", "a", "b", "b", "c", "a", "b"]
-    advantages = ddpo.per_prompt_advantages(rewards, prompts)
+    advantages = advantages_lib.per_prompt_advantages(rewards, prompts)
     assert advantages.dtype == np.float32 and advantages.shape == (8,)
     ids = np.asarray(prompts)
     for prompt in ["a", "b"]:
@@ -159,15 +159,15 @@ def test_per_prompt_advantages():
     # "c" has one sample: standardised with the batch's statistics.
     np.testing.assert_allclose(advantages[5], (7.0 - rewards.mean()) / rewards.std(), rtol=1e-5)
     # Integer ids work the same, and min_count above every group gives global standardisation.
-    as_ints = ddpo.per_prompt_advantages(rewards, np.array([0, 0, 0, 1, 1, 2, 0, 1]))
+    as_ints = advantages_lib.per_prompt_advantages(rewards, np.array([0, 0, 0, 1, 1, 2, 0, 1]))
     np.testing.assert_allclose(as_ints, advantages)
-    global_only = ddpo.per_prompt_advantages(rewards, prompts, min_count=10)
+    global_only = advantages_lib.per_prompt_advantages(rewards, prompts, min_count=10)
     np.testing.assert_allclose(global_only, (rewards - rewards.mean()) / rewards.std(), rtol=1e-5)
 
 
 def test_stat_tracker_keeps_each_prompts_last_rewards_across_epochs():
     """A hand-worked sequence: buffers of 3, statistics from 2 rewards of a prompt on."""
-    tracker = ddpo.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
+    tracker = advantages_lib.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
     batch = np.array([1.0, 2.0, 10.0])
     first = tracker.advantages(batch, ["a", "a", "b"])
     # a: buffer [1, 2] -> mean 1.5, std 0.5; b: one reward < min_count -> the batch's statistics.
@@ -182,22 +182,22 @@ def test_stat_tracker_keeps_each_prompts_last_rewards_across_epochs():
     third = tracker.advantages(np.array([0.0, 0.0]), ["a", "a"])
     # a keeps its last 3: [4, 0, 0] -> mean 4/3, std sqrt(96/27).
     np.testing.assert_allclose(third, [-(4.0 / 3.0) / np.sqrt(96.0 / 27.0)] * 2, rtol=1e-6)
-    resumed = ddpo.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
+    resumed = advantages_lib.PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
     resumed.load_state_dict(saved)
     np.testing.assert_array_equal(resumed.advantages(np.array([0.0, 0.0]), ["a", "a"]), third)
     # A pair of one epoch no longer gets +-1 whatever its gap (ddpo-pytorch's min_count 16):
     # below min_count the batch's statistics keep the gap's size.
-    tracker = ddpo.PromptStatTracker()
+    tracker = advantages_lib.PromptStatTracker()
     rewards = np.array([0.0, 0.1, 5.0, 9.0])
     advantages = tracker.advantages(rewards, ["a", "a", "b", "b"])
     np.testing.assert_allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-6),
                                rtol=1e-6)
     # buffer_size 0: this batch's rewards of each prompt only, as per_prompt_advantages.
-    epoch_only = ddpo.PromptStatTracker(buffer_size=0, min_count=2)
+    epoch_only = advantages_lib.PromptStatTracker(buffer_size=0, min_count=2)
     prompts = ["a", "a", "b", "b"]
     for _ in range(2):
         np.testing.assert_array_equal(epoch_only.advantages(rewards, prompts),
-                                      ddpo.per_prompt_advantages(rewards, prompts))
+                                      advantages_lib.per_prompt_advantages(rewards, prompts))
     assert epoch_only.state_dict() == {}
 
 

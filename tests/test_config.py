@@ -31,9 +31,9 @@ def test_validator_choices_match_the_implementations():
     from vard_jax import config
     from vard_jax.algorithms import ddpo
     from vard_jax.diffusion import ddim, rollout
-    from vard_jax.training import stages
+    from vard_jax.training import epochs
 
-    assert set(config.ALGORITHMS) == set(stages.STAGES)
+    assert set(config.ALGORITHMS) == set(epochs.STAGES)
     assert set(config.REMAT_POLICIES) == set(rollout.REMAT_POLICIES)
     assert set(config.CLIP_GRADIENTS) == set(ddim.CLIP_GRADIENTS)
     assert set(config.DDPO_REDUCTIONS) == set(ddpo.REDUCTIONS)
@@ -114,22 +114,22 @@ def test_batch_divisible_by_devices_and_mesh_size():
 
 
 def test_ddpo_updates_per_epoch_and_too_much_accumulation():
-    from vard_jax.training import stages
+    from vard_jax.training import optimizers
 
     config = good()  # 16 chains an epoch
     config.algorithm = "ddpo"
     config.ddpo.inner_epochs = 2
     # ddpo-pytorch's layout: one step per minibatch of 4 chains (accumulated over their steps)
-    assert stages.policy_updates_per_epoch(config, stochastic_steps=9, data_shards=1) == 2 * 4
+    assert optimizers.policy_updates_per_epoch(config, stochastic_steps=9, data_shards=1) == 2 * 4
     config.ddpo.gradient_accumulation = 3  # 4 minibatches -> 1 step of 3, one left over
-    assert stages.policy_updates_per_epoch(config, 9, 1) == 2 * 1
+    assert optimizers.policy_updates_per_epoch(config, 9, 1) == 2 * 1
     config.ddpo.accumulate_timesteps = False  # 144 transitions in micro-batches of 4
-    assert stages.policy_updates_per_epoch(config, 9, 1) == 2 * (36 // 3)
+    assert optimizers.policy_updates_per_epoch(config, 9, 1) == 2 * (36 // 3)
     config.ddpo.accumulate_timesteps = True
     config.ddpo.gradient_accumulation = 5
     with pytest.raises(ConfigError, match=r"config.ddpo.gradient_accumulation = 5: an epoch holds "
                        r"fewer minibatches of 4 chains; lower it or sample more per epoch"):
-        stages.policy_updates_per_epoch(config, 9, 1)
+        optimizers.policy_updates_per_epoch(config, 9, 1)
 
 
 def test_a_config_saved_before_a_behaviour_changing_key_keeps_its_behaviour():

@@ -23,7 +23,8 @@ from PIL import Image
 import configs.base
 import configs.shapes
 from vard_jax import evaluate
-from vard_jax.evaluate import EvaluationError, ModelSpec
+from vard_jax.training import runs
+from vard_jax.training.runs import EvaluationError, ModelSpec
 from vard_jax.training.images import grid
 from vard_jax.worlds import shapes as world
 
@@ -180,9 +181,9 @@ def test_bad_prompts_files_are_reported(trained_run: TrainedRun, tmp_path: pathl
 
 def test_missing_workdir_is_reported(tmp_path: pathlib.Path) -> None:
     with pytest.raises(EvaluationError, match="does not exist"):
-        evaluate.resolve_config(ModelSpec(workdir=tmp_path / "absent"))
+        runs.resolve_config(ModelSpec(workdir=tmp_path / "absent"))
     with pytest.raises(EvaluationError, match="--workdir"):
-        evaluate.resolve_config(ModelSpec())
+        runs.resolve_config(ModelSpec())
 
 
 def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pathlib.Path):
@@ -198,7 +199,7 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pat
     checkpointer.save(3, {"x": np.zeros(2, np.float32)}, json.dumps(saved))
     checkpointer.wait()
     checkpointer.close()
-    resolved = evaluate.resolve_config(ModelSpec(workdir=tmp_path / "run"))
+    resolved = runs.resolve_config(ModelSpec(workdir=tmp_path / "run"))
     assert resolved.step == 3
     assert resolved.config.value.log_grad_alignment is False
     assert resolved.config.mesh.cpu_devices == configs.base.get_config().mesh.cpu_devices
@@ -210,26 +211,26 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pat
 
     # Read as a plain file (before the backend starts), the saved config chooses the host's
     # devices as training does: 2 cores divide the tiny config's batches (4, 4, 8).
-    assert evaluate.peek_saved_config(tmp_path / "run") == checkpointer_config(tmp_path / "run")
-    assert evaluate.peek_saved_config(tmp_path / "run", 3) == saved
+    assert runs.peek_saved_config(tmp_path / "run") == checkpointer_config(tmp_path / "run")
+    assert runs.peek_saved_config(tmp_path / "run", 3) == saved
     spec = ModelSpec(workdir=tmp_path / "run")
     environ = {}
-    assert evaluate.configure_host_devices(spec, environ=environ, cores=2) == 2
+    assert runs.configure_host_devices(spec, environ=environ, cores=2) == 2
     assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-    assert evaluate.configure_host_devices(spec, batch_size=3, environ={}, cores=2) is None
+    assert runs.configure_host_devices(spec, batch_size=3, environ={}, cores=2) is None
     named = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    assert evaluate.configure_host_devices(spec, environ=named, cores=2) is None  # user's wins
+    assert runs.configure_host_devices(spec, environ=named, cores=2) is None  # user's wins
     assert named["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
     for missing in (ModelSpec(workdir=tmp_path / "none"), ModelSpec(workdir=tmp_path / "run",
                                                                     step=9)):
-        assert evaluate.configure_host_devices(missing, environ={}, cores=2) is None
+        assert runs.configure_host_devices(missing, environ={}, cores=2) is None
 
 
 def checkpointer_config(workdir: pathlib.Path) -> dict:
     """The latest checkpoint's config as orbax restores it."""
     from vard_jax.training.checkpoints import Checkpointer
 
-    checkpointer = Checkpointer(evaluate.checkpoint_dir(workdir), 2)
+    checkpointer = Checkpointer(runs.checkpoint_dir(workdir), 2)
     try:
         return checkpointer.restore_config()
     finally:
@@ -237,45 +238,45 @@ def checkpointer_config(workdir: pathlib.Path) -> dict:
 
 
 def test_batch_size_must_split_over_the_data_axis() -> None:
-    evaluate.check_batch_size(8, 4)
+    runs.check_batch_size(8, 4)
     with pytest.raises(EvaluationError, match="divisible by the 4 devices"):
-        evaluate.check_batch_size(6, 4)
+        runs.check_batch_size(6, 4)
     with pytest.raises(EvaluationError, match=">= 1"):
-        evaluate.check_batch_size(0, 1)
+        runs.check_batch_size(0, 1)
 
 
 def test_shape_fidelity_is_always_scored_for_in_grammar_prompts() -> None:
     heldout = world.all_prompts("heldout")[:3]
     config = tiny_config()
     config.reward.eval_extra = ""
-    assert evaluate.configure_eval_rewards(config, heldout) == {}
+    assert runs.configure_eval_rewards(config, heldout) == {}
     assert config.reward.eval_extra == "shape_fidelity"
-    assert evaluate.configure_eval_rewards(config, heldout) == {}  # idempotent
+    assert runs.configure_eval_rewards(config, heldout) == {}  # idempotent
     assert config.reward.eval_extra == "shape_fidelity"
 
     config.reward.eval_extra = "jpeg_compressibility,shape_fidelity"
-    skipped = evaluate.configure_eval_rewards(config, heldout + ["a photo of a cat"])
+    skipped = runs.configure_eval_rewards(config, heldout + ["a photo of a cat"])
     assert set(skipped) == {"shape_fidelity"} and "a photo of a cat" in skipped["shape_fidelity"]
     assert config.reward.eval_extra == "jpeg_compressibility"
 
     config.reward.name = "clip_alignment:1.0,shape_fidelity:0.5"
     config.reward.eval_extra = ""
-    assert evaluate.configure_eval_rewards(config, heldout) == {}
+    assert runs.configure_eval_rewards(config, heldout) == {}
     assert config.reward.eval_extra == "", "already scored as a part of the reward"
 
     other = configs.base.get_config()
     other.pretrained.family = "stable_diffusion"
-    assert evaluate.configure_eval_rewards(other, heldout) == {}
+    assert runs.configure_eval_rewards(other, heldout) == {}
     assert other.reward.eval_extra == ""
 
 
 def test_prompts_file_is_cycled_in_order(trained_run: TrainedRun, tmp_path: pathlib.Path) -> None:
     path = tmp_path / "train"  # a file named like a split is still read as a file
     path.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
-    prompts, source = evaluate.evaluation_prompts(trained_run.config, str(path), 5, seed=0)
+    prompts, source = runs.evaluation_prompts(trained_run.config, str(path), 5, seed=0)
     assert prompts == ["first prompt", "second prompt"] * 2 + ["first prompt"]
     assert source == str(path.resolve())
-    prompts, _ = evaluate.evaluation_prompts(trained_run.config, str(path), None, seed=0)
+    prompts, _ = runs.evaluation_prompts(trained_run.config, str(path), None, seed=0)
     assert prompts == ["first prompt", "second prompt"]
 
 

@@ -405,7 +405,7 @@ def test_collect_scores_the_drawn_prompts_and_stops_on_nonfinite_images(trainer,
     loop = Loop(trainer.config, tmp_path / "run", trainer=trainer)
     state = trainer.init_state()
     key = jax.random.PRNGKey(3)
-    rollouts, rewards, prompts = loop.collect(state, (5, 0), key, step=4)
+    rollouts, rewards, prompts = loop.stage.collect(state, (5, 0), key, step=4)
     sample = trainer.config.sample
     assert prompts == [prompts_lib.draw(loop.train_prompts, sample.batch_size,
                                         trainer.config.train.seed, 5, 0, b)
@@ -421,7 +421,7 @@ def test_collect_scores_the_drawn_prompts_and_stops_on_nonfinite_images(trainer,
     poisoned = state.replace(policy_params=jax.tree_util.tree_map(lambda x: x * jnp.nan,
                                                                   state.policy_params))
     with pytest.raises(faults.NonFiniteError, match="step 4: the policy's sampled images"):
-        loop.collect(poisoned, (5, 0), key, step=4)
+        loop.stage.collect(poisoned, (5, 0), key, step=4)
     assert scored == []
 
 

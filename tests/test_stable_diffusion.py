@@ -170,8 +170,8 @@ def test_family_loader(flax_checkpoint):
     validate(config, device_count=1)
     loaded = loader.load(config)
     assert loaded.pipeline.is_latent and set(loaded.params) == {"unet", "text_encoder", "vae"}
-    assert loaded.reward_context.path == "/rewards/pickscore"
-    assert loaded.reward_context.world_clip is None
+    assert loaded.reward_path == "/rewards/pickscore"
+    assert loaded.world_clip is None
     config.pretrained.random_init = True
     with pytest.raises(ValueError, match="random_init"):
         loader.load(config)

@@ -189,10 +189,10 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     assert list((tmp_path / "straight" / "tensorboard").iterdir())
     assert straight.checkpointer.latest_step() == 2
     # The value's replay: the states of the epoch before the last, saved with the checkpoint.
-    assert len(straight.replay) == 1
+    assert len(straight.stage.replay()) == 1
     saved = straight.checkpointer.restore_replay(2)
     assert len(saved) == 1
-    for key, value in straight.replay[0].items():
+    for key, value in straight.stage.replay()[0].items():
         np.testing.assert_array_equal(saved[0][key], value)
 
     interrupted = Loop(config, tmp_path / "resumed", trainer=trainer)

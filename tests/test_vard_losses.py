@@ -141,7 +141,7 @@ def test_reward_stats_running_mean_and_variance():
 def test_learning_rate_schedules():
     """Warm-up from peak / warmup, then constant or cosine to 0 at the last update; the
     optimiser applies it (an update at a smaller rate moves the parameters less)."""
-    from vard_jax.training.state import learning_rate_schedule, make_optimizer
+    from vard_jax.training.optimizers import learning_rate_schedule, make_optimizer
 
     constant = learning_rate_schedule(1e-3, 0, 12, "constant")
     np.testing.assert_allclose([float(constant(s)) for s in (0, 11, 50)], [1e-3] * 3,

@@ -158,7 +158,7 @@ def test_planted_links_are_replaced_not_followed(tmp_path):
     (workdir / "eval_step_2.json").symlink_to(victims["c.txt"])
     writer = MetricWriter(workdir, resume_step=1)
     writer.write(2, {"reward_mean": 0.2})
-    from vard_jax.evaluate import write_json
+    from vard_jax.training.runs import write_json
 
     write_json(workdir / "eval_step_2.json", {"step": 2})
     assert all(v.read_text() == "precious" for v in victims.values())

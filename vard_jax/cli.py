@@ -1,4 +1,5 @@
-"""Shared start-up of the entry points: one-line errors with exit status 2, JAX settings."""
+"""Shared start-up of the entry points: one-line errors with exit status 2, JAX settings, and
+the flags that choose a model (a run, a step, the pretrained model) and its steering."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import os
 import pathlib
 import re
 import sys
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, NoReturn, Optional
 
 from absl import flags
+from absl.flags import FlagHolder
+
+if TYPE_CHECKING:
+    from vard_jax.training.runs import ModelSpec
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -157,3 +162,100 @@ def run(main: Callable[[list[str]], None]) -> None:
     from absl import app
 
     app.run(main, flags_parser=flags_parser)
+
+
+# --- the flags that choose a model (vard_jax.evaluate, vard_jax.sample) ----------------------
+class ModelFlags(NamedTuple):
+    """The flags that choose a model, shared by ``vard_jax.evaluate`` and ``vard_jax.sample``."""
+
+    workdir: "FlagHolder"
+    step: "FlagHolder"
+    config: "FlagHolder"
+    pretrained: "FlagHolder"
+    prompts_file: "FlagHolder"
+    seed: "FlagHolder"
+    batch_size: "FlagHolder"
+    out: "FlagHolder"
+
+
+def define_model_flags(out_help: str) -> ModelFlags:
+    """Defines the shared flags (call once, from the program's ``__main__`` block)."""
+    from ml_collections import config_flags
+
+    return ModelFlags(
+        workdir=flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints "
+                                    "and saved config are used)."),
+        step=flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest)."),
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Experiment config file (configs/*.py), for --pretrained without a "
+            "workdir.", lock_config=True),
+        pretrained=flags.DEFINE_bool("pretrained", False, "Use the untouched pretrained model "
+                                     "instead of the checkpoint's policy."),
+        prompts_file=flags.DEFINE_string("prompts_file", None, "UTF-8 text file, one prompt a "
+                                         "line."),
+        seed=flags.DEFINE_integer("seed", None, "Seed of the sampling noise and of the "
+                                  "evaluated prompts' selection (default: the config's "
+                                  "train.seed)."),
+        batch_size=flags.DEFINE_integer("batch_size", None, "Images per sampling batch "
+                                        "(default: the config's sample.eval_batch_size)."),
+        out=flags.DEFINE_string("out", None, out_help),
+    )
+
+
+def model_spec(model_flags: ModelFlags) -> "ModelSpec":
+    """The ModelSpec named by the parsed flags."""
+    from vard_jax.training.runs import ModelSpec
+
+    workdir = model_flags.workdir.value
+    return ModelSpec(workdir=pathlib.Path(workdir) if workdir else None,
+                     step=model_flags.step.value, config=model_flags.config.value,
+                     pretrained=model_flags.pretrained.value)
+
+
+def quiet_logging() -> None:
+    """Keeps stderr to warnings (orbax logs every restore at INFO) unless --verbosity is given."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+class SteeringFlags(NamedTuple):
+    value_guidance: "FlagHolder"
+    particles: "FlagHolder"
+    temperature: "FlagHolder"
+    resample_every: "FlagHolder"
+    ess_threshold: "FlagHolder"
+    select: "FlagHolder"
+
+
+def define_steering_flags() -> SteeringFlags:
+    """The flags of sampling with a run's value (``vard_jax.diffusion.steering``)."""
+    return SteeringFlags(
+        value_guidance=flags.DEFINE_float(
+            "value_guidance", 0.0, "Value guidance strength lambda: eps - lambda sqrt(1 - a_t) "
+            "grad V (0: off)."),
+        particles=flags.DEFINE_integer(
+            "particles", 1, "Particles per image; > 1 runs value-steered SMC (or best-of-N "
+            "with --resample_every=0)."),
+        temperature=flags.DEFINE_float("temperature", 1.0, "SMC temperature of exp(V / T)."),
+        resample_every=flags.DEFINE_integer("resample_every", 1, "Steps between SMC "
+                                            "resampling points (0: never: best-of-N)."),
+        ess_threshold=flags.DEFINE_float("ess_threshold", 1.0, "Resample when the effective "
+                                         "sample size is below this fraction of --particles."),
+        select=flags.DEFINE_string("select", "auto", "Which particle an image is: weight "
+                                   "(drawn by SMC weight), value (highest V), reward (highest "
+                                   "reward); auto = weight with resampling, else value."),
+    )
+
+
+def steering_from_flags(steering_flags: Optional[SteeringFlags]) -> Any:
+    """The SteeringSpec of the parsed flags."""
+    from vard_jax.diffusion.sampler import SteeringSpec
+
+    assert steering_flags is not None
+    return SteeringSpec(value_guidance=steering_flags.value_guidance.value,
+                        particles=steering_flags.particles.value,
+                        temperature=steering_flags.temperature.value,
+                        resample_every=steering_flags.resample_every.value,
+                        ess_threshold=steering_flags.ess_threshold.value)

@@ -178,17 +178,17 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, step: Optional[
            fmt: str = "auto") -> dict:
     """Writes the export of ``workdir``'s checkpoint ``step`` (default: the latest) to ``out``;
     returns a summary (format, step, files)."""
-    from vard_jax import evaluate
+    from vard_jax.training import runs
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     try:
-        resolved = evaluate.resolve_config(evaluate.ModelSpec(workdir=workdir, step=step))
-    except evaluate.EvaluationError as error:
+        resolved = runs.resolve_config(runs.ModelSpec(workdir=workdir, step=step))
+    except runs.EvaluationError as error:
         raise ExportError(str(error)) from None
     config, step = resolved.config, int(resolved.step)
     fmt = _format_for(config, fmt)
     _check_out(out, workdir)
-    checkpointer = evaluate.open_checkpointer(workdir)
+    checkpointer = runs.open_checkpointer(workdir)
     from vard_jax.training.checkpoints import CheckpointError
 
     try:
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
     values = flags.FLAGS
     if not values.workdir or not values.out:
         cli.fail("--workdir (a training run) and --out (a new directory) are required")
-    from vard_jax.evaluate import quiet_logging
+    from vard_jax.cli import quiet_logging
 
     quiet_logging()
     try:

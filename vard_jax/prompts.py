@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Sequence
 
 import numpy as np
 from absl import logging
@@ -63,6 +64,16 @@ def draw(prompts: list[str], count: int, seed: int, *salt: int) -> list[str]:
     """``count`` prompts drawn uniformly with replacement, deterministic in (seed, salt)."""
     rng = np.random.default_rng([seed, *salt])
     return [prompts[i] for i in rng.integers(len(prompts), size=count)]
+
+
+def padded_batches(prompts: Sequence[str], batch_size: int) -> list[tuple[list[str], int]]:
+    """``prompts`` in consecutive batches of ``batch_size``, the last one padded with its own
+    first prompt (every batch one shape: one compiled program): [(batch, real prompts)]."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        out.append((chunk + chunk[:1] * (batch_size - len(chunk)), len(chunk)))
+    return out
 
 
 def fixed(prompts: list[str], count: int, seed: int) -> list[str]:

@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from vard_jax import evaluate as eval_lib
-from vard_jax.evaluate import EvaluationError, ModelSpec
+from vard_jax.training import runs
+from vard_jax.training.runs import EvaluationError, ModelSpec
 
 if TYPE_CHECKING:
     from absl.flags import FlagHolder
+
+    from vard_jax.cli import ModelFlags, SteeringFlags
 
     from vard_jax.training.trainer import Trainer
 
@@ -48,13 +50,13 @@ def sample_images(trainer: "Trainer", policy_params: Any, prompts: Sequence[str]
     """
     import jax
 
+    from vard_jax import prompts as prompts_lib
+
     key = jax.random.PRNGKey(seed)
     images = []
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = list(prompts[start:start + batch_size])
-        padded = chunk + chunk[:1] * (batch_size - len(chunk))
-        rollout = trainer.rollout_batch(policy_params, padded, jax.random.fold_in(key, index))
-        images.append(np.asarray(rollout.images)[:len(chunk)])
+    for index, (batch, real) in enumerate(prompts_lib.padded_batches(prompts, batch_size)):
+        rollout = trainer.rollout_batch(policy_params, batch, jax.random.fold_in(key, index))
+        images.append(np.asarray(rollout.images)[:real])
     return np.concatenate(images)
 
 
@@ -68,7 +70,7 @@ def collect_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list
     if prompts and prompts_file:
         raise EvaluationError("give either --prompt (repeatable) or --prompts_file, not both")
     if prompts_file:
-        return eval_lib.read_prompts_file(prompts_file)
+        return runs.read_prompts_file(prompts_file)
     cleaned = [p.strip() for p in prompts]
     if not cleaned:
         raise EvaluationError('no prompts; give --prompt="..." (repeatable) or --prompts_file=F')
@@ -95,12 +97,12 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
     out = pathlib.Path(out)
     if out.suffix.lower() != ".png":
         raise EvaluationError(f"--out={out}: the grid is written as PNG; name it *.png")
-    eval_lib.check_output(out)
-    resolved = eval_lib.resolve_config(spec)
+    runs.check_output(out)
+    resolved = runs.resolve_config(spec)
     config = resolved.config
     seed = config.train.seed if seed is None else seed
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
-    data_axis = eval_lib.data_axis_size(config)
+    data_axis = runs.data_axis_size(config)
     particles = steering.particles if steered else 1
     if batch_size is None:  # no larger than needed, rounded up to the data axis
         needed = -(-len(expanded) * particles // data_axis) * data_axis
@@ -108,12 +110,12 @@ def run_sampling(spec: ModelSpec, prompts: Sequence[str], out: str | pathlib.Pat
     if batch_size % particles:
         raise EvaluationError(f"--batch_size={batch_size} holds whole groups of "
                               f"--particles={particles}: use a multiple of {particles}")
-    eval_lib.prepare_config(config, batch_size)
+    runs.prepare_config(config, batch_size)
     if steered:
-        select = eval_lib.checked_selection(select, steering)
-    loaded = eval_lib.load_policy(spec, resolved, with_value=steered)
+        select = runs.checked_selection(select, steering)
+    loaded = runs.load_policy(spec, resolved, with_value=steered)
     trainer = loaded.trainer
-    eval_lib.warn_if_truncated(prompts, trainer.pipeline, "--prompt/--prompts_file")
+    runs.warn_if_truncated(prompts, trainer.pipeline, "--prompt/--prompts_file")
 
     from vard_jax.training.images import save_grid
 
@@ -176,8 +178,8 @@ def _steered_images(loaded, prompts: list[str], steering: Any, select: str, batc
 
 
 # --- command line --------------------------------------------------------------------------------
-_STEERING: Optional[eval_lib.SteeringFlags] = None
-_FLAGS: Optional[eval_lib.ModelFlags] = None
+_STEERING: Optional[SteeringFlags] = None
+_FLAGS: Optional[ModelFlags] = None
 _PROMPT: Optional["FlagHolder"] = None
 _NUM_PER_PROMPT: Optional["FlagHolder"] = None
 
@@ -189,17 +191,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; quote prompts: --prompt=\"a red circle\"")
     assert _FLAGS is not None and _PROMPT is not None and _NUM_PER_PROMPT is not None
-    eval_lib.quiet_logging()
+    cli.quiet_logging()
     if not _FLAGS.out.value:
         cli.fail("--out is required, e.g. --out=grid.png")
     try:
         prompts = collect_prompts(_PROMPT.value or [], _FLAGS.prompts_file.value)
-        spec = eval_lib.model_spec(_FLAGS)
-        eval_lib.configure_host_devices(spec, _FLAGS.batch_size.value)
+        spec = cli.model_spec(_FLAGS)
+        runs.configure_host_devices(spec, _FLAGS.batch_size.value)
         summary = run_sampling(spec, prompts, _FLAGS.out.value,
                                num_per_prompt=_NUM_PER_PROMPT.value, seed=_FLAGS.seed.value,
                                batch_size=_FLAGS.batch_size.value,
-                               steering=eval_lib.steering_from_flags(_STEERING),
+                               steering=cli.steering_from_flags(_STEERING),
                                select=_STEERING.select.value)
     except EvaluationError as error:
         cli.fail(str(error))
@@ -211,9 +213,9 @@ if __name__ == "__main__":
 
     from vard_jax import cli as _cli
 
-    _FLAGS = eval_lib.define_model_flags("Path of the PNG grid to write (required).")
+    _FLAGS = _cli.define_model_flags("Path of the PNG grid to write (required).")
     _PROMPT = _absl_flags.DEFINE_multi_string("prompt", None, "A prompt to sample (repeatable).")
     _NUM_PER_PROMPT = _absl_flags.DEFINE_integer("num_per_prompt", 1, "Samples per prompt.")
-    _STEERING = eval_lib.define_steering_flags()
-    _absl_flags.adopt_module_key_flags(eval_lib)
+    _STEERING = _cli.define_steering_flags()
+    _absl_flags.adopt_module_key_flags(_cli)
     _cli.run(main)

@@ -2,7 +2,8 @@
 
 A sampling rollout (``vard_jax.diffusion.rollout``) stores, for every step i of every chain,
 the transition (x_i, x_{i-1}) and log p_old(x_{i-1} | x_i). Each trajectory's final reward
-becomes an advantage (standardised per prompt), shared by all of its transitions. An update
+becomes an advantage (standardised per prompt: ``vard_jax.algorithms.advantages``), shared
+by all of its transitions. An update
 recomputes log p_theta(x_{i-1} | x_i) with the same DDIM step and guidance as the rollout and
 minimises
     L = mean max(-A r, -A clip(r, 1 - c, 1 + c)),   r = exp(log p_theta - log p_old).
@@ -21,9 +22,8 @@ same reduction: ``transitions_from_trajectory`` converts the rollout's summed lo
 
 from __future__ import annotations
 
-import collections
 import math
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,95 +76,6 @@ def _check_stochastic(eta: float) -> None:
     if not float(eta) > 0.0:
         raise ValueError(f"DDPO needs a stochastic sampler (eta > 0); eta = {eta} makes every DDIM "
                          "step deterministic, so transitions have no log-probability")
-
-
-def per_prompt_advantages(rewards: np.ndarray | Sequence[float],
-                          prompt_ids: Union[Sequence[str], np.ndarray],
-                          min_count: int = 2, eps: float = 1e-6) -> np.ndarray:
-    """Rewards standardised per prompt, on the host (numpy in, numpy float32 out).
-
-    Args:
-      rewards: [N] final rewards of N chains.
-      prompt_ids: [N] the prompt of each chain (strings or integer ids).
-      min_count: prompts with fewer samples than this use the batch's global mean and std
-        (a single sample would otherwise always get advantage 0).
-      eps: added to the standard deviation.
-
-    Returns:
-      [N] float32 advantages: (r - mean_p) / (std_p + eps), with population std (ddof = 0).
-    """
-    values = np.asarray(rewards, np.float64).reshape(-1)
-    ids = np.asarray(prompt_ids).reshape(-1)
-    if ids.shape[0] != values.shape[0]:
-        raise ValueError(f"{values.shape[0]} rewards but {ids.shape[0]} prompt ids")
-    if values.size == 0:
-        return np.zeros((0,), np.float32)
-    global_mean, global_std = values.mean(), values.std()
-    advantages = (values - global_mean) / (global_std + eps)
-    _, groups, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    groups = groups.reshape(-1)
-    for group, count in enumerate(counts):
-        if count < min_count:
-            continue
-        members = groups == group
-        group_values = values[members]
-        advantages[members] = (group_values - group_values.mean()) / (group_values.std() + eps)
-    return advantages.astype(np.float32)
-
-
-class PromptStatTracker:
-    """Per-prompt reward statistics across epochs, for DDPO's advantages (host side).
-
-    Each prompt keeps the last ``buffer_size`` rewards it received, over all epochs so far.
-    ``advantages`` first appends the batch's rewards to their prompts' buffers, then
-    standardises each reward with its prompt's buffer, or with the batch's own mean and std
-    while the buffer holds fewer than ``min_count`` rewards (ddpo-pytorch's per-prompt stat
-    tracking; its defaults are 16 and 16). ``buffer_size = 0`` keeps nothing between calls:
-    each batch's own rewards of the prompt are its statistics (``per_prompt_advantages``).
-
-    The buffers are part of a run's state: ``state_dict``/``load_state_dict`` (JSON-ready, the
-    rewards as Python floats) carry them through checkpoints, so a resumed run computes the
-    same advantages as an uninterrupted one.
-    """
-
-    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
-        if buffer_size < 0 or min_count < 1:
-            raise ValueError(f"stat tracker buffer_size = {buffer_size} (>= 0) and min_count = "
-                             f"{min_count} (>= 1)")
-        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
-        self.buffers: dict[str, collections.deque] = {}
-
-    def advantages(self, rewards: np.ndarray | Sequence[float],
-                   prompts: Sequence[str]) -> np.ndarray:
-        """[N] float32 advantages of N rewards, ``prompts[i]`` the prompt of reward i."""
-        values = np.asarray(rewards, np.float64).reshape(-1)
-        ids = np.asarray(list(prompts), dtype=object).reshape(-1)
-        if ids.shape[0] != values.shape[0]:
-            raise ValueError(f"{values.shape[0]} rewards but {ids.shape[0]} prompts")
-        if self.buffer_size == 0:
-            return per_prompt_advantages(values, ids.astype(str), self.min_count, self.eps)
-        if values.size == 0:
-            return np.zeros((0,), np.float32)
-        global_mean, global_std = values.mean(), values.std()
-        advantages = np.empty_like(values)
-        for prompt in dict.fromkeys(ids.tolist()):  # each prompt once, in order of appearance
-            members = ids == prompt
-            buffer = self.buffers.setdefault(prompt, collections.deque(maxlen=self.buffer_size))
-            buffer.extend(values[members].tolist())
-            if len(buffer) < self.min_count:
-                mean, std = global_mean, global_std
-            else:
-                mean, std = np.mean(buffer), np.std(buffer)
-            advantages[members] = (values[members] - mean) / (std + self.eps)
-        return advantages.astype(np.float32)
-
-    def state_dict(self) -> dict[str, list[float]]:
-        return {prompt: list(buffer) for prompt, buffer in self.buffers.items()}
-
-    def load_state_dict(self, state: dict[str, list[float]]) -> None:
-        self.buffers = {prompt: collections.deque((float(v) for v in values),
-                                                  maxlen=self.buffer_size)
-                        for prompt, values in state.items()}
 
 
 def _reduce_log_prob(log_prob_sum: jax.Array, sample_shape: tuple[int, ...], reduce: str) -> jax.Array:
@@ -324,7 +235,7 @@ def transitions_from_trajectory(trajectory: Trajectory, advantages: jax.Array,
 
     Args:
       trajectory: B chains of T steps (``Trajectory.log_prob`` is summed over dimensions).
-      advantages: [B] per-chain advantages (e.g. ``per_prompt_advantages``).
+      advantages: [B] per-chain advantages (e.g. ``advantages.per_prompt_advantages``).
       context: [B, L, D] the prompts' embeddings used by the rollout; null_context: [1, L, D].
       steps: [S] step indices to keep (default: all T); ``stochastic_steps`` drops the
         deterministic ones.

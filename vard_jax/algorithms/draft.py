@@ -16,7 +16,7 @@ depth. Where the differentiated rollout is a loop (GPU, TPU) it writes reverse m
 the drawn steps, so an update costs T + K forward and K backward model calls; on CPU, where
 XLA runs a model's backward pass inside any loop or conditional ~20x slower than straight-line
 code, it differentiates the whole unrolled chain with the cut selected by ``where`` (the cost
-of K = T, the same gradient). Measured: docs/ALGORITHM.md."""
+of K = T, the same gradient). Measured: docs/IMPLEMENTATION.md."""
 
 from __future__ import annotations
 

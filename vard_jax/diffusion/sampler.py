@@ -1,21 +1,41 @@
-"""Text-to-image sampling with a ``Pipeline``: prompt encoding, the rollout scan, decoding."""
+"""Text-to-image sampling with a ``TextToImage`` model: prompt encoding, the rollout scan,
+decoding."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vard_jax.diffusion import ddim, rollout as rollout_lib, steering as steering_lib
-from vard_jax.diffusion.schedule import DDIMSchedule, make_ddim_schedule
-from vard_jax.models.pipeline import Pipeline
+from vard_jax.diffusion.schedule import DDIMSchedule, NoiseScheduleConfig, make_ddim_schedule
+
+
+class TextToImage(Protocol):
+    """What sampling needs of a model family; ``vard_jax.models.pipeline.Pipeline`` is one.
+
+    The sampling layer states its needs here, so that it depends on no model code."""
+
+    schedule: NoiseScheduleConfig  # the training noise schedule of the denoiser
+    sample_shape: tuple[int, ...]  # [C, H, W] of the denoiser's input (pixels or latents)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array: ...
+
+    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+               context: jax.Array) -> jax.Array: ...
+
+    def decode(self, params: dict, x0: jax.Array) -> jax.Array: ...
 
 
 class Samples(NamedTuple):
     images: jax.Array  # [B, H, W, 3] in [0, 1]
     trajectory: rollout_lib.Trajectory
     context: jax.Array  # [B, L, D] prompt embeddings used
+    hook_outputs: Any = None  # the step hook's outputs stacked to [T, ...] (None without)
 
 
 class SamplerSpec(NamedTuple):
@@ -52,35 +72,52 @@ RESAMPLE_KEY_SALT = 0x5EED
 ContextValueFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def make_schedule(pipeline: Pipeline, num_steps: int) -> DDIMSchedule:
+def make_schedule(pipeline: TextToImage, num_steps: int) -> DDIMSchedule:
     return make_ddim_schedule(pipeline.schedule, num_steps)
 
 
-def null_ids(pipeline: Pipeline) -> jax.Array:
+def null_ids(pipeline: TextToImage) -> jax.Array:
     """Token ids [1, L] of the empty prompt (the classifier-free guidance condition)."""
     return jnp.asarray(pipeline.tokenize([""]))
 
 
-def sample(pipeline: Pipeline, params: dict, unet_params: Any, input_ids: jax.Array,
-           key: jax.Array, spec: SamplerSpec, eps_fn: Optional[ddim.EpsFn] = None) -> Samples:
+def encode(pipeline: TextToImage, text_params: Any,
+           input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(context [B, L, D] of ``input_ids``, null context [1, L, D] of the empty prompt): the
+    two conditions of classifier-free guidance."""
+    return (pipeline.encode_ids(text_params, input_ids),
+            pipeline.encode_ids(text_params, null_ids(pipeline)))
+
+
+# hook(step info, context, null context) -> pytree, stacked over the steps.
+SampleHook = Callable[[rollout_lib.StepInfo, jax.Array, jax.Array], Any]
+
+
+def sample(pipeline: TextToImage, params: dict, unet_params: Any, input_ids: jax.Array,
+           key: jax.Array, spec: SamplerSpec, eps_fn: Optional[ddim.EpsFn] = None,
+           step_hook: Optional[SampleHook] = None) -> Samples:
     """Samples one image per row of ``input_ids`` [B, L] (traceable; jit the caller).
 
     ``params`` holds the frozen parts (text encoder, VAE); ``unet_params`` the policy, as
-    ``eps_fn`` takes it (default ``pipeline.eps_fn``: plain UNet params).
+    ``eps_fn`` takes it (default ``pipeline.eps_fn``: plain UNet params). ``step_hook``
+    sees every step (with the prompts' contexts); its outputs are ``Samples.hook_outputs``.
     """
     schedule = make_schedule(pipeline, spec.num_steps)
     batch = input_ids.shape[0]
-    context = pipeline.encode_ids(params["text_encoder"], input_ids)
-    null_context = pipeline.encode_ids(params["text_encoder"], null_ids(pipeline))
+    context, null_context = encode(pipeline, params["text_encoder"], input_ids)
     x_T, noise = rollout_lib.sample_noise(key, batch, spec.num_steps, pipeline.sample_shape)
-    trajectory, _ = rollout_lib.rollout(
+    def hook(info):
+        return step_hook(info, context, null_context)
+
+    trajectory, hook_outputs = rollout_lib.rollout(
         eps_fn or pipeline.eps_fn, unet_params, schedule, x_T, noise, context, null_context,
-        eta=spec.eta, guidance_scale=spec.guidance_scale, python_loop=spec.python_loop)
+        eta=spec.eta, guidance_scale=spec.guidance_scale, python_loop=spec.python_loop,
+        step_hook=None if step_hook is None else hook)
     return Samples(images=pipeline.decode(params, trajectory.x0), trajectory=trajectory,
-                   context=context)
+                   context=context, hook_outputs=hook_outputs)
 
 
-def jit_sampler(pipeline: Pipeline, spec: SamplerSpec) -> Callable[..., Samples]:
+def jit_sampler(pipeline: TextToImage, spec: SamplerSpec) -> Callable[..., Samples]:
     """``fn(params, unet_params, input_ids, key) -> Samples``, compiled once per batch shape."""
     def fn(params, unet_params, input_ids, key):
         return sample(pipeline, params, unet_params, input_ids, key, spec)
@@ -88,7 +125,7 @@ def jit_sampler(pipeline: Pipeline, spec: SamplerSpec) -> Callable[..., Samples]
     return fn if spec.python_loop else jax.jit(fn)
 
 
-def steered_sample(pipeline: Pipeline, params: dict, unet_params: Any, input_ids: jax.Array,
+def steered_sample(pipeline: TextToImage, params: dict, unet_params: Any, input_ids: jax.Array,
                    key: jax.Array, spec: SamplerSpec, steering: SteeringSpec,
                    value_fn: ContextValueFn,
                    eps_fn: Optional[ddim.EpsFn] = None) -> SteeredImages:
@@ -99,8 +136,7 @@ def steered_sample(pipeline: Pipeline, params: dict, unet_params: Any, input_ids
     schedule = make_schedule(pipeline, spec.num_steps)
     n = steering.particles
     batch = input_ids.shape[0]
-    context = pipeline.encode_ids(params["text_encoder"], input_ids)
-    null_context = pipeline.encode_ids(params["text_encoder"], null_ids(pipeline))
+    context, null_context = encode(pipeline, params["text_encoder"], input_ids)
     # The noise of ``sample`` for the same key (without steering, the same images).
     x_T, noise = rollout_lib.sample_noise(key, batch, spec.num_steps, pipeline.sample_shape)
     key_resample = jax.random.fold_in(key, RESAMPLE_KEY_SALT)

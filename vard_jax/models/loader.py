@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from vard_jax.models.pipeline import Pipeline
-from vard_jax.rewards.registry import RewardContext
 
 
 class LoadedModel(NamedTuple):
     pipeline: Pipeline
     params: dict  # {"unet", "text_encoder", optional "vae"}
-    reward_context: RewardContext
+    # What the family offers the rewards (``vard_jax.rewards.RewardContext``): where reward
+    # weights live ("" = the reward's default) and the shapes world's CLIP
+    # (FlaxCLIPModel, params, tokenizer), None for other families.
+    reward_path: str = ""
+    world_clip: Optional[tuple[Any, Any, Any]] = None
 
 
 _LOADERS: dict[str, Callable[[Any], LoadedModel]] = {}
@@ -35,9 +38,8 @@ def _load_shapes(config) -> LoadedModel:
     pipeline, params, clip_model, clip_params = shapes_model.load(
         config.pretrained.path, random_init=config.pretrained.random_init, seed=config.train.seed,
         dtype=config.pretrained.dtype)
-    context = RewardContext(path=config.reward.path or config.pretrained.path,
-                            world_clip=(clip_model, clip_params, pipeline.tokenizer))
-    return LoadedModel(pipeline, params, context)
+    return LoadedModel(pipeline, params, reward_path=config.reward.path or config.pretrained.path,
+                       world_clip=(clip_model, clip_params, pipeline.tokenizer))
 
 
 @register_family("stable_diffusion")
@@ -50,7 +52,7 @@ def _load_stable_diffusion(config) -> LoadedModel:
     pipeline, params = stable_diffusion.load(config.pretrained.path,
                                              dtype=config.pretrained.dtype)
     # The reward's weights are its own (reward.path); a SD checkpoint holds no reward model.
-    return LoadedModel(pipeline, params, RewardContext(path=config.reward.path))
+    return LoadedModel(pipeline, params, reward_path=config.reward.path)
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:

@@ -59,19 +59,11 @@ def register(name: str, description: str) -> Callable:
 
 
 def names() -> list[str]:
-    _load_builtin()
     return sorted(_FACTORIES)
-
-
-def _load_builtin() -> None:
-    # Importing the modules runs their @register decorators.
-    from vard_jax.rewards import clip_rewards, host_rewards  # noqa: F401
-    from vard_jax.rewards import pretrained_rewards  # noqa: F401
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
     """``"a"`` or ``"a:1.0,b:0.1"`` -> [(name, weight)]; raises ValueError naming the problem."""
-    _load_builtin()
     items = []
     for part in spec.split(","):
         part = part.strip()

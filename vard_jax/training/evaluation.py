@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax import prompts as prompts_lib
+from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.training.trainer import Trainer
 
@@ -24,27 +25,20 @@ class EvalResult(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _distance_sampler(trainer: Trainer):
-    pipeline, schedule, config = trainer.pipeline, trainer.schedule, trainer.config
-    policy = trainer.policy
+    pipeline, config, policy = trainer.pipeline, trainer.config, trainer.policy
+    spec = sampler_lib.SamplerSpec(trainer.num_steps, config.sample.eta,
+                                   config.sample.guidance_scale)
 
     def fn(policy_params, reference_params, frozen, ids, key):
-        context = pipeline.encode_ids(frozen["text_encoder"], ids)
-        null_context = pipeline.encode_ids(frozen["text_encoder"], trainer.null_ids)
-        batch = ids.shape[0]
-        x_T, noise = rollout_lib.sample_noise(key, batch, trainer.num_steps, pipeline.sample_shape)
+        def distance(info, context, null_context):  # of the sampler's (guided) predictions
+            return rollout_lib.reference_eps_distance(
+                policy.eps_fn, policy.reference_unet(reference_params), info, context,
+                null_context, config.sample.guidance_scale, "guided")
 
-        def hook(info):
-            return rollout_lib.reference_eps_distance(policy.eps_fn,
-                                                      policy.reference_unet(reference_params), info,
-                                                      context, null_context,
-                                                      config.sample.guidance_scale,
-                                                      "guided")  # the sampler's predictions
-
-        trajectory, distances = rollout_lib.rollout(
-            policy.eps_fn, policy.unet(policy_params, reference_params), schedule, x_T, noise,
-            context, null_context,
-            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale, step_hook=hook)
-        return pipeline.decode(frozen, trajectory.x0), jnp.mean(distances)
+        samples = sampler_lib.sample(pipeline, frozen, policy.unet(policy_params,
+                                                                   reference_params),
+                                     ids, key, spec, eps_fn=policy.eps_fn, step_hook=distance)
+        return samples.images, jnp.mean(samples.hook_outputs)
 
     return jax.jit(fn)
 
@@ -54,14 +48,12 @@ def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_siz
     """Samples ``prompts`` in batches with noise fixed by ``seed``; scores every reward."""
     fn = _distance_sampler(trainer)
     images, distances = [], []
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        ids = trainer.put_batch(jnp.asarray(trainer.pipeline.tokenize(chunk + chunk[:1] * pad)))
+    for index, (batch, real) in enumerate(prompts_lib.padded_batches(prompts, batch_size)):
+        ids = trainer.put_ids(batch)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
         batch_images, distance = fn(policy_params, trainer.reference_params, trainer.frozen, ids,
                                     key)
-        images.append(mesh_lib.to_host(batch_images)[:len(chunk)])
+        images.append(mesh_lib.to_host(batch_images)[:real])
         distances.append(float(distance))
     images = np.concatenate(images)
     return EvalResult(images=images, prompts=list(prompts),

@@ -1,4 +1,5 @@
-"""The outer loop: sample -> reward -> value update -> policy update -> log -> checkpoint.
+"""The outer loop, the same for every algorithm: an epoch (``vard_jax.training.epochs``: for
+VARD sample -> reward -> value update -> policy update) -> evaluate -> log -> checkpoint.
 
 Every random draw is a function of the seed, the epoch and the state's key, so a run resumed
 from a checkpoint continues exactly as an uninterrupted run would. SIGTERM stops the run after
@@ -8,7 +9,6 @@ the current epoch with a checkpoint; updates that keep failing stop it without o
 
 from __future__ import annotations
 
-import collections
 import json
 import pathlib
 import time
@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from vard_jax import prompts as prompts_lib
-from vard_jax.training import evaluation, faults, stages
+from vard_jax.training import epochs, evaluation, faults
 from vard_jax.training.checkpoints import Checkpointer, abstract_with_shardings
 from vard_jax.training import loggers as loggers_lib
 from vard_jax.training.images import save_grid
@@ -50,60 +50,10 @@ class Loop:
                                                     config.sample.eval_batch_size,
                                                     config.train.seed)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
-        self.stage = stages.make(self)  # what an epoch does: config.algorithm
         self.last_checkpoint: Optional[int] = None  # the latest step saved or restored
-        # The value datasets of the value.replay_epochs - 1 epochs before this one (host
-        # arrays; saved with each checkpoint, so a resumed run replays the same states).
-        self.replay: collections.deque = collections.deque(maxlen=config.value.replay_epochs - 1)
+        self.stage = epochs.make(self)  # what an epoch does: config.algorithm
 
-    # --- one epoch's pieces ------------------------------------------------------------------------
-    def _split_key(self, state: TrainState) -> tuple[TrainState, jax.Array]:
-        key, sub = jax.random.split(state.key)
-        return state.replace(key=key), sub
-
-    def collect(self, state: TrainState, salt: tuple[int, int], key: jax.Array, step: int = 0):
-        """Rollouts of the current policy and their rewards (host); ``salt`` seeds prompts.
-
-        Raises NonFiniteError when the images are not finite (before the reward sees them).
-        """
-        cfg = self.config.sample
-        prompts = [prompts_lib.draw(self.train_prompts, cfg.batch_size, self.config.train.seed,
-                                    *salt, b) for b in range(cfg.batches_per_epoch)]
-        rollouts, rewards = self.trainer.rollouts_with_rewards(
-            state.policy_params, prompts, key,
-            check_images=lambda images: faults.check_images(images, step, self.last_checkpoint))
-        return rollouts, rewards, prompts
-
-    def value_stage(self, state: TrainState, rollouts, rewards: np.ndarray, prompts,
-                    salt: tuple[int, int]):
-        state = state.replace(
-            reward_stats=state.reward_stats.update(self.trainer.put_batch(rewards),
-                                                   self.config.value.stats_decay),
-            reward_queries=state.reward_queries + rewards.size)
-        flat_prompts = [p for batch_prompts in prompts for p in batch_prompts]
-        dataset = self.trainer.value_dataset(rollouts, rewards, state.reward_stats, flat_prompts)
-        diagnostics = self.trainer.value_diagnostics(state, dataset)
-        if self.config.value.log_grad_alignment:
-            diagnostics.update(self.trainer.value_gradient_alignment(state, dataset,
-                                                                     flat_prompts))
-        rng = np.random.default_rng([self.config.train.seed, *salt, 7])
-        training_data = dataset
-        if self.replay.maxlen:
-            training_data = self.trainer.replay_dataset([*self.replay, dataset],
-                                                        state.reward_stats)
-            self.replay.append(dataset)
-        state, metrics = self.trainer.value_updates(state, training_data, rng)
-        return state, {**diagnostics, **metrics}
-
-    def policy_stage(self, state: TrainState, prompts: list[list[str]], key: jax.Array):
-        metrics = []
-        for b, batch_prompts in enumerate(prompts):
-            for u in range(self.config.policy.updates_per_epoch):
-                step_key = jax.random.fold_in(jax.random.fold_in(key, b), u)
-                state, m = self.trainer.policy_update(state, batch_prompts, step_key)
-                metrics.append(m)
-        return state, faults.aggregate(metrics)
-
+    # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, state: TrainState, step: int) -> tuple[dict, dict, dict]:
         """Samples the held-out prompts and the fixed training prompts with the evaluation
         noise; returns (metrics, images, histograms): the sample grid (also written to
@@ -152,13 +102,12 @@ class Loop:
         state, step = self.checkpointer.restore(abstract, step,
                                                 config_json=self.config.to_json())
         self.last_checkpoint = int(step)
-        if self.replay.maxlen:
-            self.replay.extend(self.checkpointer.restore_replay(step))
+        self.stage.load_replay(lambda: self.checkpointer.restore_replay(step))
         self.stage.load_host_state(self.checkpointer.restore_host(step))
         return state, int(step)
 
     def _save(self, step: int, state: TrainState) -> None:
-        self.checkpointer.save(step, state, self.config.to_json(), list(self.replay),
+        self.checkpointer.save(step, state, self.config.to_json(), self.stage.replay(),
                                self.stage.host_state())
         self.last_checkpoint = step
 
@@ -206,7 +155,7 @@ class Loop:
                     self.preempted = True
                     break
                 epoch_start = time.time()
-                state, key = self._split_key(state)
+                state, key = epochs.split_key(state)
                 state, metrics = self.stage.epoch(state, epoch, key)
                 state = state.replace(epoch=state.epoch + 1)
                 step = epoch + 1

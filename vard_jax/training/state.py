@@ -1,4 +1,4 @@
-"""The training state (one pytree, checkpointed whole) and the optimisers."""
+"""The training state: one pytree, checkpointed whole."""
 
 from __future__ import annotations
 
@@ -74,30 +74,3 @@ class TrainState:
                    reward_stats=RewardStats.create(), key=key, reward_queries=zero(),
                    policy_updates=zero(), value_updates=zero(), nonfinite_skips=zero(),
                    nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32))
-
-
-def learning_rate_schedule(peak: float, warmup: int, total: int, kind: str) -> optax.Schedule:
-    """Linear warm-up over ``warmup`` updates (the first update already gets peak / warmup,
-    not 0), then constant or cosine decay to 0 at update ``total``."""
-    def warmup_fn(step):
-        return peak * jnp.minimum((step + 1.0) / warmup, 1.0)
-
-    if kind == "cosine":
-        rest = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
-    else:
-        rest = optax.constant_schedule(peak)
-    if not warmup:
-        return rest
-    return optax.join_schedules([warmup_fn, rest], [warmup])
-
-
-def make_optimizer(learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformation:
-    """Adam(W) at ``learning_rate`` (a rate or a ``learning_rate_schedule``) with optional
-    global-norm clipping."""
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    if weight_decay > 0:
-        parts.append(optax.adamw(learning_rate, weight_decay=weight_decay))
-    else:
-        parts.append(optax.adam(learning_rate))
-    return optax.chain(*parts)

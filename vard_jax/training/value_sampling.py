@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vard_jax import prompts as prompts_lib
 from vard_jax.diffusion import sampler as sampler_lib, steering as steering_lib
 from vard_jax.parallel import mesh as mesh_lib
 
@@ -110,12 +111,11 @@ def sample_all(sampler: ValueSampler, policy_params: Any, value_params: Any, rew
     the padding dropped), as one SteeredBatch."""
     key, n = jax.random.PRNGKey(seed), sampler.steering.particles
     parts = []
-    for index, start in enumerate(range(0, len(prompts), prompts_per_batch)):
-        chunk = list(prompts[start:start + prompts_per_batch])
-        padded = chunk + chunk[:1] * (prompts_per_batch - len(chunk))
-        out = sampler.sample(policy_params, value_params, reward_stats, padded,
+    for index, (batch, kept) in enumerate(prompts_lib.padded_batches(prompts,
+                                                                      prompts_per_batch)):
+        out = sampler.sample(policy_params, value_params, reward_stats, batch,
                              jax.random.fold_in(key, index))
-        rows, kept = len(chunk) * n, len(chunk)
+        rows = kept * n
         parts.append(SteeredBatch(out.images[:rows], out.prompts[:rows], out.log_weights[:rows],
                                   out.final_value[:rows], out.ess[:, :kept],
                                   out.resampled[:, :kept]))

@@ -1,9 +1,10 @@
-"""The DDPO and DRaFT/AlignProp update steps, built from a ``Trainer``'s parts.
+"""DDPO's epoch, as ddpo-pytorch runs it: roll out the policy storing transitions and
+log-probs, score them on the host, per-prompt advantages, PPO-clip epochs over minibatches of
+transitions with the gradient accumulated over their steps (``vard_jax.algorithms.ddpo``).
 
-They share everything with VARD's steps: the policy parametrisation (full or LoRA), the
-sampler and rollout scan, the policy optimiser, the mesh shardings, state donation and the
-skipping of non-finite updates. Only the loss differs (``vard_jax.algorithms.ddpo`` and
-``vard_jax.algorithms.draft``); the epoch loop calls them through ``vard_jax.training.stages``.
+Its steps share everything else with VARD's: the policy parametrisation (full or LoRA), the
+sampler, the policy optimiser, the mesh shardings, state donation and the skipping of
+non-finite updates.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from vard_jax.algorithms import ddpo, draft
-from vard_jax.diffusion import rollout as rollout_lib
+from vard_jax import prompts as prompts_lib
+from vard_jax.algorithms import advantages as advantages_lib, ddpo
+from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.parallel import mesh as mesh_lib
+from vard_jax.training import faults, optimizers
+from vard_jax.training.epochs.base import Stage
+from vard_jax.training.optimizers import apply_policy_gradient
 from vard_jax.training.state import TrainState
-from vard_jax.training.trainer import apply_policy_gradient
 
 
 class Transitions(NamedTuple):
@@ -44,24 +47,22 @@ class DDPOSteps:
             adv_clip=config.ddpo.adv_clip or None, reduce=config.ddpo.reduce)
         self.steps = trainer.ddpo_steps  # ddpo.stochastic_steps of the schedule
         pipeline, policy, schedule = trainer.pipeline, trainer.policy, trainer.schedule
-        null_ids, num_steps = trainer.null_ids, trainer.num_steps
         loss_config = self.config
+        sampler_spec = sampler_lib.SamplerSpec(trainer.num_steps, config.sample.eta,
+                                               config.sample.guidance_scale,
+                                               config.sample.python_loop)
         optimizer = trainer.policy_optimizer
         # The micro-batch loops of the update and of the old log-probs, unrolled alike.
         unroll = rollout_lib.resolve_unroll(config.policy.scan_unroll)
 
         def sample(policy_params, frozen, reference_params, ids, key):
-            context = pipeline.encode_ids(frozen["text_encoder"], ids)
-            null_context = pipeline.encode_ids(frozen["text_encoder"], null_ids)
-            x_T, noise = rollout_lib.sample_noise(key, ids.shape[0], num_steps,
-                                                  pipeline.sample_shape)
-            trajectory, _ = rollout_lib.rollout(
-                policy.eps_fn, policy.unet(policy_params, reference_params), schedule, x_T,
-                noise, context, null_context, eta=loss_config.eta,
-                guidance_scale=loss_config.guidance_scale)
-            return Transitions(images=pipeline.decode(frozen, trajectory.x0),
-                               x_t=trajectory.x_t, x_prev=trajectory.x_prev,
-                               log_prob=trajectory.log_prob, context=context)
+            samples = sampler_lib.sample(pipeline, frozen,
+                                         policy.unet(policy_params, reference_params), ids, key,
+                                         sampler_spec, eps_fn=policy.eps_fn)
+            trajectory = samples.trajectory
+            return Transitions(images=samples.images, x_t=trajectory.x_t,
+                               x_prev=trajectory.x_prev, log_prob=trajectory.log_prob,
+                               context=samples.context)
 
         def update(state: TrainState, frozen, reference_params, batch: ddpo.DDPOBatch,
                    first: jax.Array):
@@ -108,13 +109,13 @@ class DDPOSteps:
             batch_sharding), out_shardings=micro)
         ddpo_config = config.ddpo
         # Per-prompt reward statistics across epochs (saved with each checkpoint).
-        self.tracker = ddpo.PromptStatTracker(ddpo_config.stat_buffer, ddpo_config.stat_min_count)
+        self.tracker = advantages_lib.PromptStatTracker(ddpo_config.stat_buffer,
+                                                        ddpo_config.stat_min_count)
 
     def sample(self, policy_params: Any, prompts: list[str], key: jax.Array) -> Transitions:
         trainer = self.trainer
-        ids = trainer.put_batch(jnp.asarray(trainer.pipeline.tokenize(prompts)))
-        return self._sample(policy_params, trainer.frozen, trainer.reference_params, ids,
-                            trainer.put_key(key))
+        return self._sample(policy_params, trainer.frozen, trainer.reference_params,
+                            trainer.put_ids(prompts), trainer.put_key(key))
 
     def transitions(self, samples: list[Transitions], rewards: np.ndarray,
                     prompts: list[str]) -> ddpo.DDPOBatch:
@@ -126,8 +127,7 @@ class DDPOSteps:
             x_prev=jnp.concatenate([s.x_prev for s in samples]),
             timesteps=None, noise=None,
             log_prob=jnp.concatenate([s.log_prob for s in samples]), x0=None)
-        null_context = self.trainer.pipeline.encode_ids(self.trainer.frozen["text_encoder"],
-                                                        self.trainer.null_ids)
+        null_context = self.trainer.encode(self.trainer.null_ids)
         batch = ddpo.transitions_from_trajectory(
             trajectory, jnp.asarray(advantages), jnp.concatenate([s.context for s in samples]),
             null_context, steps=self.steps, reduce=self.config.reduce)
@@ -183,67 +183,57 @@ class DDPOSteps:
                             mesh_lib.put(np.bool_(first), trainer.step_shardings().replicated))
 
 
-class DraftSteps:
-    """``update(state, prompts, key)``: one DRaFT-K / AlignProp / DRaFT+ step on fresh samples."""
+class DDPOStage(Stage):
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.steps = DDPOSteps(loop.trainer)
 
-    def __init__(self, trainer):
-        config = trainer.config
-        draft.check_reward(trainer.reward)
-        if not trainer.reward.jittable:
-            raise ValueError(f"draft needs a reward that runs inside jit; "
-                             f"{trainer.reward.name!r} does not")
-        self.trainer = trainer
-        num_steps = trainer.num_steps
-        self.random_depth = bool(config.draft.random_depth)
-        self.config = draft.DraftConfig(
-            grad_depth=min(config.draft.grad_depth, num_steps), beta=config.draft.beta,
-            eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
-            remat=config.policy.remat,
-            unroll=rollout_lib.resolve_unroll(config.policy.scan_unroll),
-            kl_on=config.policy.kl_on)
-        pipeline, policy, schedule, reward = (trainer.pipeline, trainer.policy,
-                                              trainer.policy_schedule, trainer.reward)
-        null_ids = trainer.null_ids
-        loss_config, random_depth = self.config, self.random_depth
-        optimizer = trainer.policy_optimizer
+    def host_state(self) -> dict:
+        """The per-prompt reward buffers (``ddpo.stat_buffer``): a resumed run continues them."""
+        return {"ddpo_reward_buffers": self.steps.tracker.state_dict()}
 
-        def update(state: TrainState, frozen, reference_params, batch: dict, key):
-            key_noise, key_depth = jax.random.split(key)
-            context = pipeline.encode_ids(frozen["text_encoder"], batch["ids"])
-            null_context = pipeline.encode_ids(frozen["text_encoder"], null_ids)
-            x_T, noise = rollout_lib.sample_noise(key_noise, batch["ids"].shape[0], num_steps,
-                                                  pipeline.sample_shape)
-            inputs = draft.DraftInputs(context=context, null_context=null_context, x_T=x_T,
-                                       noise=noise)
+    def load_host_state(self, state: dict) -> None:
+        self.steps.tracker.load_state_dict(state.get("ddpo_reward_buffers", {}))
 
-            def reward_fn(x0):
-                return reward.score(pipeline.decode(frozen, x0), batch["reward_input"])
-
-            reference = policy.reference_unet(reference_params)
-            if random_depth:  # AlignProp: K ~ uniform on {1, ..., draft.grad_depth}
-                depth = draft.sample_depth(key_depth, num_steps, 1, loss_config.grad_depth)
-                loss, metrics, grads = draft.draft_value_and_grad_random_depth(
-                    policy.eps_fn, state.policy_params, reference, schedule, inputs, reward_fn,
-                    loss_config, depth,
-                    model_params=lambda p: policy.unet(p, reference_params))
-            else:
-                (loss, metrics), grads = jax.value_and_grad(
-                    lambda p: draft.draft_loss(policy.eps_fn, policy.unet(p, reference_params),
-                                               reference, schedule, inputs, reward_fn,
-                                               loss_config), has_aux=True)(state.policy_params)
-            return apply_policy_gradient(optimizer, state, grads, loss, metrics,
-                                         reward_queries=batch["ids"].shape[0])
-
-        shardings = trainer.step_shardings()
-        batch_sharding = {"ids": shardings.batch, "reward_input": shardings.batch}
-        self._update = jax.jit(update, in_shardings=(
-            shardings.state, shardings.frozen, shardings.reference, batch_sharding,
-            shardings.replicated), out_shardings=(shardings.state, shardings.replicated),
-            donate_argnums=0)
-
-    def update(self, state: TrainState, prompts: list[str], key: jax.Array):
-        trainer = self.trainer
-        batch = {"ids": jnp.asarray(trainer.pipeline.tokenize(prompts)),
-                 "reward_input": jnp.asarray(trainer.reward.prepare(prompts))}
-        return self._update(state, trainer.frozen, trainer.reference_params,
-                            trainer.put_batch(batch), trainer.put_key(key))
+    def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
+        loop, config = self.loop, self.loop.config
+        samples, rewards, prompts = [], [], []
+        for b in range(config.sample.batches_per_epoch):
+            batch_prompts = prompts_lib.draw(loop.train_prompts, config.sample.batch_size,
+                                             config.train.seed, 0, epoch, b)
+            sampled = self.steps.sample(state.policy_params, batch_prompts,
+                                        jax.random.fold_in(key, b))
+            images = np.asarray(jax.device_get(sampled.images))
+            faults.check_images(images, epoch + 1, loop.last_checkpoint)
+            values, _ = loop.trainer.reward_evaluator(images, batch_prompts)
+            samples.append(sampled)
+            rewards.append(values)
+            prompts.extend(batch_prompts)
+        rewards = np.concatenate(rewards)
+        state = state.replace(reward_queries=state.reward_queries + rewards.size)
+        transitions = self.steps.transitions(samples, rewards, prompts)
+        steps = len(self.steps.steps)
+        size = optimizers.ddpo_minibatch_size(config, steps, loop.trainer.mesh.shape["data"])
+        rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
+        minibatches = []  # one [A, M] index array per optimiser step
+        for _ in range(config.ddpo.inner_epochs):
+            minibatches += ddpo.plan_updates(rng, rewards.size, steps, size,
+                                             config.ddpo.gradient_accumulation,
+                                             config.ddpo.accumulate_timesteps)
+        transitions, gap = self.steps.sampling_log_probs(state.policy_params, transitions,
+                                                         minibatches)
+        metrics = []
+        for number, indices in enumerate(minibatches):
+            state, m = self.steps.update(state, transitions.take(indices), first=number == 0)
+            metrics.append(m)
+        summary = faults.aggregate(metrics)
+        # The first optimiser step trains at the sampling parameters: every ratio of its
+        # micro-batches must be exactly 1.
+        summary["first_log_ratio_max"] = float(metrics[0]["log_ratio_max"])
+        summary["first_clipfrac"] = float(metrics[0]["clipfrac"])
+        summary["rollout_log_prob_gap"] = gap
+        faults.check_streak(state, config.train.max_nonfinite_in_a_row, epoch + 1, summary,
+                            loop.last_checkpoint)
+        return state, {"reward_mean": float(np.mean(rewards)),
+                       "reward_std": float(np.std(rewards)), **summary,
+                       "images": int(rewards.size), "rewards": rewards}
