@@ -110,7 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
     # One optimiser step per minibatch of chains, its gradient averaged over all their
     # stochastic steps (ddpo-pytorch); False: one step per micro-batch of transitions.
     ddpo.accumulate_timesteps = True
-    ddpo.gradient_accumulation = 1  # Minibatches whose gradients make one optimiser step.
+    # Minibatches whose gradients make one optimiser step. On CPU give a step of transitions
+    # (accumulate_timesteps = False) at least 2 (half the minibatch_size: the same step):
+    # XLA:CPU runs a single micro-batch's backward convolutions ~20x slower
+    # (docs/IMPLEMENTATION.md).
+    ddpo.gradient_accumulation = 1
     # Advantages from the last stat_buffer rewards of each prompt, across epochs (0 = this
     # epoch's only), or from the batch while a prompt has fewer than stat_min_count of them.
     ddpo.stat_buffer = 16
