@@ -106,6 +106,7 @@ def sample(pipeline: TextToImage, params: dict, unet_params: Any, input_ids: jax
     batch = input_ids.shape[0]
     context, null_context = encode(pipeline, params["text_encoder"], input_ids)
     x_T, noise = rollout_lib.sample_noise(key, batch, spec.num_steps, pipeline.sample_shape)
+
     def hook(info):
         return step_hook(info, context, null_context)
 

@@ -53,6 +53,10 @@ class Components:
         # derivative of the x0 clip; sampling and DDPO's densities use ``self.schedule``.
         self.policy_schedule = self.schedule.replace(
             clip_gradient=config.policy.clip_x0_gradient)
+        # How the run samples (``sampler.sample``): its rollouts for training and DDPO's.
+        self.sampler_spec = sampler_lib.SamplerSpec(self.num_steps, config.sample.eta,
+                                                    config.sample.guidance_scale,
+                                                    config.sample.python_loop)
         self.null_ids = sampler_lib.null_ids(self.pipeline)  # [1, L] the empty prompt
         self.value_model = self._make_value_model()
         # The denoising steps DDPO stores and trains (None for the other algorithms).

@@ -118,9 +118,7 @@ def build(c: Components) -> Steps:
     abstract_state = jax.eval_shape(c.init_state_abstract)
     state_sharding = c.state_shardings(abstract_state)
 
-    sampler_spec = sampler_lib.SamplerSpec(c.num_steps, config.sample.eta,
-                                           config.sample.guidance_scale,
-                                           config.sample.python_loop)
+    sampler_spec = c.sampler_spec
     policy = c.policy
 
     def sample(policy_params, frozen, reference_params, ids, key):

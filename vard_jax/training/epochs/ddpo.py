@@ -48,9 +48,7 @@ class DDPOSteps:
         self.steps = trainer.ddpo_steps  # ddpo.stochastic_steps of the schedule
         pipeline, policy, schedule = trainer.pipeline, trainer.policy, trainer.schedule
         loss_config = self.config
-        sampler_spec = sampler_lib.SamplerSpec(trainer.num_steps, config.sample.eta,
-                                               config.sample.guidance_scale,
-                                               config.sample.python_loop)
+        sampler_spec = trainer.sampler_spec
         optimizer = trainer.policy_optimizer
         # The micro-batch loops of the update and of the old log-probs, unrolled alike.
         unroll = rollout_lib.resolve_unroll(config.policy.scan_unroll)
