@@ -12,7 +12,8 @@ per run, so one failure does not end the comparison), then reads each run's
   (``ddpo_final_above_start``, ``above_start``: the target then measures nothing);
 * ``OUT/<reward>_vs_queries.png``, ``_vs_wall.png``, ``_vs_distance.png``: the held-out
   reward's gain over the run's step-0 evaluation, with seed bands (mean +- std over seeds;
-  matplotlib needed). Each seed evaluates its own held-out prompts and noise, shared by the
+  matplotlib needed); ``_proxy_vs_gold.png``: the gold program's (``shape_fidelity``)
+  held-out gain against the trained reward's, for rewards other than the gold itself. Each seed evaluates its own held-out prompts and noise, shared by the
   methods of that seed.
 
     PYTHONPATH=. python experiments/compare.py --out=runs/compare            # full: 3 seeds
@@ -75,6 +76,9 @@ MATRIX = {
     "shape_fidelity": Comparison("configs/shapes_fidelity.py", ("vard", "ddpo")),
     "jpeg_compressibility": Comparison("configs/shapes_compressibility.py", ("vard", "ddpo")),
 }
+# The program that scores what the prompt asks for, beside every learned or proxy reward:
+# its held-out gain against the trained reward's is the over-optimisation plot.
+GOLD = "shape_fidelity"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("vard", "ddpo", "draft")
 # Settings the comparison fixes for every run (equal budgets, seeds, evaluation grid): a
@@ -265,13 +269,17 @@ def run_one(out: pathlib.Path, reward: str, method: str, seed: int, args,
         saved.write_text(json.dumps({"seconds": record["seconds"], "settings": settings}))
         rows = read_metrics(workdir)
     curve = [{"step": r["step"], "reward_queries": r["reward_queries"], "wall_s": r["wall_s"],
-              "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"]}
+              "eval_reward": r["eval_reward_mean"], "eps_distance": r["eval_eps_distance"],
+              **({"gold": r[f"eval_{GOLD}_mean"]} if f"eval_{GOLD}_mean" in r else {}),
+              **({"diversity": r["eval_diversity"]} if "eval_diversity" in r else {})}
              for r in rows if "eval_reward_mean" in r]
     # Gain over the run's step-0 evaluation: a seed's held-out prompts and noise (hence its
     # base reward) are shared by its methods, so gains across seeds show how training varies,
     # not how the seeds' evaluation sets differ. The summary and the plots both read it.
     for point in curve:
         point["gain"] = point["eval_reward"] - curve[0]["eval_reward"]
+        if "gold" in point and reward != GOLD:
+            point["gold_gain"] = point["gold"] - curve[0]["gold"]
     record["curve"] = curve
     record["final_eval_reward"] = curve[-1]["eval_reward"]
     record["final_eps_distance"] = curve[-1]["eps_distance"]
@@ -349,6 +357,14 @@ def summarise(records: list[dict]) -> dict:
                                "final_eps_distance_mean": float(np.mean(
                                    [r["final_eps_distance"] for r in runs])),
                                "seconds_mean": float(np.mean([r["seconds"] for r in runs]))}
+            golds = [r["curve"][-1]["gold_gain"] for r in runs if "gold_gain" in r["curve"][-1]]
+            if len(golds) == len(runs):
+                methods[method].update(final_gold_gain_mean=float(np.mean(golds)),
+                                       final_gold_gain_std=float(np.std(golds)))
+            spread = [(r["curve"][0]["diversity"], r["curve"][-1]["diversity"]) for r in runs
+                      if "diversity" in r["curve"][-1]]
+            if len(spread) == len(runs):
+                methods[method]["diversity_start_final"] = np.mean(spread, 0).tolist()
         entry = {"methods": methods}
         vard_family = sorted({r["method"] for r in ok if r["reward"] == reward
                               and r.get("base_method", r["method"]) == "vard"})
@@ -395,7 +411,33 @@ def plot(records: list[dict], out: pathlib.Path) -> list[str]:
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path.name)
+        gold_runs = [r for r in ok if r["reward"] == reward
+                     and all("gold_gain" in p for p in r["curve"])]
+        if gold_runs:
+            written.append(_plot_gold(plt, reward, gold_runs, out))
     return written
+
+
+def _plot_gold(plt, reward: str, runs: list[dict], out: pathlib.Path) -> str:
+    """Held-out gold gain against the trained reward's gain, one line per method (mean over
+    seeds, one point per evaluation): a curve that bends down is over-optimisation."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in sorted({r["method"] for r in runs}):
+        curves = [r["curve"] for r in runs if r["method"] == method]
+        length = min(len(c) for c in curves)
+        xs = np.array([[p["gain"] for p in c[:length]] for c in curves]).mean(0)
+        ys = np.array([[p["gold_gain"] for p in c[:length]] for c in curves])
+        ax.errorbar(xs, ys.mean(0), yerr=ys.std(0), marker="o", capsize=2,
+                    label=f"{method} ({len(curves)} seeds)")
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_xlabel(f"held-out {reward} gain (trained reward)")
+    ax.set_ylabel(f"held-out {GOLD} gain (gold)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / f"{reward}_proxy_vs_gold.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
 
 
 def combined_records(directories: list[str], seeds: list[int], rewards: list[str],

@@ -179,8 +179,11 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     assert [r["step"] for r in lines] == [0, 1, 2]
     for key in ("step", "reward_mean", "reward_std", "eval_reward_mean", "value_loss",
                 "value_explained_variance", "eps_distance", "policy_grad_norm",
-                "reward_queries", "wall_s"):
+                "reward_queries", "wall_s", "eval_diversity", "eval_eps_distance",
+                "eval_shape_fidelity_mean"):
         assert key in lines[-1], key
+    assert lines[0]["eval_eps_distance"] == 0.0 and lines[-1]["eval_eps_distance"] > 0.0
+    assert all(r["eval_diversity"] > 0.0 for r in lines)
     batch = config.sample.batch_size * config.sample.batches_per_epoch
     assert lines[-1]["reward_queries"] == batch * (config.value.pretrain_epochs + 2)
     # Both optimisers' rates of the epoch's last update (the value's is constant here).
@@ -189,7 +192,7 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
                                rtol=1e-6)
     assert 0.0 < lines[-1]["policy_learning_rate"] <= config.policy.learning_rate
     assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == [
-        "step_00000.png", "step_00001.png", "step_00002.png"]
+        "compare_final.png", "step_00000.png", "step_00001.png", "step_00002.png"]
     assert list((tmp_path / "straight" / "tensorboard").iterdir())
     assert straight.checkpointer.latest_step() == 2
     # The value's replay: the states of the epoch before the last, saved with the checkpoint.
@@ -217,7 +220,24 @@ def test_run_writes_everything_and_resume_matches_uninterrupted(trainer, config,
     _leaves_equal(resumed.final_state.key, straight.final_state.key)
     assert int(resumed.final_state.reward_queries) == int(straight.final_state.reward_queries)
     assert lines[-1]["reward_mean"] == pytest.approx(rows[-1]["reward_mean"])
+    # The resumed run samples the base model again for its comparison picture (the straight
+    # run kept its step-0 evaluation): same prompts, noise and weights, the same picture.
+    assert resumed.base_evaluation is not None
+    compare = "samples/compare_final.png"
+    assert (tmp_path / "resumed" / compare).read_bytes() == (tmp_path / "straight" /
+                                                           compare).read_bytes()
     # One compiled policy step and one sampler for every call above, the first test's (keys
     # from jax.random.PRNGKey on the default device) and the loops' (split from the state's).
     assert trainer.policy_step._cache_size() == 1
     assert trainer.sample._cache_size() == 1
+
+
+def test_diversity_is_the_mean_pairwise_rms_distance_within_each_prompt():
+    from vard_jax.training import evaluation
+
+    assert evaluation.diversity_prompts(["a", "a", "b", "c"], 4, 2) == ["a", "a", "b", "b"]
+    assert evaluation.diversity_prompts(["a", "b"], 8, 4) == ["a"] * 4 + ["b"] * 4
+    same, apart = np.full((2, 4, 4, 3), 0.3), np.stack([np.zeros((4, 4, 3)), np.ones((4, 4, 3))])
+    assert evaluation.diversity(np.concatenate([same, apart]), 2) == pytest.approx(0.5)
+    three = np.stack([np.zeros((2, 2, 3)), np.zeros((2, 2, 3)), np.full((2, 2, 3), 0.6)])
+    assert evaluation.diversity(three, 3) == pytest.approx((0.0 + 0.6 + 0.6) / 3)

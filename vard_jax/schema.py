@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.batches_per_epoch = 2  # Rollout batches per epoch (reward queries = product of both).
     sample.eval_batch_size = 16  # Images per evaluation batch (fixed prompts and noise).
     sample.eval_batches = 2  # Evaluation batches per evaluation (held-out prompts).
+    # Diversity at each evaluation: one more batch of held-out prompts, each drawn this many
+    # times; eval_diversity = mean pairwise RMS pixel distance within a prompt (0/1 = off).
+    sample.diversity_samples = 4
     sample.train_prompts = "train"  # Prompt set for training rollouts: a split name or a file path.
     sample.eval_prompts = "heldout"  # Prompt set for evaluation: a split name or a file path.
     sample.python_loop = False  # Debug: run the denoising body in a Python loop, not lax.scan.

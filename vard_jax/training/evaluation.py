@@ -44,8 +44,9 @@ def _distance_sampler(trainer: Trainer):
 
 
 def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_size: int,
-             seed: int) -> EvalResult:
-    """Samples ``prompts`` in batches with noise fixed by ``seed``; scores every reward."""
+             seed: int, scored: bool = True) -> EvalResult:
+    """Samples ``prompts`` in batches with noise fixed by ``seed``; scores every reward
+    (``scored=False``: none, ``scores`` is empty)."""
     fn = _distance_sampler(trainer)
     images, distances = [], []
     for index, (batch, real) in enumerate(prompts_lib.padded_batches(prompts, batch_size)):
@@ -57,7 +58,7 @@ def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_siz
         distances.append(float(distance))
     images = np.concatenate(images)
     return EvalResult(images=images, prompts=list(prompts),
-                      scores=score_images(trainer, images, prompts),
+                      scores=score_images(trainer, images, prompts) if scored else {},
                       eps_distance=float(np.mean(distances)))
 
 
@@ -70,6 +71,21 @@ def score_images(trainer: Trainer, images: np.ndarray, prompts: list[str]) -> di
     for name, evaluator in trainer.eval_evaluators.items():
         scores[name] = evaluator(images, prompts)[0]
     return scores
+
+
+def diversity_prompts(prompts: list[str], batch_size: int, repeats: int) -> list[str]:
+    """One batch of the first distinct ``prompts``, each repeated ``repeats`` times in a row."""
+    distinct = list(dict.fromkeys(prompts))[:max(1, batch_size // repeats)]
+    return [p for p in distinct for _ in range(repeats)]
+
+
+def diversity(images: np.ndarray, repeats: int) -> float:
+    """Mean pairwise RMS pixel distance between images of one prompt (consecutive groups of
+    ``repeats``; pixels in [0, 1]): 0 when every sample of a prompt is the same image."""
+    groups = np.asarray(images, np.float64).reshape(-1, repeats, int(np.prod(images.shape[1:])))
+    squared = ((groups[:, :, None] - groups[:, None, :]) ** 2).mean(-1)  # [P, R, R]
+    upper = np.triu_indices(repeats, 1)
+    return float(np.sqrt(squared[:, upper[0], upper[1]]).mean())
 
 
 def summary(result: EvalResult, prefix: str = "eval") -> dict:

@@ -19,7 +19,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def grid(images: np.ndarray, prompts: Sequence[str], scores: Optional[Sequence[float]] = None,
-         columns: int = 8, score_name: str = "r") -> Image.Image:
+         columns: int = 8, score_name: str = "r", text_lines: int = _TEXT_LINES) -> Image.Image:
     """A PIL image: one cell per sample, its prompt (and score) in small text under it."""
     images = to_uint8(images)
     count, height, width, _ = images.shape
@@ -27,7 +27,7 @@ def grid(images: np.ndarray, prompts: Sequence[str], scores: Optional[Sequence[f
     cell_w, cell_h = width * scale, height * scale
     font = ImageFont.load_default()
     chars_per_line = max(8, cell_w // 6)
-    text_h = 11 * _TEXT_LINES + 4
+    text_h = 11 * text_lines + 4
     columns = max(1, min(columns, count))
     rows = (count + columns - 1) // columns
     canvas = Image.new("RGB", (columns * (cell_w + 4), rows * (cell_h + text_h + 4)), "white")
@@ -40,7 +40,7 @@ def grid(images: np.ndarray, prompts: Sequence[str], scores: Optional[Sequence[f
         caption = prompts[index] if index < len(prompts) else ""
         if scores is not None:
             caption = f"{score_name}={scores[index]:.3f} {caption}"
-        lines = textwrap.wrap(caption, chars_per_line)[:_TEXT_LINES]
+        lines = textwrap.wrap(caption, chars_per_line)[:text_lines]
         for k, line in enumerate(lines):
             draw.text((x0, y0 + cell_h + 2 + 11 * k), line, fill="black", font=font)
     return canvas
@@ -48,10 +48,10 @@ def grid(images: np.ndarray, prompts: Sequence[str], scores: Optional[Sequence[f
 
 def save_grid(path: str | pathlib.Path, images: np.ndarray, prompts: Sequence[str],
               scores: Optional[Sequence[float]] = None, columns: int = 8,
-              score_name: str = "r") -> Image.Image:
+              score_name: str = "r", text_lines: int = _TEXT_LINES) -> Image.Image:
     """Writes ``grid(...)`` to ``path`` (PNG; parent directories made) and returns it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = grid(images, prompts, scores, columns, score_name)
+    picture = grid(images, prompts, scores, columns, score_name, text_lines)
     picture.save(path)
     return picture

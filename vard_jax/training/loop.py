@@ -52,6 +52,8 @@ class Loop:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint.keep)
         self.last_checkpoint: Optional[int] = None  # the latest step saved or restored
         self.stage = epochs.make(self)  # what an epoch does: config.algorithm
+        # The step-0 evaluation (held-out, training prompts), for compare_final.png.
+        self.base_evaluation: Optional[tuple] = None
 
     # --- evaluation ------------------------------------------------------------------------------
     def evaluate(self, state: TrainState, step: int) -> tuple[dict, dict, dict]:
@@ -67,7 +69,18 @@ class Loop:
         metrics = evaluation.summary(held, "eval")
         metrics["eval_reward_mean"] = metrics[f"eval_{self.trainer.reward.name}_mean"]
         metrics.update(evaluation.summary(train, "eval_train"))
+        repeats = cfg.diversity_samples
+        if repeats > 1:
+            varied = evaluation.evaluate(
+                self.trainer, state.policy_params,
+                evaluation.diversity_prompts(self.eval_prompts, cfg.eval_batch_size, repeats),
+                cfg.eval_batch_size, seed, scored=False)
+            metrics["eval_diversity"] = evaluation.diversity(varied.images, repeats)
+        if step == 0:
+            self.base_evaluation = (held, train)
         images, histograms = {}, {}
+        if jax.process_index() == 0 and step == self.config.train.epochs:
+            self.write_comparison(held, train)
         if jax.process_index() == 0:
             name = self.trainer.reward.name
             count = min(cfg.eval_batch_size, len(held.prompts))
@@ -80,6 +93,33 @@ class Loop:
             images["samples"] = np.asarray(picture)
             histograms[f"eval_{name}"] = np.asarray(held.scores[name])
         return metrics, images, histograms
+
+    def write_comparison(self, held: evaluation.EvalResult,
+                         train: evaluation.EvalResult) -> None:
+        """WORKDIR/samples/compare_final.png: the pretrained model's samples (upper row of each
+        pair) above the tuned model's (lower), same prompts and noise, held-out prompts first;
+        under each image the gold metric (the first evaluation extra) and the trained reward."""
+        cfg = self.config.sample
+        if self.base_evaluation is None:  # resumed after step 0: sample the base model again
+            seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
+            base_params = self.trainer.pretrained_policy_params()
+            self.base_evaluation = tuple(
+                evaluation.evaluate(self.trainer, base_params, prompts, cfg.eval_batch_size, seed)
+                for prompts in (self.eval_prompts, self.grid_train_prompts))
+        columns = min(self.config.logging.grid_columns, len(held.prompts), len(train.prompts))
+        reward = self.trainer.reward.name
+        gold = next(iter(self.trainer.eval_evaluators), None)
+        rows, captions = [], []
+        for (base, tuned), label in zip(zip(self.base_evaluation, (held, train)),
+                                        ("[held-out] ", "")):
+            for name, result in (("base", base), ("tuned", tuned)):  # one row each
+                rows.append(result.images[:columns])
+                for i, prompt in enumerate(result.prompts[:columns]):
+                    gold_text = f"{gold}={result.scores[gold][i]:.2f} " if gold else ""
+                    captions.append(f"{name}: {gold_text}r={result.scores[reward][i]:.1f} "
+                                    f"{label}{prompt}")
+        save_grid(self.workdir / "samples" / "compare_final.png", np.concatenate(rows), captions,
+                  columns=columns, text_lines=6)
 
     # --- the run -------------------------------------------------------------------------------------
     def restore_or_init(self) -> tuple[TrainState, int]:
