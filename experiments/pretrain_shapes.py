@@ -1,8 +1,10 @@
 """Trains the embedded default from scratch on CPU and writes it into the package.
 
 1. A tiny CLIP (``FlaxCLIPModel``) trained contrastively on (image, caption) pairs of the shapes
-   world's training split: the ``clip_alignment`` reward and, through its text tower, the frozen
-   text encoder of the diffusion model.
+   world's training split: through its text tower, the frozen text encoder of the diffusion
+   model. The ``clip_alignment`` reward is this CLIP trained further with one-attribute hard
+   negatives and off-distribution images (``vard_jax.worlds.negatives``; ``--reward_only``
+   trains only it, from the CLIP of ``--init_from``).
 2. A tiny pixel-space ``FlaxUNet2DConditionModel``, trained as an eps-prediction DDPM on the
    same split with 10% condition dropout (so classifier-free guidance works); the shipped
    weights are an exponential moving average.
@@ -12,6 +14,7 @@
     python experiments/pretrain_shapes.py                  # ~40 min on 2 CPU cores
     python experiments/pretrain_shapes.py --clip_steps=50 --unet_steps=20 --out=/tmp/w  # smoke
     python experiments/pretrain_shapes.py --init_from=DIR --evaluate_only   # figures of DIR again
+    python experiments/pretrain_shapes.py --reward_only       # the reward CLIP only (~15 min)
 
 ``--init_from`` continues from an asset directory; with ``--evaluate_only`` nothing is trained:
 the quality figures and the grid are measured again with the current sampler and written
@@ -20,6 +23,7 @@ into ``--out`` with the weights of ``--init_from`` (the training figures are kep
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -36,6 +40,7 @@ from vard_jax.models import clip as clip_lib
 from vard_jax.models import shapes as shapes_model
 from vard_jax.rewards.shape_fidelity import shape_fidelity
 from vard_jax.training import images as grid_lib
+from vard_jax.worlds import negatives
 from vard_jax.worlds import shapes as world
 from vard_jax.worlds import tokenizer_files
 
@@ -55,6 +60,13 @@ flags.DEFINE_float("guidance_scale", 3.0, "Guidance for the quality figures (the
 flags.DEFINE_string("init_from", "", "Continue from the CLIP and UNet in this asset directory "
                     "(the CLIP is kept; the UNet training resumes from its weights).")
 flags.DEFINE_float("unet_lr", 1e-3, "Peak UNet learning rate.")
+flags.DEFINE_bool("reward_only", False, "Train only the reward CLIP (hard negatives and "
+                  "off-distribution images) from the CLIP of --init_from (default: the shipped "
+                  "one) and write it to --out/reward; the rest of --out is left as it is.")
+flags.DEFINE_integer("reward_steps", 1500, "Reward CLIP training steps.")
+flags.DEFINE_integer("reward_batch", 64, "Reward CLIP batch of real pairs.")
+flags.DEFINE_integer("reward_hard", 3, "Hard negatives (one attribute changed) per pair.")
+flags.DEFINE_integer("reward_off", 40, "Off-distribution images per batch.")
 flags.DEFINE_bool("evaluate_only", False, "With --init_from: train nothing, measure the quality "
                   "figures of those weights again and write them with the weights to --out.")
 
@@ -90,6 +102,105 @@ def train_clip(clip_model, tokenizer, key):
         if i % 250 == 0 or i == FLAGS.clip_steps - 1:
             print(f"clip step {i}: loss {float(loss):.3f} ({time.time() - start:.0f}s)", flush=True)
     return params
+
+
+def _batch_with_negatives(step: int, tokenizer):
+    """Real pairs of the training split, one-attribute hard negatives (images and captions)
+    and off-distribution images, deterministic in ``step``."""
+    rng = np.random.default_rng(30_000 + 100_000 * FLAGS.seed + step)
+    specs = world.sample_specs(FLAGS.reward_batch, rng, "train")
+    images = np.stack([world.render(s, rng) for s in specs])
+    variants = [v for s in specs for v in negatives.hard_negatives(s, FLAGS.reward_hard, rng)]
+    hard_images = np.stack([world.render(v, rng) for v in variants])
+    captions = [world.caption_of(s) for s in specs]
+    ids = tokenizer_files.encode_captions(tokenizer, captions)
+    hard_ids = tokenizer_files.encode_captions(tokenizer, [world.caption_of(v) for v in variants])
+    same = (np.asarray(captions)[:, None] == np.asarray(captions)[None, :]).astype(np.float32)
+    off = negatives.off_distribution(FLAGS.reward_off, rng)
+    return images, ids, same, hard_images, hard_ids, off
+
+
+def reward_loss(clip_model, p, images, ids, same, hard_images, hard_ids, off):
+    """Contrastive loss with hard negatives: an image against the batch's captions and its own
+    K one-attribute-changed captions; a caption against the batch's images, its K
+    one-attribute-changed images and the off-distribution images."""
+    batch, k = images.shape[0], hard_ids.shape[0] // images.shape[0]
+    image = clip_lib.image_embeddings(clip_model, p, jnp.concatenate([images, hard_images, off]))
+    text = clip_lib.text_embeddings(clip_model, p, jnp.concatenate([ids, hard_ids]))
+    real_image, hard_image, off_image = jnp.split(image, [batch, batch * (k + 1)])
+    real_text, hard_text = text[:batch], text[batch:].reshape(batch, k, -1)
+    hard_image = hard_image.reshape(batch, k, -1)
+    scale = jnp.exp(p["logit_scale"])
+    pairs = real_image @ real_text.T  # [B images, B captions]
+    image_to_text = jnp.concatenate([pairs, jnp.einsum("bd,bkd->bk", real_image, hard_text)], -1)
+    text_to_image = jnp.concatenate([pairs.T, jnp.einsum("bd,bkd->bk", real_text, hard_image),
+                                     real_text @ off_image.T], -1)
+    targets = same / same.sum(-1, keepdims=True)  # identical captions are all positives
+    loss_i = optax.softmax_cross_entropy(scale * image_to_text,
+                                         jnp.pad(targets, ((0, 0), (0, k)))).mean()
+    loss_t = optax.softmax_cross_entropy(
+        scale * text_to_image, jnp.pad(targets, ((0, 0), (0, k + off.shape[0])))).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+def train_reward_clip(clip_model, tokenizer, init_params):
+    """The reward CLIP: the world CLIP trained further with hard and off-distribution
+    negatives (``vard_jax.worlds.negatives``)."""
+    params = init_params
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, 5e-4, min(100, FLAGS.reward_steps // 2), FLAGS.reward_steps, 1e-5)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(p, s, *batch):
+        loss, grads = jax.value_and_grad(functools.partial(reward_loss, clip_model))(p, *batch)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    start, losses = time.time(), []
+    for i in range(FLAGS.reward_steps):
+        params, opt_state, loss = step(params, opt_state, *_batch_with_negatives(i, tokenizer))
+        losses.append(float(loss))
+        if i % 100 == 0 or i == FLAGS.reward_steps - 1:
+            print(f"reward clip step {i}: loss {np.mean(losses[-100:]):.3f} "
+                  f"({time.time() - start:.0f}s)", flush=True)
+    return params, {"reward_steps": FLAGS.reward_steps,
+                    "reward_final_loss": float(np.mean(losses[-100:])),
+                    "reward_train_seconds": round(time.time() - start, 1)}
+
+
+def reward_figures(clip_model, params, tokenizer, n: int = 512) -> dict:
+    """What a reward model of the world should get right: retrieval, each attribute against
+    its one-attribute-changed caption, and real images scored above off-distribution ones."""
+    score = jax.jit(lambda im, ids: clip_lib.clip_logits(clip_model, params, im, ids))
+    figures = {}
+    for split in ("train", "heldout"):
+        figures[f"{split}_top1"] = clip_retrieval_accuracy(clip_model, params, tokenizer, split, n)
+        rng = np.random.default_rng(4242)
+        specs = world.sample_specs(n, rng, split)
+        images = np.stack([world.render(s, rng) for s in specs])
+        true = np.asarray(score(images, tokenizer_files.encode_captions(
+            tokenizer, [world.caption_of(s) for s in specs])))
+        figures[f"{split}_real_score"] = [float(true.mean()), float(true.std())]
+        for attribute in negatives.ATTRIBUTES:
+            keep = [i for i, s in enumerate(specs)
+                    if negatives.attribute_variant(s, attribute, rng) is not None]
+            changed = [world.caption_of(negatives.attribute_variant(specs[i], attribute, rng))
+                       for i in keep]
+            wrong = np.asarray(score(images[keep], tokenizer_files.encode_captions(tokenizer,
+                                                                                   changed)))
+            figures[f"{split}_{attribute}_accuracy"] = float(np.mean(true[keep] > wrong))
+    rng = np.random.default_rng(4243)
+    captions = [world.caption_of(s) for s in world.sample_specs(n, rng, "heldout")]
+    ids = tokenizer_files.encode_captions(tokenizer, captions)
+    real_floor = np.quantile(true, 0.1)  # of held-out real images with their own captions
+    for kind in negatives.OFF_DISTRIBUTION_KINDS:
+        images = negatives.off_distribution(n, rng, (kind,))
+        scores = np.asarray(score(images, ids))
+        figures[f"off_{kind}_score"] = [float(scores.mean()), float(scores.std())]
+        figures[f"off_{kind}_above_real_p10"] = float(np.mean(scores > real_floor))
+    return figures
 
 
 def clip_retrieval_accuracy(clip_model, params, tokenizer, split: str, n: int = 512) -> float:
@@ -158,7 +269,8 @@ def train_unet(pipeline, text_params, key, init_params=None):
                  "unet_train_seconds": round(time.time() - start, 1)}
 
 
-def evaluate_base(pipeline, params, clip_model, clip_params, out: pathlib.Path) -> dict:
+def evaluate_base(pipeline, params, clip_model, reward_params, out: pathlib.Path) -> dict:
+    """The base model's shape_fidelity and clip_alignment (the reward CLIP's score)."""
     spec = sampler_lib.SamplerSpec(FLAGS.eval_steps, 1.0, FLAGS.guidance_scale)
     fn = sampler_lib.jit_sampler(pipeline, spec)
     score = jax.jit(lambda p, im, ids: clip_lib.clip_logits(clip_model, p, im, ids))
@@ -170,7 +282,7 @@ def evaluate_base(pipeline, params, clip_model, clip_params, out: pathlib.Path) 
         samples = fn(params, params["unet"], ids, jax.random.PRNGKey(FLAGS.seed + 7))
         images = np.asarray(samples.images)
         fidelity = shape_fidelity(images, prompts)
-        alignment = np.asarray(score(clip_params, samples.images, ids))
+        alignment = np.asarray(score(reward_params, samples.images, ids))
         figures[f"base_{split}_shape_fidelity"] = [float(fidelity.mean()), float(fidelity.std())]
         figures[f"base_{split}_clip_alignment"] = [float(alignment.mean()), float(alignment.std())]
         grids.append((images[:16], prompts[:16], fidelity[:16]))
@@ -191,6 +303,15 @@ def main(argv):
     tokenizer = tokenizer_files.load_tokenizer(tokenizer_dir)
     clip_model = shapes_model.build_clip(tokenizer)
     pipeline = shapes_model.build_pipeline(tokenizer, clip_model)
+
+    if FLAGS.reward_only:
+        _, _, _, clip_params = shapes_model.load(FLAGS.init_from or shapes_model.ASSET_DIR)
+        reward_params, reward_info = train_reward_clip(clip_model, tokenizer, clip_params)
+        reward_info["figures"] = reward_figures(clip_model, reward_params, tokenizer)
+        reward_info["world_clip_figures"] = reward_figures(clip_model, clip_params, tokenizer)
+        shapes_model.save_reward(out, reward_params, reward_info)
+        print(json.dumps(reward_info, indent=2), flush=True)
+        return
 
     start = time.time()
     figures, init_unet = {}, None
@@ -223,7 +344,13 @@ def main(argv):
         unet_params, unet_figures = train_unet(pipeline, text_params, key_unet, init_unet)
         figures.update(unet_figures)
     params = {"unet": unet_params, "text_encoder": text_params}
-    figures.update(evaluate_base(pipeline, params, clip_model, clip_params, out))
+    if FLAGS.init_from:  # the reward CLIP comes along unchanged
+        reward_params = shapes_model.load_reward(FLAGS.init_from, clip_model)
+        reward_info = index.get("reward", {})
+    else:  # a new world CLIP: its reward CLIP too
+        reward_params, reward_info = train_reward_clip(clip_model, tokenizer, clip_params)
+        reward_info["figures"] = reward_figures(clip_model, reward_params, tokenizer)
+    figures.update(evaluate_base(pipeline, params, clip_model, reward_params, out))
     real_train, real_train_caps = world.generate(256, seed=5, split="train")
     real_held, real_held_caps = world.generate(256, seed=5, split="heldout")
     figures["real_train_shape_fidelity"] = float(shape_fidelity(real_train, real_train_caps).mean())
@@ -231,6 +358,7 @@ def main(argv):
     figures["eval_guidance_scale"] = FLAGS.guidance_scale
     figures["eval_steps"] = FLAGS.eval_steps
     shapes_model.save(out, unet_params, clip_params, {"quality": figures})
+    shapes_model.save_reward(out, reward_params, reward_info)
     print(json.dumps(figures, indent=2), flush=True)
 
 

@@ -33,7 +33,8 @@ def reward_init_trainer():
 
 def test_assets_are_complete_and_small():
     directory = shapes_model.ASSET_DIR
-    for name in ("model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet", "clip"):
+    for name in ("model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet", "clip",
+                 "reward"):
         assert (directory / name).exists(), name
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     assert total < 20 * 2**20, total
@@ -56,6 +57,62 @@ def test_load_and_sample(loaded):
     again = fn(params, params["unet"], jnp.asarray(pipeline.tokenize(prompts)),
                jax.random.PRNGKey(0))
     np.testing.assert_array_equal(images, np.asarray(again.images))
+
+
+@pytest.fixture(scope="module")
+def reward_params(loaded):
+    return shapes_model.load_reward("", loaded[2])
+
+
+def test_the_reward_clip_is_loaded_for_clip_alignment_and_old_asset_dirs_fall_back(
+        loaded, reward_params, tmp_path, caplog):
+    from configs import shapes
+    from vard_jax.models import loader
+
+    _, _, clip_model, clip_params = loaded
+    differs = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), reward_params,
+                                     clip_params)
+    assert any(jax.tree_util.tree_leaves(differs))  # trained further, not the world CLIP
+    model = loader.load(shapes.get_config("tiny"))
+    same = jax.tree_util.tree_map(np.array_equal, model.world_clip[1], reward_params)
+    assert all(jax.tree_util.tree_leaves(same))
+    # An asset directory written before the reward CLIP existed scores with its world CLIP.
+    old = tmp_path / "old"
+    old.mkdir()
+    import shutil
+
+    shutil.copytree(shapes_model.ASSET_DIR / "clip", old / "clip")
+    with caplog.at_level("WARNING"):
+        fallback = shapes_model.load_reward(old, clip_model)
+    assert "no reward/ checkpoint" in caplog.text and "--reward_only" in caplog.text
+    same = jax.tree_util.tree_map(np.array_equal, fallback, clip_params)
+    assert all(jax.tree_util.tree_leaves(same))
+    with pytest.raises(FileNotFoundError, match="--reward_only"):
+        shapes_model.load_reward(tmp_path, clip_model)
+
+
+def test_the_reward_scores_real_images_above_off_distribution_and_one_attribute_changes(
+        loaded, reward_params):
+    """What the hard negatives trained: each true caption above the same caption with one
+    attribute changed, and real held-out images above blobs, flat and dark fields."""
+    from vard_jax.worlds import negatives
+
+    pipeline, _, clip_model, _ = loaded
+    context = registry.RewardContext(world_clip=(clip_model, reward_params, pipeline.tokenizer))
+    evaluate = registry.RewardEvaluator(registry.build("clip_alignment", context))
+    rng = np.random.default_rng(5)
+    specs = world.sample_specs(64, rng, "heldout")
+    images = np.stack([world.render(s, rng) for s in specs])
+    captions = [world.caption_of(s) for s in specs]
+    right, _ = evaluate(images, captions)
+    for attribute in ("color", "count", "background"):
+        wrong, _ = evaluate(images, [world.caption_of(negatives.attribute_variant(s, attribute,
+                                                                                   rng))
+                                     for s in specs])
+        assert np.mean(right > wrong) > 0.8, attribute
+    for kind in ("blob", "flat", "dark"):
+        off, _ = evaluate(negatives.off_distribution(64, rng, (kind,)), captions)
+        assert np.mean(off < np.quantile(right, 0.1)) > 0.9, kind
 
 
 def test_clip_alignment_prefers_the_true_caption(loaded):
@@ -227,6 +284,13 @@ def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
                                   loaded[1]["unet"])
     assert all(jax.tree_util.tree_leaves(same))
 
+    # The reward CLIP comes along unchanged.
+    assert written["reward"] == json.loads(
+        (shapes_model.ASSET_DIR / "model_index.json").read_text())["reward"]
+    same = jax.tree_util.tree_map(np.array_equal, shapes_model.load_reward(out, loaded[2]),
+                                  shapes_model.load_reward("", loaded[2]))
+    assert all(jax.tree_util.tree_leaves(same))
+
     missing = run_module("experiments.pretrain_shapes", "--evaluate_only", f"--out={out}")
     assert missing.returncode != 0 and "--evaluate_only needs --init_from" in missing.stderr
 
@@ -240,14 +304,34 @@ def test_pretrain_script_trains_from_scratch_and_writes_loadable_assets(tmp_path
     out = tmp_path / "scratch"
     done = run_module("experiments.pretrain_shapes", f"--out={out}", "--clip_steps=3",
                       "--clip_batch=8", "--unet_steps=3", "--unet_batch=4", "--eval_samples=2",
-                      "--eval_steps=2")
+                      "--eval_steps=2", "--reward_steps=2", "--reward_batch=4", "--reward_off=2")
     assert done.returncode == 0, done.stderr[-2000:]
     quality = json.loads((out / "model_index.json").read_text())["quality"]
     assert quality["unet_steps"] == 3 and np.isfinite(quality["unet_final_loss"])
     assert quality["real_heldout_shape_fidelity"] > 0.9  # the data, not the model
     assert 0.0 <= quality["clip_heldout_top1"] <= 1.0
     assert (out / "base_samples.png").stat().st_size > 0
-    _, params, _, _ = shapes_model.load(out)
+    reward = json.loads((out / "model_index.json").read_text())["reward"]
+    assert reward["reward_steps"] == 2 and 0.0 <= reward["figures"]["heldout_color_accuracy"] <= 1
+    _, params, clip_model, _ = shapes_model.load(out)
+    shapes_model.load_reward(out, clip_model)  # written with the world
     changed = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params["unet"],
                                      loaded[1]["unet"])
     assert not all(jax.tree_util.tree_leaves(changed))  # new weights, not the shipped ones
+
+
+@pytest.mark.slow  # experiments/pretrain_shapes.py --reward_only: -m slow
+def test_pretrain_script_trains_the_reward_clip_alone(tmp_path, loaded):
+    from tests.test_entry_points import run_module
+
+    out = tmp_path / "reward_only"
+    done = run_module("experiments.pretrain_shapes", "--reward_only", f"--out={out}",
+                      "--reward_steps=2", "--reward_batch=4", "--reward_off=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    reward = json.loads((out / "model_index.json").read_text())["reward"]
+    for key in ("figures", "world_clip_figures"):
+        assert 0.0 <= reward[key]["heldout_top1"] <= 1.0
+        assert set(reward[key]) >= {"off_blob_score", "train_shape_accuracy"}
+    params = shapes_model.load_reward(out, loaded[2])
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), params, loaded[3])
+    assert any(jax.tree_util.tree_leaves(changed))  # trained from the world CLIP

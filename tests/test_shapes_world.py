@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vard_jax.rewards.shape_fidelity import connected_components, fidelity_terms, shape_fidelity
-from vard_jax.worlds import shapes
+from vard_jax.worlds import negatives, shapes
 from vard_jax.worlds.tokenizer_files import (
     MAX_LENGTH,
     encode_captions,
@@ -247,3 +247,44 @@ def test_fidelity_validates_input() -> None:
         shape_fidelity(np.zeros((2, 32, 32, 3), dtype=np.float32), caption)  # count mismatch
     with pytest.raises(ValueError):
         shape_fidelity(np.zeros((1, 32, 32, 3), dtype=np.float32), ["a red hexagon"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Negatives for the reward model
+# ----------------------------------------------------------------------------------------------
+
+
+def _changed_fields(a: shapes.SceneSpec, b: shapes.SceneSpec) -> set[str]:
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def test_hard_negatives_change_one_attribute_and_keep_heldout_pairs_unseen() -> None:
+    rng = np.random.default_rng(0)
+    for spec in shapes.sample_specs(200, rng, "train") + shapes.sample_specs(50, rng, "heldout"):
+        variants = negatives.hard_negatives(spec, 3, rng)
+        assert len(variants) == 3
+        for variant in variants:
+            changed = _changed_fields(spec, variant)
+            # A count change drops the position of a single shape: still one attribute.
+            assert changed in ({"color"}, {"shape"}, {"count"}, {"count", "position"},
+                               {"position"}, {"background"}), changed
+            # Training draws train scenes only: their variants never show a held-out pair.
+            if spec.split == "train" or changed & {"color", "shape"}:
+                assert variant.split == "train"
+            assert shapes.caption_of(variant) != shapes.caption_of(spec)
+    unplaced = shapes.SceneSpec(2, "circle", "red", "white")
+    assert negatives.attribute_variant(unplaced, "position", rng) is None
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        negatives.attribute_variant(unplaced, "size", rng)
+
+
+@pytest.mark.parametrize("kind", negatives.OFF_DISTRIBUTION_KINDS)
+def test_off_distribution_images_match_no_caption(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    images = negatives.off_distribution(32, rng, (kind,))
+    assert images.shape == (32, 32, 32, 3) and images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    captions = [shapes.caption_of(s) for s in shapes.sample_specs(32, rng, "train")]
+    real, real_captions = shapes.generate(32, seed=2)
+    assert shape_fidelity(images, captions).mean() < 0.25
+    assert shape_fidelity(real, real_captions).mean() > 0.95

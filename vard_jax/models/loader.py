@@ -38,8 +38,16 @@ def _load_shapes(config) -> LoadedModel:
     pipeline, params, clip_model, clip_params = shapes_model.load(
         config.pretrained.path, random_init=config.pretrained.random_init, seed=config.train.seed,
         dtype=config.pretrained.dtype)
+    # clip_alignment scores with the reward CLIP, trained with hard negatives (not the CLIP
+    # whose text tower conditions the UNet).
+    try:
+        reward_params = shapes_model.load_reward(config.pretrained.path, clip_model)
+    except FileNotFoundError:
+        if not config.pretrained.random_init:
+            raise
+        reward_params = clip_params  # random weights throughout, as asked
     return LoadedModel(pipeline, params, reward_path=config.reward.path or config.pretrained.path,
-                       world_clip=(clip_model, clip_params, pipeline.tokenizer))
+                       world_clip=(clip_model, reward_params, pipeline.tokenizer))
 
 
 @register_family("stable_diffusion")

@@ -3,16 +3,21 @@
 Same component classes as Stable Diffusion: a ``FlaxUNet2DConditionModel`` with
 cross-attention, a ``FlaxCLIPTextModel`` text encoder (the text tower of the world's tiny CLIP,
 frozen, as SD's is), and a ``CLIPTokenizer`` built from the project's own vocabulary files.
-The tiny ``FlaxCLIPModel`` is also the ``clip_alignment`` reward (the PickScore stand-in).
+The ``clip_alignment`` reward (the PickScore stand-in) is a second ``FlaxCLIPModel`` of the
+same size: the world CLIP trained further with hard and off-distribution negatives
+(``vard_jax.worlds.negatives``), so that fine-tuning against it is hard to game.
 
 Assets (written by ``experiments/pretrain_shapes.py``) live in ``vard_jax/assets/shapes``:
-``model_index.json`` (architectures), ``tokenizer/``, and orbax checkpoints ``unet/``, ``clip/``.
+``model_index.json`` (architectures), ``tokenizer/``, and orbax checkpoints ``unet/``, ``clip/``
+(the world CLIP, whose text tower is the text encoder) and ``reward/`` (the reward CLIP).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -27,6 +32,7 @@ from vard_jax.worlds import shapes as world
 from vard_jax.worlds import tokenizer_files
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "shapes"
+REWARD_DIR = "reward"
 
 UNET_CONFIG: dict[str, Any] = dict(
     sample_size=world.IMAGE_SIZE,
@@ -151,6 +157,40 @@ def load(asset_dir: str | pathlib.Path = "", random_init: bool = False,
     return pipeline, params, clip_model, clip_params
 
 
+def load_reward(asset_dir: str | pathlib.Path, clip_model: Any) -> Any:
+    """The reward CLIP's params (``reward/``); asset directories written before it existed
+    score with the world CLIP (``clip/``), with a warning."""
+    directory = pathlib.Path(asset_dir) if asset_dir else ASSET_DIR
+    abstract = jax.eval_shape(lambda: init_clip_params(clip_model, jax.random.PRNGKey(0)))
+    if (directory / REWARD_DIR).exists():
+        return _restore(directory / REWARD_DIR, abstract)
+    if (directory / "clip").exists():
+        logging.warning("%s has no %s/ checkpoint: clip_alignment scores with the world CLIP "
+                        "(clip/), which fine-tuning games easily; run experiments/"
+                        "pretrain_shapes.py --reward_only --out=%s", directory, REWARD_DIR,
+                        directory)
+        return _restore(directory / "clip", abstract)
+    raise FileNotFoundError(f"no reward CLIP under {directory / REWARD_DIR}; run "
+                            "experiments/pretrain_shapes.py --reward_only")
+
+
+def _write_checkpoint(target: pathlib.Path, tree: Any) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, jax.tree_util.tree_map(np.asarray, tree))
+
+
+def save_reward(directory: str | pathlib.Path, params: Any, figures: dict) -> None:
+    """Writes the reward CLIP (``reward/``) and its figures into ``model_index.json``."""
+    directory = pathlib.Path(directory).resolve()
+    _write_checkpoint(directory / REWARD_DIR, params)
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index["reward"] = figures
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def save(directory: str | pathlib.Path, unet_params: Any, clip_params: Any,
          metadata: dict) -> None:
     """Writes the world's checkpoints and an index with the architectures and quality figures."""
@@ -158,14 +198,11 @@ def save(directory: str | pathlib.Path, unet_params: Any, clip_params: Any,
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_files.write_tokenizer_files(directory / "tokenizer")
     for name, tree in (("unet", unet_params), ("clip", clip_params)):
-        target = directory / name
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(target, jax.tree_util.tree_map(np.asarray, tree))
+        _write_checkpoint(directory / name, tree)
+    previous = directory / "model_index.json"
+    kept = {k: v for k, v in json.loads(previous.read_text()).items()
+            if k == "reward"} if previous.exists() else {}
     index = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
              "clip_text": CLIP_TEXT_CONFIG, "clip_vision": CLIP_VISION_CONFIG,
-             "schedule": SCHEDULE.__dict__, **metadata}
+             "schedule": SCHEDULE.__dict__, **kept, **metadata}
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -40,8 +40,8 @@ def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int,
 def _world_clip(path: str):
     from vard_jax.models import shapes as shapes_model
 
-    pipeline, _, clip_model, clip_params = shapes_model.load(path)
-    return clip_model, clip_params, pipeline.tokenizer
+    pipeline, _, clip_model, _ = shapes_model.load(path)
+    return clip_model, shapes_model.load_reward(path, clip_model), pipeline.tokenizer
 
 
 @register("clip_alignment", "shapes world: the tiny CLIP's image-text score (differentiable)")
