@@ -111,7 +111,13 @@ def _batch_with_negatives(step: int, tokenizer):
     specs = world.sample_specs(FLAGS.reward_batch, rng, "train")
     images = np.stack([world.render(s, rng) for s in specs])
     variants = [v for s in specs for v in negatives.hard_negatives(s, FLAGS.reward_hard, rng)]
-    hard_images = np.stack([world.render(v, rng) for v in variants])
+    # Per caption: its one-attribute variants rendered, then one corrupted rendering.
+    hard = [world.render(v, rng) for v in variants]
+    corrupted = [negatives.corrupted(s, negatives.CORRUPTIONS[i % len(negatives.CORRUPTIONS)],
+                                     rng) for i, s in enumerate(specs)]
+    k = FLAGS.reward_hard
+    hard_images = np.stack([image for i in range(len(specs))
+                            for image in hard[i * k:(i + 1) * k] + [corrupted[i]]])
     captions = [world.caption_of(s) for s in specs]
     ids = tokenizer_files.encode_captions(tokenizer, captions)
     hard_ids = tokenizer_files.encode_captions(tokenizer, [world.caption_of(v) for v in variants])
@@ -123,13 +129,14 @@ def _batch_with_negatives(step: int, tokenizer):
 def reward_loss(clip_model, p, images, ids, same, hard_images, hard_ids, off):
     """Contrastive loss with hard negatives: an image against the batch's captions and its own
     K one-attribute-changed captions; a caption against the batch's images, its K
-    one-attribute-changed images and the off-distribution images."""
+    one-attribute-changed images and one corrupted rendering of its scene, and the
+    off-distribution images."""
     batch, k = images.shape[0], hard_ids.shape[0] // images.shape[0]
     image = clip_lib.image_embeddings(clip_model, p, jnp.concatenate([images, hard_images, off]))
     text = clip_lib.text_embeddings(clip_model, p, jnp.concatenate([ids, hard_ids]))
-    real_image, hard_image, off_image = jnp.split(image, [batch, batch * (k + 1)])
+    real_image, hard_image, off_image = jnp.split(image, [batch, batch * (k + 2)])
     real_text, hard_text = text[:batch], text[batch:].reshape(batch, k, -1)
-    hard_image = hard_image.reshape(batch, k, -1)
+    hard_image = hard_image.reshape(batch, k + 1, -1)
     scale = jnp.exp(p["logit_scale"])
     pairs = real_image @ real_text.T  # [B images, B captions]
     image_to_text = jnp.concatenate([pairs, jnp.einsum("bd,bkd->bk", real_image, hard_text)], -1)
@@ -139,7 +146,7 @@ def reward_loss(clip_model, p, images, ids, same, hard_images, hard_ids, off):
     loss_i = optax.softmax_cross_entropy(scale * image_to_text,
                                          jnp.pad(targets, ((0, 0), (0, k)))).mean()
     loss_t = optax.softmax_cross_entropy(
-        scale * text_to_image, jnp.pad(targets, ((0, 0), (0, k + off.shape[0])))).mean()
+        scale * text_to_image, jnp.pad(targets, ((0, 0), (0, k + 1 + off.shape[0])))).mean()
     return 0.5 * (loss_i + loss_t)
 
 
@@ -195,6 +202,13 @@ def reward_figures(clip_model, params, tokenizer, n: int = 512) -> dict:
     captions = [world.caption_of(s) for s in world.sample_specs(n, rng, "heldout")]
     ids = tokenizer_files.encode_captions(tokenizer, captions)
     real_floor = np.quantile(true, 0.1)  # of held-out real images with their own captions
+    specs = world.sample_specs(n, rng, "heldout")
+    ids_of_specs = tokenizer_files.encode_captions(tokenizer, [world.caption_of(s) for s in specs])
+    for kind in negatives.CORRUPTIONS:
+        images = np.stack([negatives.corrupted(s, kind, rng) for s in specs])
+        scores = np.asarray(score(images, ids_of_specs))
+        figures[f"corrupted_{kind}_score"] = [float(scores.mean()), float(scores.std())]
+        figures[f"corrupted_{kind}_above_real_p10"] = float(np.mean(scores > real_floor))
     for kind in negatives.OFF_DISTRIBUTION_KINDS:
         images = negatives.off_distribution(n, rng, (kind,))
         scores = np.asarray(score(images, ids))

@@ -288,3 +288,17 @@ def test_off_distribution_images_match_no_caption(kind: str) -> None:
     real, real_captions = shapes.generate(32, seed=2)
     assert shape_fidelity(images, captions).mean() < 0.25
     assert shape_fidelity(real, real_captions).mean() > 0.95
+
+
+@pytest.mark.parametrize("kind", negatives.CORRUPTIONS)
+def test_corrupted_renderings_are_wrong_for_their_caption(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    specs = shapes.sample_specs(32, rng, "train")
+    images = np.stack([negatives.corrupted(s, kind, rng) for s in specs])
+    assert images.shape == (32, 32, 32, 3) and images.min() >= 0.0 and images.max() <= 1.0
+    # The gold program agrees that they are wrong: below real renderings (~1.0); grown shapes
+    # keep their colour and count, so it docks them least (their size and outline).
+    captions = [shapes.caption_of(s) for s in specs]
+    assert shape_fidelity(images, captions).mean() < (0.85 if kind == "grown" else 0.5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        negatives.corrupted(specs[0], "inverted", rng)

@@ -3,12 +3,15 @@
 A reward model trained only on (image, caption) pairs of the world ranks captions for images it
 has seen; a policy fine-tuned against it moves its samples to where the reward was never
 trained, and finds images that score high without showing the prompt (the classic example:
-large dark blobs in any colour). Two kinds of negatives close those holes:
+large dark blobs in any colour). Three kinds of negatives close those holes:
 
 * **Hard negatives**: the same scene with exactly one attribute changed (colour, shape, count,
   position or background); rendered, they are wrong images for the caption, captioned, wrong
   captions for the image. Only the training split's (colour, shape) pairs are used, so the
   held-out combinations stay unseen.
+* **Corrupted renderings** of a caption's own scene, wrong for it in the ways fine-tuning
+  games a reward: shapes darkened or greyed, grown into blobs, or recoloured halfway to
+  another palette colour.
 * **Off-distribution images** that match no caption: flat fields, large blobs (shapes far
   larger than the world draws, in dark or random colours), darkened scenes, smooth noise,
   and scenes with smeared edges and speckle.
@@ -70,6 +73,39 @@ def hard_negatives(spec: world.SceneSpec, k: int,
         if not changed:  # cannot happen in this world: colour and background always change
             raise ValueError(f"no attribute of {spec} can change")
     return variants
+
+
+CORRUPTIONS: tuple[str, ...] = ("darkened", "greyed", "grown", "recoloured")
+
+
+def corrupted(spec: world.SceneSpec, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A rendering of ``spec`` that is wrong for its caption in the ways fine-tuning games a
+    reward: shapes darkened or greyed out of their colour, grown into blobs (dilated by 2-4
+    pixels), or in a colour between two palette colours. [H, W, 3] in [0, 1]."""
+    image = world.render(spec, rng)
+    background = np.asarray(world.BACKGROUNDS[spec.background], np.float32) / 255.0
+    shape = np.any(np.abs(image - background) > 1e-6, axis=-1)  # [H, W]
+    colour = np.asarray(world.COLORS[spec.color], np.float32) / 255.0
+    if kind == "darkened":
+        image[shape] = colour * rng.uniform(0.1, 0.45)
+    elif kind == "greyed":
+        mix = rng.uniform(0.5, 0.9)
+        image[shape] = (1 - mix) * colour + mix * colour.mean()
+    elif kind == "grown":
+        grown = shape.copy()
+        for _ in range(int(rng.integers(2, 5))):
+            grown[1:] |= grown[:-1].copy()
+            grown[:-1] |= grown[1:].copy()
+            grown[:, 1:] |= grown[:, :-1].copy()
+            grown[:, :-1] |= grown[:, 1:].copy()
+        image[grown] = colour
+    elif kind == "recoloured":
+        others = [c for c in world.COLORS if c != spec.color]
+        other = np.asarray(world.COLORS[str(rng.choice(others))], np.float32) / 255.0
+        image[shape] = 0.5 * (colour + other)
+    else:
+        raise ValueError(f"kind must be one of {CORRUPTIONS}, got {kind!r}")
+    return image
 
 
 def _smooth_field(rng: np.random.Generator, cells: int) -> np.ndarray:
