@@ -69,6 +69,9 @@ def rescore(workdir: pathlib.Path, eval_seeds: list[int], samples: int) -> dict:
 
 def main(argv):
     del argv
+    from vard_jax.parallel import host
+
+    host.configure(cli.config_or_fail(_CONFIG))  # the CPU devices training uses (as main)
     import jax
 
     from vard_jax.config import ConfigError, validate

@@ -115,6 +115,41 @@ def test_the_reward_scores_real_images_above_off_distribution_and_one_attribute_
         assert np.mean(off < np.quantile(right, 0.1)) > 0.9, kind
 
 
+def test_caption_choice_is_the_clip_log_probability_of_the_prompt_among_its_variants(
+        loaded, reward_params):
+    from vard_jax.models import clip as clip_lib
+    from vard_jax.worlds import negatives
+
+    pipeline, _, clip_model, _ = loaded
+    context = registry.RewardContext(world_clip=(clip_model, reward_params, pipeline.tokenizer))
+    reward = registry.build("caption_choice", context)
+    assert reward.differentiable and reward.jittable
+    images, captions = world.generate(8, seed=4, split="heldout")
+    prepared = reward.prepare(captions)
+    scores = np.asarray(jax.jit(reward.score)(images, prepared))
+    # The same number from PickScore's scoring function, one caption at a time.
+    for i in (0, 5):
+        options = [captions[i]] + [world.caption_of(v) for v in
+                                   negatives.all_variants(world.parse_caption(captions[i]))]
+        ids = jnp.asarray(pipeline.tokenize(options))
+        logits = clip_lib.clip_logits(clip_model, reward_params,
+                                      jnp.repeat(images[i:i + 1], len(options), 0), ids)
+        np.testing.assert_allclose(scores[i], logits[0] - jax.nn.logsumexp(logits), atol=1e-4)
+    assert np.all(scores <= 1e-6)
+    # Real held-out images near 0 (about -1.4: held-out shapes and positions are confused
+    # with their variants); images that show nothing of the prompt far below (about -16).
+    evaluate = registry.RewardEvaluator(reward)
+    rng = np.random.default_rng(6)
+    real, real_captions = world.generate(64, seed=6, split="heldout")
+    right = evaluate(real, real_captions)[0]
+    dark = evaluate(negatives.off_distribution(64, rng, ("flat", "dark")), real_captions)[0]
+    assert np.median(right) > -2.5 and np.mean(dark < np.quantile(right, 0.1)) > 0.9
+    grad = jax.grad(lambda x: jnp.sum(reward.score(x, prepared)))(jnp.asarray(images))
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
+    with pytest.raises(ValueError, match="outside the shapes-world grammar"):
+        reward.prepare(["a photo of a cat"])
+
+
 def test_clip_alignment_prefers_the_true_caption(loaded):
     pipeline, _, clip_model, clip_params = loaded
     context = registry.RewardContext(world_clip=(clip_model, clip_params, pipeline.tokenizer))

@@ -302,3 +302,15 @@ def test_corrupted_renderings_are_wrong_for_their_caption(kind: str) -> None:
     assert shape_fidelity(images, captions).mean() < (0.85 if kind == "grown" else 0.5)
     with pytest.raises(ValueError, match="kind must be one of"):
         negatives.corrupted(specs[0], "inverted", rng)
+
+
+def test_all_variants_are_every_scene_one_attribute_away() -> None:
+    placed = shapes.SceneSpec(1, "circle", "red", "white", "top left")
+    variants = negatives.all_variants(placed)
+    assert len(variants) == negatives.MAX_VARIANTS == 17
+    assert len({shapes.caption_of(v) for v in variants}) == 17
+    for variant in variants:
+        assert _changed_fields(placed, variant) in ({"color"}, {"shape"}, {"count", "position"},
+                                                    {"position"}, {"background"})
+    three = shapes.SceneSpec(3, "square", "blue", "navy")
+    assert len(negatives.all_variants(three)) == 5 + 2 + 2 + 4

@@ -1,7 +1,13 @@
-"""CLIP-based rewards (differentiable, jittable): the shapes world's ``clip_alignment``.
+"""CLIP-based rewards (differentiable, jittable) of the shapes world.
 
-Every CLIP-family reward scores ``logit_scale * cos(image, text)`` through
-``vard_jax.models.clip``, the function PickScore defines.
+* ``clip_alignment``: ``logit_scale * cos(image, text)`` through ``vard_jax.models.clip``, the
+  function PickScore defines.
+* ``caption_choice``: the log-probability that the same CLIP picks the prompt among every
+  caption one attribute away from it (``vard_jax.worlds.negatives.all_variants``), from the
+  same embeddings. It is at most 0 and saturates once the image shows the prompt rather than
+  a near miss, and an image that shows no colour, shape or count (an empty dark canvas) scores
+  about ``-log(1 + variants)`` whatever its absolute CLIP score, so it is much harder to game
+  than the raw score (docs/SHAPES_WORLD.md).
 """
 
 from __future__ import annotations
@@ -9,10 +15,14 @@ from __future__ import annotations
 import functools
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vard_jax.models import clip as clip_lib
 from vard_jax.rewards.registry import Reward, RewardContext, register
+from vard_jax.worlds import negatives
+from vard_jax.worlds import shapes as world
 
 
 def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int,
@@ -49,3 +59,45 @@ def clip_alignment(context: RewardContext) -> Reward:
     clip_model, clip_params, tokenizer = context.world_clip or _world_clip(context.path)
     return clip_reward("clip_alignment", clip_model, clip_params, tokenizer,
                        int(clip_model.config.text_config.max_position_embeddings))
+
+
+def caption_choice_reward(name: str, clip_model, clip_params, tokenizer,
+                          max_length: int) -> Reward:
+    """log p(prompt | image) among the prompt and its one-attribute variants (padded to
+    ``negatives.MAX_VARIANTS``; the padding is masked out)."""
+    choices = 1 + negatives.MAX_VARIANTS
+
+    def prepare(prompts):
+        ids = np.full((len(prompts), choices, max_length), tokenizer.pad_token_id, np.int32)
+        valid = np.zeros((len(prompts), choices), bool)
+        for row, prompt in enumerate(prompts):
+            spec = world.parse_caption(prompt)  # one-line ValueError outside the grammar
+            captions = [prompt] + [world.caption_of(v) for v in negatives.all_variants(spec)]
+            ids[row, :len(captions)] = tokenizer(
+                captions, padding="max_length", max_length=max_length, truncation=True,
+                return_tensors="np").input_ids
+            valid[row, :len(captions)] = True
+        return ids, valid
+
+    def score_with(params, images, prepared):
+        ids, valid = prepared
+        batch, count, length = ids.shape
+        image = clip_lib.image_embeddings(clip_model, params, images)  # [B, D]
+        text = clip_lib.text_embeddings(clip_model, params, ids.reshape(batch * count, length))
+        logits = jnp.exp(params["logit_scale"]) * jnp.einsum(
+            "bd,bnd->bn", image, text.reshape(batch, count, -1))
+        logits = jnp.where(valid, logits, -jnp.inf)
+        return logits[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    return Reward(name=name, score=lambda images, prepared: score_with(clip_params, images,
+                                                                       prepared),
+                  differentiable=True, jittable=True, prepare=prepare,
+                  backbone=(clip_model, clip_params, score_with))
+
+
+@register("caption_choice", "shapes world: log-probability that the reward CLIP picks the "
+          "prompt among every caption one attribute away (differentiable, <= 0)")
+def caption_choice(context: RewardContext) -> Reward:
+    clip_model, clip_params, tokenizer = context.world_clip or _world_clip(context.path)
+    return caption_choice_reward("caption_choice", clip_model, clip_params, tokenizer,
+                                 int(clip_model.config.text_config.max_position_embeddings))

@@ -55,6 +55,27 @@ def attribute_variant(spec: world.SceneSpec, attribute: str,
     raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
 
 
+def all_variants(spec: world.SceneSpec) -> list[world.SceneSpec]:
+    """Every scene one attribute away from ``spec`` (any split), in a fixed order: other
+    colours, shapes, counts (a single shape's position dropped), positions (a placed single
+    shape only) and backgrounds. At most ``MAX_VARIANTS``."""
+    out = [dataclasses.replace(spec, color=c) for c in world.COLORS if c != spec.color]
+    out += [dataclasses.replace(spec, shape=s) for s in world.SHAPES if s != spec.shape]
+    out += [dataclasses.replace(spec, count=c, position=None) for c in world.COUNT_WORDS
+            if c != spec.count]
+    if spec.position is not None:
+        out += [dataclasses.replace(spec, position=p) for p in world.POSITIONS
+                if p != spec.position]
+    out += [dataclasses.replace(spec, background=b) for b in world.BACKGROUNDS
+            if b != spec.background]
+    return out
+
+
+#: The most scenes one attribute away from any scene (a placed single shape).
+MAX_VARIANTS: int = (len(world.COLORS) - 1 + len(world.SHAPES) - 1 + len(world.COUNT_WORDS) - 1
+                     + len(world.POSITIONS) - 1 + len(world.BACKGROUNDS) - 1)
+
+
 def hard_negatives(spec: world.SceneSpec, k: int,
                    rng: np.random.Generator) -> list[world.SceneSpec]:
     """``k`` scenes that differ from ``spec`` in one attribute each, attributes drawn without
