@@ -268,5 +268,5 @@ def test_two_processes_train_checkpoint_and_restore(workers):
     workdir = workers.workdir
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_00000.png",
-                                                                       "step_00002.png"]
+    assert sorted(p.name for p in (workdir / "samples").iterdir()) == [
+        "compare_final.png", "step_00000.png", "step_00002.png"]

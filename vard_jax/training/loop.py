@@ -79,8 +79,15 @@ class Loop:
         if step == 0:
             self.base_evaluation = (held, train)
         images, histograms = {}, {}
-        if jax.process_index() == 0 and step == self.config.train.epochs:
-            self.write_comparison(held, train)
+        if step == self.config.train.epochs:
+            if self.base_evaluation is None:  # resumed after step 0: every process samples
+                base_params = self.trainer.pretrained_policy_params()
+                self.base_evaluation = tuple(
+                    evaluation.evaluate(self.trainer, base_params, prompts, cfg.eval_batch_size,
+                                        seed)
+                    for prompts in (self.eval_prompts, self.grid_train_prompts))
+            if jax.process_index() == 0:
+                self.write_comparison(held, train)
         if jax.process_index() == 0:
             name = self.trainer.reward.name
             count = min(cfg.eval_batch_size, len(held.prompts))
@@ -99,13 +106,6 @@ class Loop:
         """WORKDIR/samples/compare_final.png: the pretrained model's samples (upper row of each
         pair) above the tuned model's (lower), same prompts and noise, held-out prompts first;
         under each image the gold metric (the first evaluation extra) and the trained reward."""
-        cfg = self.config.sample
-        if self.base_evaluation is None:  # resumed after step 0: sample the base model again
-            seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
-            base_params = self.trainer.pretrained_policy_params()
-            self.base_evaluation = tuple(
-                evaluation.evaluate(self.trainer, base_params, prompts, cfg.eval_batch_size, seed)
-                for prompts in (self.eval_prompts, self.grid_train_prompts))
         columns = min(self.config.logging.grid_columns, len(held.prompts), len(train.prompts))
         reward = self.trainer.reward.name
         gold = next(iter(self.trainer.eval_evaluators), None)
