@@ -58,6 +58,7 @@ def with_program_reward(arg: str, reward: str, eval_extra: str):
     config = get_config(arg)
     config.reward.name = reward
     config.reward.eval_extra = eval_extra
+    config.policy.beta = 0.01  # the setting of the figures above (1.0 is the CLIP demo's)
     config.value.arch = "conv_x0"
     config.value.replay_epochs = 4
     return config

@@ -190,7 +190,8 @@ def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
     # The same evaluation grid (in epochs) for every method, whatever its pre-training.
     every = max(budget // batch // max(evals, 1), 1)
     overrides = [f"--config.algorithm={method}", f"--config.reward.name={reward}",
-                 "--config.reward.eval_extra=", f"--config.train.seed={seed}",
+                 f"--config.reward.eval_extra={GOLD if reward != GOLD else ''}",
+                 f"--config.train.seed={seed}",
                  f"--config.train.epochs={epochs}", f"--config.train.eval_every={every}",
                  f"--config.checkpoint.every={epochs}", "--config.logging.progress_bar=False",
                  "--config.logging.tensorboard=False"]

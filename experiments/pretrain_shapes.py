@@ -358,9 +358,11 @@ def main(argv):
         unet_params, unet_figures = train_unet(pipeline, text_params, key_unet, init_unet)
         figures.update(unet_figures)
     params = {"unet": unet_params, "text_encoder": text_params}
-    if FLAGS.init_from:  # the reward CLIP comes along unchanged
-        reward_params = shapes_model.load_reward(FLAGS.init_from, clip_model)
+    if FLAGS.init_from and (pathlib.Path(FLAGS.init_from) / shapes_model.REWARD_DIR).exists():
+        reward_params = shapes_model.load_reward(FLAGS.init_from, clip_model)  # unchanged
         reward_info = index.get("reward", {})
+    elif FLAGS.init_from:  # written before the reward CLIP: base figures with the world CLIP
+        reward_params, reward_info = clip_params, None
     else:  # a new world CLIP: its reward CLIP too
         reward_params, reward_info = train_reward_clip(clip_model, tokenizer, clip_params)
         reward_info["figures"] = reward_figures(clip_model, reward_params, tokenizer)
@@ -372,7 +374,8 @@ def main(argv):
     figures["eval_guidance_scale"] = FLAGS.guidance_scale
     figures["eval_steps"] = FLAGS.eval_steps
     shapes_model.save(out, unet_params, clip_params, {"quality": figures})
-    shapes_model.save_reward(out, reward_params, reward_info)
+    if reward_info is not None:
+        shapes_model.save_reward(out, reward_params, reward_info)
     print(json.dumps(figures, indent=2), flush=True)
 
 

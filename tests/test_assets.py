@@ -126,7 +126,9 @@ def test_caption_choice_is_the_clip_log_probability_of_the_prompt_among_its_vari
     assert reward.differentiable and reward.jittable
     images, captions = world.generate(8, seed=4, split="heldout")
     prepared = reward.prepare(captions)
-    scores = np.asarray(jax.jit(reward.score)(images, prepared))
+    # One int array, as the training paths (DRaFT, direct last step, reward_init) take it.
+    assert isinstance(prepared, np.ndarray) and prepared.dtype == np.int32
+    scores = np.asarray(jax.jit(reward.score)(images, jnp.asarray(prepared)))
     # The same number from PickScore's scoring function, one caption at a time.
     for i in (0, 5):
         options = [captions[i]] + [world.caption_of(v) for v in

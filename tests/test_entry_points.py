@@ -258,6 +258,11 @@ def test_shape_fidelity_is_always_scored_for_in_grammar_prompts() -> None:
     skipped = runs.configure_eval_rewards(config, heldout + ["a photo of a cat"])
     assert set(skipped) == {"shape_fidelity"} and "a photo of a cat" in skipped["shape_fidelity"]
     assert config.reward.eval_extra == "jpeg_compressibility"
+    # caption_choice reads the caption's scene too: left out with shape fidelity.
+    config.reward.eval_extra = "caption_choice,jpeg_compressibility"
+    skipped = runs.configure_eval_rewards(config, heldout + ["a photo of a cat"])
+    assert set(skipped) == {"shape_fidelity", "caption_choice"}
+    assert config.reward.eval_extra == "jpeg_compressibility"
 
     config.reward.name = "clip_alignment:1.0,shape_fidelity:0.5"
     config.reward.eval_extra = ""

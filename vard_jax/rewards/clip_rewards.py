@@ -4,10 +4,11 @@
   function PickScore defines.
 * ``caption_choice``: the log-probability that the same CLIP picks the prompt among every
   caption one attribute away from it (``vard_jax.worlds.negatives.all_variants``), from the
-  same embeddings. It is at most 0 and saturates once the image shows the prompt rather than
-  a near miss, and an image that shows no colour, shape or count (an empty dark canvas) scores
-  about ``-log(1 + variants)`` whatever its absolute CLIP score, so it is much harder to game
-  than the raw score (docs/SHAPES_WORLD.md).
+  same embeddings. It is at most 0, near 0 once the image shows the prompt rather than a near
+  miss (real images: -0.7 training, -1.4 held-out), and far below for images that show
+  something else or nothing (flat or dark canvases about -16), whatever their absolute CLIP
+  score. As a training reward of the shipped base model it gives little signal: its samples
+  score about -21 (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -66,21 +67,21 @@ def caption_choice_reward(name: str, clip_model, clip_params, tokenizer,
     """log p(prompt | image) among the prompt and its one-attribute variants (padded to
     ``negatives.MAX_VARIANTS``; the padding is masked out)."""
     choices = 1 + negatives.MAX_VARIANTS
+    pad = int(tokenizer.pad_token_id)
 
     def prepare(prompts):
-        ids = np.full((len(prompts), choices, max_length), tokenizer.pad_token_id, np.int32)
-        valid = np.zeros((len(prompts), choices), bool)
+        # [B, choices, L]: the prompt, its variants, then rows of padding only (masked out).
+        ids = np.full((len(prompts), choices, max_length), pad, np.int32)
         for row, prompt in enumerate(prompts):
             spec = world.parse_caption(prompt)  # one-line ValueError outside the grammar
             captions = [prompt] + [world.caption_of(v) for v in negatives.all_variants(spec)]
             ids[row, :len(captions)] = tokenizer(
                 captions, padding="max_length", max_length=max_length, truncation=True,
                 return_tensors="np").input_ids
-            valid[row, :len(captions)] = True
-        return ids, valid
+        return ids
 
-    def score_with(params, images, prepared):
-        ids, valid = prepared
+    def score_with(params, images, ids):
+        valid = ids[:, :, 0] != pad  # a caption starts with the begin token, padding does not
         batch, count, length = ids.shape
         image = clip_lib.image_embeddings(clip_model, params, images)  # [B, D]
         text = clip_lib.text_embeddings(clip_model, params, ids.reshape(batch * count, length))

@@ -168,9 +168,10 @@ def configure_eval_rewards(config: ml_collections.ConfigDict,
         if SHAPES_FIDELITY_REWARD not in extra:
             extra.append(SHAPES_FIDELITY_REWARD)
         skipped = {}
-    else:
-        extra = [n for n in extra if n != SHAPES_FIDELITY_REWARD]
-        skipped = {SHAPES_FIDELITY_REWARD: problem}
+    else:  # the rewards that read the caption's scene
+        skipped = {n: problem for n in (SHAPES_FIDELITY_REWARD, "caption_choice")
+                   if n in extra or n == SHAPES_FIDELITY_REWARD}
+        extra = [n for n in extra if n not in skipped]
     config.reward.eval_extra = ",".join(extra)
     return skipped
 

@@ -79,7 +79,7 @@ MAX_VARIANTS: int = (len(world.COLORS) - 1 + len(world.SHAPES) - 1 + len(world.C
 def hard_negatives(spec: world.SceneSpec, k: int,
                    rng: np.random.Generator) -> list[world.SceneSpec]:
     """``k`` scenes that differ from ``spec`` in one attribute each, attributes drawn without
-    replacement among those that can change (then with replacement when k is larger)."""
+    replacement among those that can change (then the same order again when k is larger)."""
     variants: list[world.SceneSpec] = []
     order = list(rng.permutation(ATTRIBUTES))
     while len(variants) < k:
