@@ -62,10 +62,7 @@ class Loop:
         WORKDIR/samples/step_<N>.png) and the held-out rewards, for the loggers."""
         cfg = self.config.sample
         seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
-        held = evaluation.evaluate(self.trainer, state.policy_params, self.eval_prompts,
-                                   cfg.eval_batch_size, seed)
-        train = evaluation.evaluate(self.trainer, state.policy_params, self.grid_train_prompts,
-                                    cfg.eval_batch_size, seed)
+        held, train = self._evaluate_prompt_sets(state.policy_params)
         metrics = evaluation.summary(held, "eval")
         metrics["eval_reward_mean"] = metrics[f"eval_{self.trainer.reward.name}_mean"]
         metrics.update(evaluation.summary(train, "eval_train"))
@@ -81,11 +78,8 @@ class Loop:
         images, histograms = {}, {}
         if step == self.config.train.epochs:
             if self.base_evaluation is None:  # resumed after step 0: every process samples
-                base_params = self.trainer.pretrained_policy_params()
-                self.base_evaluation = tuple(
-                    evaluation.evaluate(self.trainer, base_params, prompts, cfg.eval_batch_size,
-                                        seed)
-                    for prompts in (self.eval_prompts, self.grid_train_prompts))
+                self.base_evaluation = self._evaluate_prompt_sets(
+                    self.trainer.pretrained_policy_params())
             if jax.process_index() == 0:
                 self.write_comparison(held, train)
         if jax.process_index() == 0:
@@ -100,6 +94,13 @@ class Loop:
             images["samples"] = np.asarray(picture)
             histograms[f"eval_{name}"] = np.asarray(held.scores[name])
         return metrics, images, histograms
+
+    def _evaluate_prompt_sets(self, policy_params) -> tuple:
+        """(held-out, training-prompt) evaluations of ``policy_params``, evaluation noise."""
+        seed = self.config.train.seed + prompts_lib.EVAL_NOISE_SEED_OFFSET
+        return tuple(evaluation.evaluate(self.trainer, policy_params, prompts,
+                                         self.config.sample.eval_batch_size, seed)
+                     for prompts in (self.eval_prompts, self.grid_train_prompts))
 
     def write_comparison(self, held: evaluation.EvalResult,
                          train: evaluation.EvalResult) -> None:
