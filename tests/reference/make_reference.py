@@ -1,0 +1,164 @@
+"""Writes the reference outputs in ``data/`` with diffusers' and transformers' PyTorch classes.
+
+Run once, in an environment with torch, diffusers and transformers (not needed by the tests):
+
+    python tests/reference/make_reference.py
+
+Each case is a tiny random configuration; the weights come from ``weights.py`` (by key name and
+shape), the inputs from a fixed numpy seed. ``data/<case>.json`` records the model class, its
+config, the library versions and the state dict's key -> shape; ``data/<case>.npz`` the inputs
+and the outputs. The tests write the same weights as PyTorch-layout safetensors, load them with
+vard_jax's loaders, and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import weights  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+UNET_BASE = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+                 cross_attention_dim=32, norm_num_groups=32)
+UNET_CASES = {
+    # SD 1.x: 1x1-conv projections around attention, heads as one number.
+    "unet_sd1": dict(UNET_BASE, in_channels=4, out_channels=4, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    # SD 2.x: linear projections, heads per block, upcast attention.
+    "unet_sd2": dict(UNET_BASE, in_channels=4, out_channels=4, attention_head_dim=(2, 4),
+                     use_linear_projection=True, upcast_attention=True,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    # SDXL: added time/text conditioning, transformer depth per block.
+    "unet_sdxl": dict(UNET_BASE, in_channels=4, out_channels=4, attention_head_dim=(2, 4),
+                      use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 24,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+}
+VAE_CASES = {
+    "vae_sd": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                   layers_per_block=1, sample_size=16,
+                   down_block_types=("DownEncoderBlock2D",) * 2,
+                   up_block_types=("UpDecoderBlock2D",) * 2),
+    # SD3-style: 16 latent channels, no 1x1 quant convs, shifted latents.
+    "vae_sd3": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                    layers_per_block=1, sample_size=16, use_quant_conv=False,
+                    use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+                    down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2),
+}
+TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=99, max_position_embeddings=12, projection_dim=24)
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+              image_size=16, patch_size=4, projection_dim=24)
+CLIP_CASES = {
+    # OpenAI CLIP: quick_gelu, end of text found by argmax (eos id 2 is the legacy marker).
+    "clip_legacy_eos": dict(text_config=dict(TEXT, eos_token_id=2), vision_config=VISION,
+                            projection_dim=24),
+    # Newer checkpoints: gelu, the configured end-of-text id.
+    "clip_gelu": dict(text_config=dict(TEXT, eos_token_id=98, hidden_act="gelu"),
+                      vision_config=dict(VISION, hidden_act="gelu"), projection_dim=24),
+}
+TEXT_PROJECTION_CASE = dict(TEXT, eos_token_id=98, hidden_act="gelu")
+
+
+def _load(model, seed: int) -> dict:
+    state = model.state_dict()
+    shapes = {k: list(v.shape) for k, v in state.items() if v.is_floating_point()}
+    values = weights.state_dict(shapes, seed)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in values.items()}, strict=False)
+    integer = [k for k in missing if not state[k].is_floating_point()]
+    assert not unexpected and sorted(missing) == sorted(integer), (missing, unexpected)
+    model.eval()
+    return shapes
+
+
+def _write(name: str, record: dict, arrays: dict) -> None:
+    record["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                          "transformers": transformers.__version__}
+    (DATA / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    np.savez_compressed(DATA / f"{name}.npz",
+                        **{k: np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f"
+                                         else np.int64) for k, v in arrays.items()})
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().numpy()
+
+
+@torch.no_grad()
+def main() -> None:
+    DATA.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1234)
+    for name, config in UNET_CASES.items():
+        model = diffusers.UNet2DConditionModel(**config)
+        shapes = _load(model, seed=1)
+        sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        timesteps = np.array([3.0, 741.0], np.float32)
+        context = rng.standard_normal((2, 5, 32)).astype(np.float32)
+        arrays = dict(sample=sample, timesteps=timesteps, context=context)
+        kwargs = {}
+        if config.get("addition_embed_type"):
+            arrays["text_embeds"] = rng.standard_normal((2, 24)).astype(np.float32)
+            arrays["time_ids"] = np.array([[8, 8, 0, 0, 8, 8], [16, 8, 2, 1, 8, 8]], np.float32)
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(arrays["text_embeds"]),
+                                           "time_ids": torch.from_numpy(arrays["time_ids"])}
+        out = model(torch.from_numpy(sample), torch.from_numpy(timesteps),
+                    torch.from_numpy(context), **kwargs).sample
+        _write(name, {"class": "UNet2DConditionModel", "config": dict(model.config),
+                      "shapes": shapes, "seed": 1}, dict(arrays, out=_np(out)))
+    for name, config in VAE_CASES.items():
+        model = diffusers.AutoencoderKL(**config)
+        shapes = _load(model, seed=2)
+        images = rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+        posterior = model.encode(torch.from_numpy(images)).latent_dist
+        latents = rng.standard_normal(tuple(posterior.mean.shape)).astype(np.float32)
+        decoded = model.decode(torch.from_numpy(latents)).sample
+        _write(name, {"class": "AutoencoderKL", "config": dict(model.config), "shapes": shapes,
+                      "seed": 2},
+               dict(images=images, mean=_np(posterior.mean), logvar=_np(posterior.logvar),
+                    latents=latents, decoded=_np(decoded)))
+    ids = np.array([[49 % 99, 7, 9, 98, 1, 1, 1, 1, 1, 1, 1, 1],
+                    [3, 4, 5, 8, 8, 8, 97, 60, 98, 1, 1, 1]], np.int64)
+    mask = (np.arange(12)[None] <= np.array([[3], [8]])).astype(np.int64)
+    for name, config in CLIP_CASES.items():
+        model = transformers.CLIPModel(transformers.CLIPConfig(**config))
+        shapes = _load(model, seed=3)
+        pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+        text = model.get_text_features(input_ids=torch.from_numpy(ids))
+        masked = model.get_text_features(input_ids=torch.from_numpy(ids),
+                                         attention_mask=torch.from_numpy(mask))
+        image = model.get_image_features(pixel_values=torch.from_numpy(pixels))
+        text, masked, image = (getattr(t, "pooler_output", t) for t in (text, masked, image))
+        _write(name, {"class": "CLIPModel", "config": model.config.to_dict(), "shapes": shapes,
+                      "seed": 3},
+               dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                    text_features=_np(text), masked_text_features=_np(masked),
+                    image_features=_np(image), logit_scale=_np(model.logit_scale)))
+    model = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**TEXT_PROJECTION_CASE))
+    shapes = _load(model, seed=4)
+    out = model(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+    _write("clip_text_projection", {"class": "CLIPTextModelWithProjection",
+                                    "config": model.config.to_dict(), "shapes": shapes,
+                                    "seed": 4},
+           dict(input_ids=ids, last_hidden_state=_np(out.last_hidden_state),
+                penultimate=_np(out.hidden_states[-2]), text_embeds=_np(out.text_embeds)))
+
+
+if __name__ == "__main__":
+    main()

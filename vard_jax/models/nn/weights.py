@@ -1,0 +1,282 @@
+"""Reading public checkpoints into the project's networks: one component folder at a time.
+
+A component folder (``unet/``, ``vae/``, ``text_encoder/``, or a CLIP repository's root) holds
+``config.json`` and one weight file, looked for in this order:
+
+========================  ====================================  ======================
+kind                      diffusers (UNet, VAE)                  transformers (CLIP)
+========================  ====================================  ======================
+Flax msgpack              diffusion_flax_model.msgpack           flax_model.msgpack
+PyTorch safetensors       diffusion_pytorch_model.safetensors    model.safetensors
+PyTorch pickle (opt-in)   diffusion_pytorch_model.bin            pytorch_model.bin
+========================  ====================================  ======================
+
+``variant="fp16"`` looks for ``<stem>.fp16.<ext>`` first. Safetensors are read with
+``safetensors`` itself (no PyTorch); pickled ``.bin`` files need PyTorch
+(``pip install -e ".[pt]"``) and are opened with ``torch.load(weights_only=True)``.
+
+PyTorch tensors become Flax leaves by name (``down_blocks.0.resnets.1.conv1.weight`` ->
+``down_blocks_0/resnets_1/conv1/kernel``; CLIP's ``encoder.layers.0`` -> ``encoder/layers/0``)
+and layout (conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``, linear ``[out, in]`` ->
+``[in, out]``); every leaf of the network must be filled exactly once with its shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from vard_jax.models.nn import clip as clip_lib
+from vard_jax.models.nn import unet as unet_lib
+from vard_jax.models.nn import vae as vae_lib
+
+PT_EXTRA_HINT = 'pip install -e ".[pt]"'
+CONFIG = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFiles:
+    """File names of one component's weights, in order of preference."""
+
+    flax: str
+    safetensors: str
+    pickle: str
+
+    def names(self, variant: str = "") -> tuple[str, ...]:
+        plain = (self.flax, self.safetensors, self.pickle)
+        if not variant:
+            return plain
+        return tuple(_with_variant(n, variant) for n in plain[1:]) + plain
+
+    def kind(self, name: str) -> str:
+        return {".msgpack": "flax", ".safetensors": "safetensors", ".bin": "pickle"}[
+            pathlib.Path(name).suffix]
+
+
+def _with_variant(name: str, variant: str) -> str:
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+#: diffusers models (UNet, VAE) and transformers models (CLIP) name their weights differently.
+DIFFUSERS_WEIGHTS = WeightFiles("diffusion_flax_model.msgpack",
+                                "diffusion_pytorch_model.safetensors",
+                                "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = WeightFiles("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+
+
+def weight_file(directory: pathlib.Path, weights: WeightFiles,
+                variant: str = "") -> pathlib.Path:
+    """The preferred weight file in ``directory`` (FileNotFoundError naming the candidates)."""
+    for name in weights.names(variant):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"no weights in {directory}: expected one of "
+                            f"{', '.join(weights.names(variant))}")
+
+
+def require_torch(what: pathlib.Path) -> None:
+    """Raises one ImportError line when PyTorch, needed to read pickled ``what``, is missing."""
+    try:
+        import torch  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        raise ImportError(f"{what} holds PyTorch .bin weights, which need PyTorch: "
+                          f"{PT_EXTRA_HINT} (or provide .safetensors weights)") from None
+
+
+def read_state_dict(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from ``.safetensors`` (host arrays, bfloat16 via ml_dtypes) or a
+    pickled ``.bin``."""
+    if file.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(file))
+    require_torch(file)
+    import torch
+
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    return {key: value.float().numpy() if value.is_floating_point() else value.numpy()
+            for key, value in state.items()}
+
+
+# --- PyTorch names and layouts -> Flax ------------------------------------------------------
+
+_ATTENTION_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
+_INDEX = re.compile(r"^\d+$")
+
+
+def _paths(pt_key: str) -> list[tuple[str, ...]]:
+    """Flax paths a PyTorch key may name: list entries as ``<name>_<index>`` (diffusers) or as
+    their own level (transformers' ``layers/0``)."""
+    joined: list[str] = []
+    for part in pt_key.split("."):
+        if _INDEX.match(part) and joined:
+            joined[-1] = f"{joined[-1]}_{part}"
+        else:
+            joined.append(part)
+    return [tuple(joined), tuple(pt_key.split("."))]
+
+
+def _candidates(pt_key: str, tensor: np.ndarray) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """The Flax (path, array) pairs a PyTorch tensor may correspond to, most likely first."""
+    for path in _paths(pt_key):
+        *prefix, leaf = path
+        prefixes = [tuple(prefix)]
+        if prefix and prefix[-1] in _ATTENTION_RENAMES:  # the VAE's attention
+            prefixes.append(tuple(prefix[:-1]) + (_ATTENTION_RENAMES[prefix[-1]],))
+        for base in prefixes:
+            if leaf in ("weight", "gamma"):
+                if tensor.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
+                    yield base + ("kernel",), tensor.transpose(2, 3, 1, 0)
+                    if tensor.shape[2:] == (1, 1):  # a 1x1 conv where Flax has a Dense
+                        yield base + ("kernel",), tensor[:, :, 0, 0].T
+                elif tensor.ndim == 2:  # linear [out, in] -> [in, out]; embedding as is
+                    yield base + ("kernel",), tensor.T
+                    yield base + ("embedding",), tensor
+                yield base + ("scale",), tensor  # group/layer norm
+            elif leaf == "beta":
+                yield base + ("bias",), tensor
+            else:
+                yield base + (leaf,), tensor
+
+
+#: Buffers some checkpoints carry that are not parameters.
+_BUFFERS = re.compile(r"(^|\.)position_ids$")
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], target: Any,
+                       source: str = "PyTorch weights") -> dict:
+    """A PyTorch state dict -> the Flax params of the same network.
+
+    ``target`` is the params tree (arrays or ``jax.ShapeDtypeStruct``); every one of its leaves
+    must be filled exactly once with the right shape, and every tensor used, else a
+    ``ValueError`` names the first offending keys.
+    """
+    shapes = {path: tuple(leaf.shape) for path, leaf in flatten_dict(target).items()}
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    unused = []
+    for pt_key, tensor in state.items():
+        if _BUFFERS.search(pt_key):
+            continue
+        for path, array in _candidates(pt_key, np.asarray(tensor)):
+            if shapes.get(path) == array.shape and path not in converted:
+                converted[path] = np.array(array, dtype=np.float32, order="C")  # keeps 0-d
+                break
+        else:
+            unused.append(pt_key)
+    missing = sorted("/".join(path) for path in shapes if path not in converted)
+    if unused or missing:
+        raise ValueError(f"{source} do not match the model: {len(unused)} unused "
+                         f"({', '.join(unused[:4])}), {len(missing)} missing "
+                         f"({', '.join(missing[:4])})")
+    return unflatten_dict(converted)
+
+
+def read_flax(file: pathlib.Path, target: Any,
+              keep: Callable[[str], bool] = lambda key: True) -> dict:
+    """Flax msgpack weights (the leaves whose dotted path ``keep`` accepts), checked leaf by
+    leaf against ``target``."""
+    from flax import serialization
+
+    restored = serialization.msgpack_restore(file.read_bytes())
+    got = {path: np.asarray(leaf) for path, leaf in flatten_dict(restored).items()
+           if keep(".".join(path))}
+    want = {path: tuple(leaf.shape) for path, leaf in flatten_dict(target).items()}
+    wrong = sorted("/".join(p) for p in set(got) | set(want)
+                   if p not in got or p not in want or got[p].shape != want[p])
+    if wrong:
+        raise ValueError(f"{file} does not match the model: {len(wrong)} parameters differ "
+                         f"({', '.join(wrong[:4])})")
+    return unflatten_dict(got)
+
+
+def as_float32(tree: Any) -> Any:
+    """Float leaves as float32 device arrays (uncommitted, so they mix with accelerator ones)."""
+    def convert(leaf):
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
+            array = array.astype(np.float32)
+        return jnp.asarray(array)
+
+    return jax.tree_util.tree_map(convert, tree)
+
+
+def read_config(directory: pathlib.Path) -> dict:
+    file = directory / CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG} in {directory}")
+    return json.loads(file.read_text())
+
+
+def load_params(directory: pathlib.Path, init: Callable[[jax.Array], Any],
+                weights: WeightFiles, variant: str = "",
+                keep: Callable[[str], bool] = lambda key: True) -> Any:
+    """float32 params for the network whose ``init(key) -> params`` gives the target tree.
+
+    ``keep(key)`` selects the PyTorch tensors that belong to it (a text tower read from a
+    whole CLIP checkpoint leaves the vision tower's out)."""
+    target = jax.eval_shape(init, jax.random.PRNGKey(0))
+    file = weight_file(directory, weights, variant)
+    if file.suffix == ".msgpack":
+        return as_float32(read_flax(file, target, keep))
+    state = {key: value for key, value in read_state_dict(file).items() if keep(key)}
+    return as_float32(convert_state_dict(state, target, str(file)))
+
+
+# --- the components -------------------------------------------------------------------------
+
+def load_unet(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
+              variant: str = "") -> tuple[unet_lib.UNet2DConditionModel, Any]:
+    config = unet_lib.UNetConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    module = unet_lib.UNet2DConditionModel(config, dtype=dtype, implementation=implementation)
+    return module, load_params(directory, module.init_params, DIFFUSERS_WEIGHTS, variant)
+
+
+def load_vae(directory: pathlib.Path, dtype: Any = jnp.float32,
+             variant: str = "") -> tuple[vae_lib.AutoencoderKL, Any]:
+    config = vae_lib.VAEConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    module = vae_lib.AutoencoderKL(config, dtype=dtype)
+    return module, load_params(directory, module.init_params, DIFFUSERS_WEIGHTS, variant)
+
+
+def load_clip_text(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
+                   with_projection: bool = False, variant: str = "") -> tuple[Any, Any]:
+    """A CLIP text encoder (``CLIPTextModel``, or ``CLIPTextModelWithProjection``)."""
+    raw = read_config(directory)
+    config = clip_lib.CLIPTextConfig.from_dict(raw.get("text_config", raw),
+                                               str(directory / CONFIG))
+    cls = clip_lib.CLIPTextModelWithProjection if with_projection else clip_lib.CLIPTextModel
+    module = cls(config, dtype=dtype, implementation=implementation)
+    prefixes = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
+    return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant,
+                               keep=lambda key: key.startswith(prefixes))
+
+
+def load_clip(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
+              variant: str = "") -> tuple[clip_lib.CLIPModel, Any]:
+    """A whole CLIP (both towers): PickScore, the LAION aesthetic backbone, CLIP score."""
+    config = clip_lib.CLIPConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    module = clip_lib.CLIPModel(config, dtype=dtype, implementation=implementation)
+    return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant)
+
+
+def save_state_dict(directory: pathlib.Path, config: Mapping[str, Any],
+                    state: Mapping[str, np.ndarray], weights: WeightFiles,
+                    variant: str = "") -> pathlib.Path:
+    """Writes ``config.json`` and a PyTorch-layout safetensors file (the public format)."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    name = _with_variant(weights.safetensors, variant) if variant else weights.safetensors
+    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(directory / name))
+    return directory / name
+
