@@ -31,7 +31,7 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
   the ``overhead`` (1 = nothing but UNet work).
 * ``torch``: the same sampling loop, VARD policy step (per-step backward, K = 1), value step
   and bare UNet calls in PyTorch with diffusers' ``UNet2DConditionModel`` of the identical
-  configuration holding the *same weights* (``diffusers_export.diffusers_state_dict``), and a
+  configuration holding the *same weights* (``diffusers_export.torch_state_dict``), and a
   PyTorch twin of the conv value model with the value params copied; both are checked against
   the JAX outputs. JAX and PyTorch runs alternate (one of each per repeat) in this process, so
   that both see the same machine load; ratios are JAX time / PyTorch time. The text encoder is
@@ -104,8 +104,8 @@ def log(message: str) -> None:
 
 def _register_families() -> None:
     """Loader families ``benchmark_sd15`` and ``benchmark_tiny`` (random weights)."""
-    from vard_jax import upstream
     from vard_jax.models import loader, shapes as shapes_model
+    from vard_jax.models.nn import clip as nn_clip, unet as nn_unet
     from vard_jax.diffusion.schedule import NoiseScheduleConfig
 
     if "benchmark_sd15" in loader._LOADERS:
@@ -126,12 +126,10 @@ def _register_families() -> None:
     def _tiny(config):
         loaded = loader._LOADERS["benchmark_shapes"](config)
         unet_config = dict(shapes_model.UNET_CONFIG, **TINY_UNET)
-        unet = upstream.diffusers().FlaxUNet2DConditionModel(**unet_config,
-                                                             dtype=config.pretrained.dtype)
-        c, h, w = loaded.pipeline.sample_shape
-        context_shape = (1, loaded.pipeline.max_length, unet_config["cross_attention_dim"])
-        params = unet.init(jax.random.PRNGKey(config.train.seed), jnp.zeros((1, c, h, w)),
-                           jnp.zeros((1,), jnp.int32), jnp.zeros(context_shape))["params"]
+        unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config),
+                                            dtype=config.pretrained.dtype)
+        params = unet.init_params(jax.random.PRNGKey(config.train.seed),
+                                  context_length=loaded.pipeline.max_length)
         pipeline = dataclasses.replace(loaded.pipeline, unet=unet)
         return loaded._replace(pipeline=pipeline, params=dict(loaded.params, unet=params))
 
@@ -141,20 +139,18 @@ def _register_families() -> None:
         from vard_jax.worlds import tokenizer_files
         from vard_jax.models.pipeline import Pipeline
 
-        transformers = upstream.transformers()
         dtype = config.pretrained.dtype
         tokenizer = tokenizer_files.load_tokenizer(shapes_model.ASSET_DIR / "tokenizer")
-        text_config = transformers.CLIPTextConfig(
-            **SD15_TEXT, vocab_size=len(tokenizer), bos_token_id=int(tokenizer.bos_token_id),
-            eos_token_id=int(tokenizer.eos_token_id), pad_token_id=int(tokenizer.pad_token_id))
-        text_encoder = transformers.FlaxCLIPTextModel(text_config, seed=0, _do_init=False,
-                                                      dtype=dtype)
+        text_config = nn_clip.CLIPTextConfig.from_dict(dict(
+            SD15_TEXT, vocab_size=len(tokenizer), bos_token_id=int(tokenizer.bos_token_id),
+            eos_token_id=int(tokenizer.eos_token_id), pad_token_id=int(tokenizer.pad_token_id)))
+        text_encoder = nn_clip.CLIPTextModel(text_config, dtype=dtype)
         key_unet, key_text = jax.random.split(jax.random.PRNGKey(config.train.seed))
         max_length = SD15_TEXT["max_position_embeddings"]
-        text_params = jax.jit(text_encoder.init_weights, static_argnums=1)(key_text,
-                                                                           (1, max_length))
-        unet = upstream.diffusers().FlaxUNet2DConditionModel(**SD15_UNET, dtype=dtype)
-        unet_params = jax.jit(unet.init_weights)(key_unet)
+        text_params = jax.jit(text_encoder.init_params, static_argnums=1)(key_text, max_length)
+        unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(SD15_UNET), dtype=dtype)
+        unet_params = jax.jit(lambda key: unet.init_params(key, context_length=max_length))(
+            key_unet)
         pipeline = Pipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                             schedule=NoiseScheduleConfig(**SD15_SCHEDULE),
                             sample_shape=SD15_LATENT, max_length=max_length)
@@ -397,7 +393,7 @@ class TorchTwin:
                                else None)
         fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items()}
         state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in
-                      diffusers_export.diffusers_state_dict(
+                      diffusers_export.torch_state_dict(
                           jax.device_get(trainer.reference_params)).items()}
 
         def unet():

@@ -3,11 +3,10 @@ without weights and without running anything.
 
     PYTHONPATH=. .venv/bin/python experiments/sd_memory.py [--configs=NAME,GLOB,...|all]
         [--batch=1] [--value_batch=64] [--out=FILE] [--smoke] [--list]
-        [--fast_compile] [--lower_only] [--attention=config|chunked|full]
+        [--fast_compile] [--lower_only] [--attention=config|xla|chunked|cudnn]
 
-Every piece is abstract: the UNet's parameters are ``jax.eval_shape(unet.init_weights, key)``
-(diffusers' ``FlaxUNet2DConditionModel`` with SD 1.5's config, imported through
-``vard_jax.upstream``), the policy's trainable parameters, the value model and both optimiser
+Every piece is abstract: the UNet's parameters are ``jax.eval_shape(unet.init_params, key)``
+(the project's ``UNet2DConditionModel`` with SD 1.5's config), the policy's trainable parameters, the value model and both optimiser
 states are ``eval_shape``-d the way ``Trainer._initial_state`` builds them, and the inputs are
 ``jax.ShapeDtypeStruct``. Each step is ``jax.jit(step, donate_argnums=0).lower(*abstract)
 .compile()``; the figures are XLA's ``memory_analysis()`` (argument, output, temp, alias and
@@ -38,9 +37,9 @@ loop, as on GPU/TPU); ``rollout.resolve_unroll(0)`` would unroll it fully on the
 
 Configuration names: ``policy-{lora|full}-{none|full|dots}-K{1|T}-T{steps}``, ``value-b{N}``,
 ``sample-{lora|full}-T{steps}``; ``--list`` prints the known ones, ``--configs`` takes names
-and globs. ``--attention`` picks the UNet's attention: ``config`` (default) follows
-``pretrained.memory_efficient_attention`` of configs/pickscore.py (on: diffusers' chunked
-attention), ``full`` materialises the [L, L] scores (the what-if without the option).
+and globs. ``--attention`` picks the UNet's attention kernel: ``config`` (default) follows
+``pretrained.attention`` of configs/pickscore.py (``chunked``), ``xla`` materialises the
+[L, L] scores (the what-if without the option), ``cudnn`` is the fused GPU kernel.
 ``--smoke`` uses a two-block tiny UNet with T = 2 (and implies ``--fast_compile``, which skips
 LLVM's optimisations: identical memory figures, shorter compiles; still about a minute per
 policy step on a loaded 2-core CPU); ``--lower_only``
@@ -64,10 +63,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import unfreeze
 
 from configs import pickscore
-from vard_jax import upstream
+from vard_jax.models.nn import unet as nn_unet
 from vard_jax.algorithms import vard
 from vard_jax.diffusion import rollout as rollout_lib
 from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
@@ -173,14 +171,11 @@ class Model:
         self.param_dtype = jnp.dtype(self.config.pretrained.param_dtype)
         unet_config = SMOKE_UNET if smoke else SD15_UNET
         self.text_length = SMOKE_TEXT_LENGTH if smoke else SD15_TEXT_LENGTH
-        # loader.load switches the UNet to chunked attention when the config asks for it.
-        if attention == "config":
-            self.chunked_attention = bool(self.config.pretrained.memory_efficient_attention)
-        else:
-            self.chunked_attention = attention == "chunked"
-        unet = upstream.diffusers().FlaxUNet2DConditionModel(
-            **unet_config, dtype=self.compute_dtype,
-            use_memory_efficient_attention=self.chunked_attention)
+        # The attention kernel loader.load gives the UNet (pretrained.attention), or the one asked.
+        self.attention = self.config.pretrained.attention if attention == "config" else attention
+        unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config),
+                                            dtype=self.compute_dtype,
+                                            implementation=self.attention)
         size = unet_config["sample_size"]
         self.pipeline = Pipeline(unet=unet, text_encoder=None, tokenizer=None,
                                  schedule=SD15_SCHEDULE,
@@ -190,7 +185,7 @@ class Model:
         key = jax.random.PRNGKey(0)
         # The frozen reference UNet, stored as pretrained.param_dtype (loader.load's cast).
         self.reference = jax.eval_shape(
-            lambda k: loader.cast_floats(unfreeze(unet.init_weights(k)), self.param_dtype), key)
+            lambda k: loader.cast_floats(unet.init_params(k), self.param_dtype), key)
         self.value_model = value_lib.conv_value(self.pipeline.sample_shape,
                                                 (self.text_length, self.context_dim),
                                                 self.config.value.width)
@@ -375,9 +370,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny 2-block UNet, T = 2 (implies --fast_compile)")
     parser.add_argument("--list", action="store_true", help="print the configuration names")
-    parser.add_argument("--attention", choices=("config", "chunked", "full"), default="config",
-                        help="UNet attention: as configs/pickscore.py sets it (chunked), "
-                             "chunked, or full [L, L] scores")
+    parser.add_argument("--attention", choices=("config", "xla", "chunked", "cudnn"),
+                        default="config",
+                        help="UNet attention kernel: as configs/pickscore.py sets it (chunked), "
+                             "xla (full [L, L] scores), chunked or cudnn (GPU)")
     parser.add_argument("--lower_only", action="store_true",
                         help="trace and lower only: parameter and state sizes, no XLA figures")
     parser.add_argument("--fast_compile", action="store_true",
@@ -407,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "guidance_scale": model.config.sample.guidance_scale,
         "batch_per_device": args.batch,
         "scan_unroll": 1,
-        "memory_efficient_attention": model.chunked_attention,
+        "attention": model.attention,
         "lower_only": args.lower_only,
         "fast_compile": args.fast_compile,
         "backend": jax.default_backend(),

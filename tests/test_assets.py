@@ -271,7 +271,7 @@ def test_conv_x0_value_reads_the_reference_models_clipped_prediction():
     # A non-zero head, so that the value depends on its input (the head starts at zero).
     params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
     conv = value_lib.conv_value(pipeline.sample_shape, (pipeline.max_length,
-                                                        pipeline.unet.cross_attention_dim),
+                                                        pipeline.unet.config.cross_attention_dim),
                                 config.value.width)
     stats = trainer.init_state().reward_stats
     apply_x0, apply_conv = jax.jit(model.apply), jax.jit(conv.apply)

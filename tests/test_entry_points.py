@@ -307,7 +307,7 @@ def test_export_cli_writes_the_merged_unet_and_a_model_card(trained_run: Trained
     policy = checkpointer.restore_field("policy_params", 1)
     checkpointer.close()
     written = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    expected = diffusers_export.diffusers_state_dict(policy)
+    expected = diffusers_export.torch_state_dict(policy)
     assert set(written) == set(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(written[key], value, err_msg=key)

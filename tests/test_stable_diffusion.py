@@ -1,7 +1,8 @@
 """Stable Diffusion loading and the pretrained rewards, on tiny random checkpoints.
 
-Tiny models in the real on-disk layouts (diffusers / transformers ``save_pretrained``) stand in
-for the hub checkpoints, which cannot be downloaded here: the loading code is the real one.
+Tiny models in the real on-disk layouts (diffusers / transformers: ``config.json`` beside Flax
+msgpack or PyTorch safetensors weights) stand in for the hub checkpoints, which cannot be
+downloaded here: the loading code is the real one.
 """
 
 import json
@@ -14,17 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from configs import base
-from vard_jax import upstream
 from vard_jax.config import validate
 from vard_jax.diffusion import sampler as sampler_lib
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import loader
 from vard_jax.models import stable_diffusion as sd
 from vard_jax.models import diffusers_export
+from vard_jax.models.nn import clip as nn_clip
+from vard_jax.models.nn import unet as nn_unet
+from vard_jax.models.nn import vae as nn_vae
+from vard_jax.models.nn import weights as weights_lib
 from vard_jax.rewards import pretrained_rewards, registry
 from vard_jax.worlds import tokenizer_files
 
@@ -59,6 +64,14 @@ def _tokenizer(directory: pathlib.Path):
     tokenizer = tokenizer_files.load_tokenizer(directory)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+def _save_flax(directory: pathlib.Path, config: dict, params: Any, file_name: str) -> None:
+    """A component as the hub's Flax branches hold it: config.json + msgpack weights."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config, default=list))
+    (directory / file_name).write_bytes(serialization.msgpack_serialize(
+        jax.tree_util.tree_map(np.asarray, params)))
 
 
 def _special_ids(tokenizer) -> dict:
@@ -96,17 +109,19 @@ def flax_checkpoint(tmp_path_factory) -> pathlib.Path:
     """A tiny SD checkpoint with Flax weights (msgpack), as on the hub's Flax branches."""
     root = tmp_path_factory.mktemp("sd_flax")
     tokenizer = _write_common(root)
-    diffusers, transformers = upstream.diffusers(), upstream.transformers()
     key = jax.random.PRNGKey(0)
-    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
-    unet_params = _random_params(lambda: unet.init_weights(key), 0)
-    unet.save_pretrained(str(root / "unet"), params=unet_params)
-    vae = diffusers.FlaxAutoencoderKL(**VAE_CONFIG)
-    vae.save_pretrained(str(root / "vae"), params=_random_params(lambda: vae.init_weights(key), 1))
-    text_config = transformers.CLIPTextConfig(**TEXT_CONFIG, **_special_ids(tokenizer))
-    text = transformers.FlaxCLIPTextModel(text_config, _do_init=False)
-    text_params = _random_params(lambda: text.init_weights(key, (1, tokenizer_files.MAX_LENGTH)), 2)
-    text.save_pretrained(str(root / "text_encoder"), params=text_params)
+    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(UNET_CONFIG))
+    _save_flax(root / "unet", dict(UNET_CONFIG, _class_name="UNet2DConditionModel"),
+               _random_params(lambda: unet.init_params(key), 0),
+               weights_lib.DIFFUSERS_WEIGHTS.flax)
+    vae = nn_vae.AutoencoderKL(nn_vae.VAEConfig.from_dict(VAE_CONFIG))
+    _save_flax(root / "vae", dict(VAE_CONFIG, _class_name="AutoencoderKL"),
+               _random_params(lambda: vae.init_params(key), 1), weights_lib.DIFFUSERS_WEIGHTS.flax)
+    text_config = dict(TEXT_CONFIG, **_special_ids(tokenizer))
+    text = nn_clip.CLIPTextModel(nn_clip.CLIPTextConfig.from_dict(text_config))
+    _save_flax(root / "text_encoder", text_config,
+               _random_params(lambda: text.init_params(key), 2),
+               weights_lib.TRANSFORMERS_WEIGHTS.flax)
     return root
 
 
@@ -118,8 +133,8 @@ def safetensors_checkpoint(flax_checkpoint, tmp_path_factory) -> pathlib.Path:
     pipeline, params = sd.load(str(flax_checkpoint))
     for sub in ("tokenizer", "scheduler", "text_encoder"):
         shutil.copytree(flax_checkpoint / sub, root / sub)
-    diffusers_export.save_diffusers_model(pipeline.unet, params["unet"], root / "unet")
-    diffusers_export.save_diffusers_model(pipeline.vae, params["vae"], root / "vae")
+    diffusers_export.save_model(pipeline.unet, params["unet"], root / "unet")
+    diffusers_export.save_model(pipeline.vae, params["vae"], root / "vae")
     return root
 
 
@@ -128,11 +143,11 @@ def test_safetensors_export_round_trip(flax_checkpoint, safetensors_checkpoint):
         files = {p.name for p in (safetensors_checkpoint / sub).iterdir()}
         assert files == {"config.json", "diffusion_pytorch_model.safetensors"}
         config = json.loads((safetensors_checkpoint / sub / "config.json").read_text())
-        assert not config["_class_name"].startswith("Flax")
+        assert config["_class_name"] in ("UNet2DConditionModel", "AutoencoderKL")
     _, params = sd.load(str(flax_checkpoint))
     _, again = sd.load(str(safetensors_checkpoint))
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
-    state = diffusers_export.diffusers_state_dict(params["unet"])
+    state = diffusers_export.torch_state_dict(params["unet"])
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight" in state
     assert "time_embedding.linear_1.weight" in state
     assert state["conv_in.weight"].shape == (32, 4, 3, 3)  # [out, in, kh, kw]
@@ -177,15 +192,16 @@ def test_family_loader(flax_checkpoint):
         loader.load(config)
 
 
-def test_memory_efficient_attention_option_gives_the_same_noise_prediction(flax_checkpoint):
+def test_attention_option_gives_the_same_noise_prediction(flax_checkpoint):
     config = base.get_config()
     config.pretrained.family = "stable_diffusion"
     config.pretrained.path = str(flax_checkpoint)
     plain = loader.load(config)
-    config.pretrained.memory_efficient_attention = True
+    config.pretrained.attention = "chunked"
     chunked = loader.load(config)
-    assert chunked.pipeline.unet.use_memory_efficient_attention
-    assert not plain.pipeline.unet.use_memory_efficient_attention
+    assert chunked.pipeline.unet.implementation == "chunked"
+    assert chunked.pipeline.text_encoder.implementation == "chunked"
+    assert plain.pipeline.unet.implementation == "xla"
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, LATENT_SIZE, LATENT_SIZE))
     context = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
     timesteps = jnp.array([10, 900])
@@ -212,8 +228,7 @@ def test_pickle_weights_without_torch_name_the_extra(tmp_path, monkeypatch):
     (unet_dir / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" raises ImportError
     with pytest.raises(ImportError) as error:
-        sd.load_diffusers_model(upstream.diffusers().FlaxUNet2DConditionModel, tmp_path, "unet",
-                                jnp.float32)
+        weights_lib.load_unet(unet_dir)
     assert "\n" not in str(error.value) and 'pip install -e ".[pt]"' in str(error.value)
 
 
@@ -254,7 +269,7 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
         context = pipeline.encode_ids(params["text_encoder"], ids)
         eps = pipeline.eps_fn(params["unet"], latents, timesteps, context)
         decoded = pipeline.vae.apply({"params": params["vae"]}, latents,
-                                     method=pipeline.vae.decode).sample
+                                     method=pipeline.vae.decode)
         return context, eps, decoded
 
     context, eps, decoded = forward(params, ids, latents, timesteps)
@@ -264,7 +279,7 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
 
     # The exporter writes PyTorch's own names and layouts.
     for module, flax_params in ((unet, params["unet"]), (vae, params["vae"])):
-        exported = diffusers_export.diffusers_state_dict(flax_params)
+        exported = diffusers_export.torch_state_dict(flax_params)
         reference = {k: v.numpy() for k, v in module.state_dict().items()}
         assert set(exported) == set(reference)
         for key, value in reference.items():
@@ -274,8 +289,7 @@ def test_pytorch_checkpoint_matches_torch(tmp_path):
     pickled = tmp_path / "sd_bin"
     unet.save_pretrained(pickled / "unet", safe_serialization=False)
     assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
-    _, from_bin = sd.load_diffusers_model(upstream.diffusers().FlaxUNet2DConditionModel,
-                                          pickled, "unet", jnp.float32)
+    _, from_bin = weights_lib.load_unet(pickled / "unet")
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_bin, params["unet"])
 
 
@@ -325,40 +339,26 @@ def test_lora_export_loads_in_diffusers_pytorch(safetensors_checkpoint, tmp_path
     np.testing.assert_allclose(loaded, eps, atol=1e-3)
 
 
-def test_converter_reports_mismatches():
-    target = {"conv_in": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32),
-                          "bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}
-    state = {"conv_in.weight": np.zeros((8, 4, 3, 3), np.float32),
-             "conv_in.bias": np.zeros((8,), np.float32)}
-    converted = sd.convert_diffusers_state_dict(state, target)
-    assert converted["conv_in"]["kernel"].shape == (3, 3, 4, 8)
-    with pytest.raises(ValueError, match=r"1 unused \(extra.weight\), 1 missing \(conv_in.bias\)"):
-        sd.convert_diffusers_state_dict({"conv_in.weight": state["conv_in.weight"],
-                                         "extra.weight": np.zeros((2, 2), np.float32)}, target)
-
-
 # --- pretrained rewards ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny PickScore-format CLIP (model dir) and its processor dir (tokenizer + processor)."""
     root = tmp_path_factory.mktemp("pickscore")
-    transformers = upstream.transformers()
     processor_dir = root / "processor"
     tokenizer = _tokenizer(processor_dir)
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": VISION_CONFIG["image_size"]},
-        crop_size={"height": VISION_CONFIG["image_size"], "width": VISION_CONFIG["image_size"]},
-        image_mean=list(PROCESSOR_MEAN), image_std=list(PROCESSOR_STD),
-    ).save_pretrained(str(processor_dir))
-    config = transformers.CLIPConfig(text_config=dict(TEXT_CONFIG, **_special_ids(tokenizer)),
-                                     vision_config=VISION_CONFIG, projection_dim=24)
-    model = transformers.FlaxCLIPModel(config, _do_init=False)
     size = VISION_CONFIG["image_size"]
-    shapes = ((1, tokenizer_files.MAX_LENGTH), (1, size, size, 3))
-    params = _random_params(lambda: model.init_weights(jax.random.PRNGKey(0), shapes), 3)
+    (processor_dir / pretrained_rewards.PREPROCESSOR_CONFIG).write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size}, "do_center_crop": True,
+        "image_mean": list(PROCESSOR_MEAN), "image_std": list(PROCESSOR_STD)}))
+    config = nn_clip.CLIPConfig.from_dict({"text_config": dict(TEXT_CONFIG,
+                                                               **_special_ids(tokenizer)),
+                                           "vision_config": VISION_CONFIG, "projection_dim": 24})
+    model = nn_clip.CLIPModel(config)
+    params = _random_params(lambda: model.init_params(jax.random.PRNGKey(0)), 3)
     params["logit_scale"] = np.asarray(np.log(100.0), np.float32)
-    model.save_pretrained(str(root / "model"), params=params)
+    diffusers_export.save_model(model, params, root / "model")
     return root / "model", processor_dir
 
 
@@ -421,7 +421,8 @@ def test_aesthetic_equals_the_mlp_of_the_normalised_embedding(clip_dirs, tmp_pat
     @jax.jit
     def compute(images):
         pixels = clip_lib.preprocess(images, 16)  # the model dir has no processor: CLIP's
-        features = bundle.model.get_image_features(pixels, params=bundle.params)
+        features = bundle.model.apply({"params": bundle.params}, pixels,
+                                      method=bundle.model.get_image_features)
         grad = jax.grad(lambda x: reward.score(x, prepared).sum())(images)
         return reward.score(images, prepared), features, grad
 

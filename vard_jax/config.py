@@ -23,6 +23,7 @@ CLIP_GRADIENTS = ("exact", "straight_through")
 LR_SCHEDULES = ("constant", "cosine")
 KL_ON = ("conditional", "guided")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("xla", "cudnn", "chunked")  # vard_jax/models/nn/attention.py
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.pretrained.family", lambda v: v in MODEL_FAMILIES, f"one of {', '.join(MODEL_FAMILIES)}"),
     ("config.pretrained.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("config.pretrained.param_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    ("config.pretrained.attention", lambda v: v in ATTENTION, f"one of {', '.join(ATTENTION)}"),
     ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
     ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     ("config.sample.guidance_scale", lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]"),

@@ -226,7 +226,7 @@ def _write(config: ml_collections.ConfigDict, workdir: pathlib.Path, out: pathli
                               f"{str(error).splitlines()[0]}") from None
         policy = policy_lib.make(config.policy, loaded.pipeline)
         merged = policy.merged(trained, loaded.params["unet"])
-        directory = diffusers_export.save_diffusers_model(loaded.pipeline.unet, merged,
+        directory = diffusers_export.save_model(loaded.pipeline.unet, merged,
                                                           out / "unet")
         files += sorted(directory.iterdir())
     (out / "vard_config.json").write_text(config.to_json(indent=2) + "\n")

@@ -47,13 +47,15 @@ def image_embeddings(clip_model: Any, params: Any, images: jax.Array,
     preprocessing of the model's image processor.
     """
     size = size or clip_model.config.vision_config.image_size
-    features = clip_model.get_image_features(preprocess(images, size, mean, std), params=params)
+    features = clip_model.apply({"params": params}, preprocess(images, size, mean, std),
+                                method=clip_model.get_image_features)
     return _normalise(features)
 
 
 def text_embeddings(clip_model: Any, params: Any, input_ids: jax.Array) -> jax.Array:
     """Unit-norm text embeddings [B, D] of token ids [B, L]."""
-    return _normalise(clip_model.get_text_features(input_ids, params=params))
+    return _normalise(clip_model.apply({"params": params}, input_ids,
+                                       method=clip_model.get_text_features))
 
 
 def clip_logits(clip_model: Any, params: Any, images: jax.Array, input_ids: jax.Array,

@@ -1,9 +1,10 @@
-"""Flax params and LoRA adapters -> the files diffusers (PyTorch) loads.
+"""Flax params and LoRA adapters -> the files diffusers and transformers (PyTorch) load.
 
 Two formats, both safetensors, readable without PyTorch on our side:
 
-* a model (UNet or VAE) in diffusers' layout: ``config.json`` and
-  ``diffusion_pytorch_model.safetensors`` (``save_diffusers_model``);
+* a network in the PyTorch layout (``save_model``): a UNet or VAE as diffusers writes it
+  (``config.json`` and ``diffusion_pytorch_model.safetensors``), a CLIP as transformers does
+  (``config.json`` and ``model.safetensors``);
 * LoRA adapters as ``pytorch_lora_weights.safetensors``, the file that
   ``pipeline.load_lora_weights(directory)`` reads (``save_diffusers_lora``): PEFT names
   ``unet.<module>.lora_A.weight`` [r, in] and ``unet.<module>.lora_B.weight`` [out, r], and the
@@ -23,16 +24,14 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from vard_jax.models.stable_diffusion import DIFFUSERS_WEIGHTS
+from vard_jax.models.nn import clip as clip_lib
+from vard_jax.models.nn import weights as weights_lib
 
 #: Module lists of diffusers models: Flax names their entries ``<name>_<index>``.
 _MODULE_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions",
                            "transformer_blocks", "downsamplers", "upsamplers", "to_out", "net"})
 #: Flax attention projections named otherwise in PyTorch (the Flax UNet's own names are kept).
 _PT_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-#: Options of the Flax classes that diffusers' PyTorch classes do not take.
-_FLAX_ONLY_CONFIG = frozenset({"use_memory_efficient_attention", "split_head_dim"})
 
 #: The LoRA file name diffusers' ``load_lora_weights`` looks for in a directory.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -56,10 +55,10 @@ def pt_module_name(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def diffusers_state_dict(params: Any) -> dict[str, np.ndarray]:
-    """The Flax params of a diffusers model as its PyTorch state dict (names and layouts).
+def torch_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """The params of a network as its PyTorch state dict (names and layouts).
 
-    The inverse of ``stable_diffusion.convert_diffusers_state_dict``: conv kernels
+    The inverse of ``vard_jax.models.nn.weights.convert_state_dict``: conv kernels
     [kh, kw, in, out] -> [out, in, kh, kw], dense kernels [in, out] -> [out, in], norm scales
     and embeddings -> ``weight``. Float32 numpy arrays.
     """
@@ -72,22 +71,25 @@ def diffusers_state_dict(params: Any) -> dict[str, np.ndarray]:
             name = "weight"
         elif name in ("scale", "embedding"):
             name = "weight"
-        state[f"{pt_module_name(tuple(prefix))}.{name}"] = np.ascontiguousarray(array)
+        state[".".join(filter(None, (pt_module_name(tuple(prefix)), name)))] = array
     return state
 
 
-def save_diffusers_model(module: Any, params: Any, directory: str | pathlib.Path) -> pathlib.Path:
-    """Writes a diffusers model (UNet or VAE) in the PyTorch layout: ``config.json`` and
-    ``diffusion_pytorch_model.safetensors`` (readable by diffusers' PyTorch classes and by
-    ``stable_diffusion.load``). A LoRA policy is merged first (``PolicyModel.merged``)."""
-    from safetensors.numpy import save_file
-
+def save_model(module: Any, params: Any, directory: str | pathlib.Path) -> pathlib.Path:
+    """Writes a network in the PyTorch layout its library reads: a UNet or VAE as diffusers'
+    ``from_pretrained`` reads it, a CLIP as transformers' does; ``stable_diffusion.load`` reads
+    both. A LoRA policy is merged first (``PolicyModel.merged``)."""
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in dict(module.config).items() if k not in _FLAX_ONLY_CONFIG}
-    config["_class_name"] = type(module).__name__.removeprefix("Flax")
-    (directory / "config.json").write_text(json.dumps(config, indent=2, default=list))
-    save_file(diffusers_state_dict(params), str(directory / DIFFUSERS_WEIGHTS.safetensors))
+    config = module.config.to_dict()
+    if isinstance(module, clip_lib.CLIPModel):
+        files = weights_lib.TRANSFORMERS_WEIGHTS
+    elif isinstance(module, (clip_lib.CLIPTextModel, clip_lib.CLIPTextModelWithProjection)):
+        files = weights_lib.TRANSFORMERS_WEIGHTS
+        config.update(model_type="clip_text_model", architectures=[type(module).__name__])
+    else:
+        files = weights_lib.DIFFUSERS_WEIGHTS
+        config["_class_name"] = type(module).__name__
+    weights_lib.save_state_dict(directory, config, torch_state_dict(params), files)
     return directory
 
 

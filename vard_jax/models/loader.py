@@ -57,8 +57,10 @@ def _load_stable_diffusion(config) -> LoadedModel:
     if config.pretrained.random_init:
         raise ValueError("pretrained.random_init is for the shapes family; Stable Diffusion "
                          "is always loaded from its weights")
-    pipeline, params = stable_diffusion.load(config.pretrained.path,
-                                             dtype=config.pretrained.dtype)
+    pretrained = config.pretrained
+    pipeline, params = stable_diffusion.load(pretrained.path, dtype=pretrained.dtype,
+                                             variant=pretrained.variant,
+                                             attention=pretrained.attention)
     # The reward's weights are its own (reward.path); a SD checkpoint holds no reward model.
     return LoadedModel(pipeline, params, reward_path=config.reward.path)
 
@@ -74,16 +76,18 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def load(config) -> LoadedModel:
-    """The family's model; its frozen weights stored as ``pretrained.param_dtype``, its UNet
-    with chunked attention when ``pretrained.memory_efficient_attention``."""
+    """The family's model; its frozen weights stored as ``pretrained.param_dtype``, its UNet's
+    and text encoder's attention kernel ``pretrained.attention``."""
     family = config.pretrained.family
     if family not in _LOADERS:
         raise ValueError(f"pretrained.family {family!r} is unknown; known: {', '.join(sorted(_LOADERS))}")
     loaded = _LOADERS[family](config)
-    if config.pretrained.memory_efficient_attention:
-        # diffusers' chunked attention: the same function without [L, L] score matrices.
-        unet = loaded.pipeline.unet.clone(use_memory_efficient_attention=True)
-        loaded = loaded._replace(pipeline=dataclasses.replace(loaded.pipeline, unet=unet))
+    attention = config.pretrained.attention
+    if loaded.pipeline.unet.implementation != attention:
+        pipeline = loaded.pipeline
+        loaded = loaded._replace(pipeline=dataclasses.replace(
+            pipeline, unet=pipeline.unet.clone(implementation=attention),
+            text_encoder=pipeline.text_encoder.clone(implementation=attention)))
     if jnp.dtype(config.pretrained.param_dtype) == jnp.float32:
         return loaded
     return loaded._replace(params=cast_floats(loaded.params, config.pretrained.param_dtype))

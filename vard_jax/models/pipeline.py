@@ -23,12 +23,12 @@ from vard_jax.diffusion.schedule import NoiseScheduleConfig
 class Pipeline:
     """Modules of a text-to-image diffusion model (parameters are passed separately)."""
 
-    unet: Any  # flax module: apply({"params"}, x [B,C,H,W], t [B], context [B,L,D]) -> .sample
-    text_encoder: Any  # a transformers Flax CLIP text model (called with params=)
-    tokenizer: Any  # transformers CLIPTokenizer
+    unet: Any  # nn.unet.UNet2DConditionModel: apply(x [B,C,H,W], t [B], context [B,L,D]).sample
+    text_encoder: Any  # nn.clip.CLIPTextModel
+    tokenizer: Any  # a CLIP tokenizer (transformers CLIPTokenizer)
     schedule: NoiseScheduleConfig  # the training noise schedule of the UNet
     sample_shape: tuple[int, int, int]  # [C, H, W] of the UNet's input (pixels or latents)
-    vae: Optional[Any] = None  # diffusers FlaxAutoencoderKL for latent models, None for pixels
+    vae: Optional[Any] = None  # nn.vae.AutoencoderKL for latent models, None for pixels
     vae_scaling_factor: float = 1.0  # latents = scaling * vae.encode(images)
     max_length: int = 77  # tokenizer length (padding to max_length)
 
@@ -50,12 +50,12 @@ class Pipeline:
 
     def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
         """Text encoder hidden states [B, L, D] (the UNet's cross-attention context)."""
-        return self.text_encoder(input_ids, params=text_params, train=False).last_hidden_state
+        return self.text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
 
     def decode(self, params: dict, x0: jax.Array) -> jax.Array:
         """Final samples -> images [B, H, W, 3] in [0, 1] (VAE decode for latent models)."""
         if self.vae is not None:
-            x0 = self.vae.apply({"params": params["vae"]}, x0 / self.vae_scaling_factor,
-                                method=self.vae.decode).sample
+            x0 = self.vae.apply({"params": params["vae"]}, x0 / self.vae_scaling_factor
+                                + (self.vae.config.shift_factor or 0.0), method=self.vae.decode)
         images = jnp.transpose(x0, (0, 2, 3, 1)).astype(jnp.float32)
         return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)

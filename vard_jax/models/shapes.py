@@ -1,9 +1,9 @@
 """The embedded default model: a tiny pixel-space text-to-image model of the shapes world.
 
-Same component classes as Stable Diffusion: a ``FlaxUNet2DConditionModel`` with
-cross-attention, a ``FlaxCLIPTextModel`` text encoder (the text tower of the world's tiny CLIP,
+Same networks as Stable Diffusion (``vard_jax.models.nn``): a ``UNet2DConditionModel`` with
+cross-attention, a ``CLIPTextModel`` text encoder (the text tower of the world's tiny CLIP,
 frozen, as SD's is), and a ``CLIPTokenizer`` built from the project's own vocabulary files.
-The ``clip_alignment`` reward (the PickScore stand-in) is a second ``FlaxCLIPModel`` of the
+The ``clip_alignment`` reward (the PickScore stand-in) is a second ``CLIPModel`` of the
 same size: the world CLIP trained further with hard and off-distribution negatives
 (``vard_jax.worlds.negatives``), so that fine-tuning against it is hard to game.
 
@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vard_jax import upstream
 from vard_jax.diffusion.schedule import NoiseScheduleConfig
+from vard_jax.models.nn import clip as clip_lib
+from vard_jax.models.nn import unet as unet_lib
 from vard_jax.models.pipeline import Pipeline
 from vard_jax.worlds import shapes as world
 from vard_jax.worlds import tokenizer_files
@@ -44,6 +45,8 @@ UNET_CONFIG: dict[str, Any] = dict(
     layers_per_block=1,
     attention_head_dim=8,
     cross_attention_dim=64,
+    # The shipped UNet was trained with the tanh-approximated GELU in its feed-forward gates.
+    geglu_approximate=True,
 )
 
 CLIP_TEXT_CONFIG: dict[str, Any] = dict(
@@ -73,45 +76,38 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
                 pad_token_id=int(tokenizer.pad_token_id), vocab_size=len(tokenizer))
 
 
-def build_clip(tokenizer: Any) -> Any:
-    """An uninitialised-weights tiny FlaxCLIPModel sized for the tokenizer (params built lazily)."""
-    transformers = upstream.transformers()
-    text_config = dict(CLIP_TEXT_CONFIG, **_special_ids(tokenizer))
-    config = transformers.CLIPConfig(text_config=text_config, vision_config=CLIP_VISION_CONFIG,
-                                     projection_dim=CLIP_PROJECTION_DIM)
-    return transformers.FlaxCLIPModel(config, seed=0, _do_init=False)
+def build_clip(tokenizer: Any) -> clip_lib.CLIPModel:
+    """The world's tiny CLIP sized for the tokenizer (parameters separate)."""
+    text_config = clip_lib.CLIPTextConfig(**{**CLIP_TEXT_CONFIG, **_special_ids(tokenizer)})
+    config = clip_lib.CLIPConfig(text_config, clip_lib.CLIPVisionConfig(**CLIP_VISION_CONFIG),
+                                 projection_dim=CLIP_PROJECTION_DIM)
+    return clip_lib.CLIPModel(config)
 
 
-def build_unet(dtype: Any = jnp.float32) -> Any:
-    return upstream.diffusers().FlaxUNet2DConditionModel(**UNET_CONFIG, dtype=dtype)
+def build_unet(dtype: Any = jnp.float32) -> unet_lib.UNet2DConditionModel:
+    return unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(UNET_CONFIG), dtype=dtype)
 
 
-def build_pipeline(tokenizer: Any, clip_model: Any, dtype: Any = jnp.float32) -> Pipeline:
+def build_pipeline(tokenizer: Any, clip_model: clip_lib.CLIPModel,
+                   dtype: Any = jnp.float32) -> Pipeline:
     """The world's pipeline; ``dtype`` is the UNet's and text encoder's computation dtype."""
-    transformers = upstream.transformers()
-    text_encoder = transformers.FlaxCLIPTextModel(clip_model.config.text_config, seed=0,
-                                                  _do_init=False, dtype=dtype)
+    text_encoder = clip_lib.CLIPTextModel(clip_model.config.text_config, dtype=dtype)
     return Pipeline(unet=build_unet(dtype), text_encoder=text_encoder, tokenizer=tokenizer,
                     schedule=SCHEDULE, sample_shape=(world.CHANNELS, world.IMAGE_SIZE,
                                                      world.IMAGE_SIZE),
                     max_length=tokenizer_files.MAX_LENGTH)
 
 
-def init_unet_params(unet: Any, key: jax.Array) -> Any:
-    c, h, w = world.CHANNELS, world.IMAGE_SIZE, world.IMAGE_SIZE
-    x = jnp.zeros((1, c, h, w))
-    context = jnp.zeros((1, tokenizer_files.MAX_LENGTH, UNET_CONFIG["cross_attention_dim"]))
-    return unet.init(key, x, jnp.zeros((1,), jnp.int32), context)["params"]
+def init_unet_params(unet: unet_lib.UNet2DConditionModel, key: jax.Array) -> Any:
+    return unet.init_params(key, context_length=tokenizer_files.MAX_LENGTH)
 
 
-def init_clip_params(clip_model: Any, key: jax.Array) -> Any:
-    # The module is initialised on NHWC pixels (the wrapper transposes NCHW inputs later).
-    shapes = ((1, tokenizer_files.MAX_LENGTH), (1, world.IMAGE_SIZE, world.IMAGE_SIZE, world.CHANNELS))
-    return clip_model.init_weights(key, shapes)
+def init_clip_params(clip_model: clip_lib.CLIPModel, key: jax.Array) -> Any:
+    return clip_model.init_params(key)
 
 
 def text_encoder_params(clip_params: Any) -> dict:
-    """The FlaxCLIPTextModel params inside a FlaxCLIPModel's params."""
+    """The text encoder's (``CLIPTextModel``) params inside the CLIP's params."""
     return {"text_model": clip_params["text_model"]}
 
 

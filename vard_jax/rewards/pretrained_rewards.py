@@ -26,6 +26,7 @@ reward's source, ``;``-separated:
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 from typing import Any, NamedTuple, Sequence
 
@@ -37,6 +38,7 @@ import numpy as np
 from vard_jax import upstream
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import stable_diffusion as sd_lib
+from vard_jax.models.nn import weights as weights_lib
 from vard_jax.rewards.clip_rewards import clip_reward
 from vard_jax.rewards.registry import Reward, RewardContext, register
 
@@ -80,7 +82,7 @@ def path_for(context_path: str, name: str) -> str:
 class ClipBundle(NamedTuple):
     """A loaded CLIP reward model with its tokenizer and image preprocessing."""
 
-    model: Any  # transformers FlaxCLIPModel, without params
+    model: Any  # vard_jax.models.nn.clip.CLIPModel (parameters separate)
     params: Any
     tokenizer: Any  # CLIPTokenizer, or None when the source has none
     image_size: int
@@ -95,7 +97,8 @@ def _failure(path: str) -> str:
 
 
 def _model_files(files: list[str]) -> list[str]:
-    return ["*.json", "*.txt"] + sd_lib.weight_patterns(files, ("",), sd_lib.TRANSFORMERS_WEIGHTS)
+    return ["*.json", "*.txt"] + sd_lib.weight_patterns(files, ("",),
+                                                        weights_lib.TRANSFORMERS_WEIGHTS)
 
 
 def _processor_files(files: list[str]) -> list[str]:
@@ -109,23 +112,26 @@ def _has_tokenizer(directory: pathlib.Path) -> bool:
 
 def _preprocessing(directory: pathlib.Path, default_size: int) -> tuple[int, tuple, tuple]:
     """(crop size, mean, std) of the image processor in ``directory`` (CLIP's when absent)."""
-    if not (directory / PREPROCESSOR_CONFIG).is_file():
+    file = directory / PREPROCESSOR_CONFIG
+    if not file.is_file():
         return default_size, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD
-    processor = upstream.transformers().CLIPImageProcessor.from_pretrained(str(directory))
-    crop = processor.crop_size
-    size = int(crop["height"]) if isinstance(crop, dict) else int(crop)
-    if isinstance(crop, dict) and int(crop["height"]) != int(crop["width"]):
-        raise ValueError(f"{directory / PREPROCESSOR_CONFIG}: non-square crop {crop} "
-                         "is not supported")
-    mean = tuple(float(v) for v in processor.image_mean)
-    std = tuple(float(v) for v in processor.image_std)
-    return size, mean, std
+    processor = json.loads(file.read_text())
+    crop = processor.get("crop_size", processor.get("size", default_size))
+    if isinstance(crop, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
+        height = crop.get("height", crop.get("shortest_edge"))
+        width = crop.get("width", height)
+        if height is None or int(height) != int(width):
+            raise ValueError(f"{file}: crop size {crop} is not supported (a square crop)")
+        crop = height
+    mean = tuple(float(v) for v in processor.get("image_mean", clip_lib.CLIP_MEAN))
+    std = tuple(float(v) for v in processor.get("image_std", clip_lib.CLIP_STD))
+    return int(crop), mean, std
 
 
 @functools.lru_cache(maxsize=4)
 def _clip_model(model_path: str, revision: str) -> tuple[Any, Any, pathlib.Path]:
     directory = sd_lib.resolve_pretrained(model_path, revision, _model_files, _failure(model_path))
-    model, params = sd_lib.load_transformers_model(upstream.transformers().FlaxCLIPModel, directory)
+    model, params = weights_lib.load_clip(directory)
     return model, params, directory
 
 
@@ -138,7 +144,7 @@ def _processor(directory: pathlib.Path, default_size: int) -> tuple[Any, int, tu
 
 
 def load_clip(model_path: str, processor_path: str = "", revision: str = "") -> ClipBundle:
-    """Loads a Flax CLIP model and its processor (both cached: rewards sharing a CLIP share it).
+    """Loads a CLIP model and its processor (both cached: rewards sharing a CLIP share it).
 
     ``processor_path`` = ``""``: the model's own tokenizer/processor files. ``tokenizer`` is
     None when that source has no tokenizer files.
@@ -149,8 +155,8 @@ def load_clip(model_path: str, processor_path: str = "", revision: str = "") -> 
         processor_dir = sd_lib.resolve_pretrained(processor_path, "", _processor_files,
                                                   _failure(processor_path))
     tokenizer, size, mean, std = _processor(processor_dir,
-                                            int(model.config.vision_config.image_size))
-    max_length = int(model.config.text_config.max_position_embeddings)
+                                            model.config.vision_config.image_size)
+    max_length = model.config.text_config.max_position_embeddings
     if tokenizer is not None:
         max_length = min(max_length, int(tokenizer.model_max_length))
     return ClipBundle(model, params, tokenizer, size, mean, std, max_length)
@@ -256,8 +262,8 @@ def load_aesthetic_head(file: str | pathlib.Path, embedding_dim: int) -> dict:
 
 
 def _vision_params(clip_params: Any) -> dict:
-    """The FlaxCLIPModel params that image features use (the text tower is dropped)."""
-    # FlaxCLIPModule creates ``logit_scale`` in setup, so every call needs it.
+    """The CLIPModel params that image features use (the text tower is dropped)."""
+    # CLIPModel creates ``logit_scale`` in setup, so every call needs it.
     return {"vision_model": clip_params["vision_model"],
             "visual_projection": clip_params["visual_projection"],
             "logit_scale": clip_params["logit_scale"]}
@@ -276,7 +282,7 @@ def aesthetic(context: RewardContext) -> Reward:
     bundle = load_clip(clip_path or AESTHETIC_CLIP)
     head = AestheticHead()
     params = {"clip": _vision_params(bundle.params),
-              "head": load_aesthetic_head(head_file, int(bundle.model.config.projection_dim))}
+              "head": load_aesthetic_head(head_file, bundle.model.config.projection_dim)}
     clip_model, size, mean, std = bundle.model, bundle.image_size, bundle.mean, bundle.std
 
     def score_with(backbone_params: Any, images: jax.Array, prepared: Any) -> jax.Array:
