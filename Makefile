@@ -2,7 +2,13 @@
 # Each creates (or refreshes, when pyproject.toml or the pins change) a local virtual
 # environment in .venv and installs the package with its tested pins first.
 
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The newest Python >= 3.12 (jax >= 0.11 needs it) that runs: python3.1x on the PATH, else the
+# versions pyenv installed (its shims only run the selected version).
+PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
+	for c in python$$v $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python$$v \
+	                      2>/dev/null | sort -rV); do \
+	  $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && \
+	    { command -v $$c; exit 0; }; done; done)
 VENV := .venv
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
@@ -14,7 +20,9 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found (jax needs it): install one, or run make PYTHON=/path/to/python3.12"; exit 1; }
+	$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || \
+	  { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test]"
 	touch $(STAMP)

@@ -1,42 +1,41 @@
 """DDIM step against diffusers, and the rollout scan: loop equivalence, gradients, log-probs."""
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vard_jax import upstream
 from vard_jax.diffusion import ddim, rollout as rollout_lib
 from vard_jax.diffusion.schedule import NoiseScheduleConfig, add_noise, make_ddim_schedule
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                    beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                    clip_sample=False)
-DIFFUSERS_DEFAULT = dict(clip_sample=True)  # diffusers' own defaults otherwise
+REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "data"
+DDIM = json.loads((REFERENCE / "ddim.json").read_text())
+DDIM_ARRAYS = np.load(REFERENCE / "ddim.npz")
 
 
-@pytest.mark.parametrize("settings", [DIFFUSERS_DEFAULT, SD_SCHEDULER], ids=["default", "sd"])
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("num_steps", [10, 50])
-def test_ddim_step_matches_diffusers(settings, eta, num_steps):
-    diffusers = upstream.diffusers()
-    scheduler = diffusers.FlaxDDIMScheduler(**settings)
-    state = scheduler.set_timesteps(scheduler.create_state(), num_steps, (2, 3, 8, 8))
-    ours = make_ddim_schedule(NoiseScheduleConfig.from_diffusers(scheduler.config), num_steps)
-    np.testing.assert_array_equal(np.asarray(ours.timesteps), np.asarray(state.timesteps))
-
-    rng = np.random.default_rng(0)
-    for i in [0, 1, num_steps // 2, num_steps - 1]:
-        t = int(state.timesteps[i])
-        x = jnp.asarray(rng.normal(size=(2, 3, 8, 8)), jnp.float32)
-        eps = jnp.asarray(rng.normal(size=(2, 3, 8, 8)), jnp.float32)
-        expected = scheduler.step(state, eps, t, x, eta=eta).prev_sample
-        step = ddim.ddim_step(ours, i, x, eps, None, eta)
-        np.testing.assert_allclose(step.mean, expected, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(step.x_prev, expected, atol=1e-5, rtol=1e-5)
-        prev_t = t - scheduler.config.num_train_timesteps // num_steps
-        variance = scheduler._get_variance(state, t, prev_t)
-        np.testing.assert_allclose(step.std, eta * np.sqrt(variance), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("name", list(DDIM["settings"]))
+@pytest.mark.parametrize("eta", DDIM["etas"])
+@pytest.mark.parametrize("num_steps", DDIM["steps"])
+def test_ddim_step_matches_diffusers(name, eta, num_steps):
+    """Timesteps, step means and noise scales equal diffusers' DDIMScheduler (PyTorch, recorded
+    by tests/reference/make_reference.py): its defaults, SD 1.x and SD 2.x (v-prediction)."""
+    ours = make_ddim_schedule(NoiseScheduleConfig.from_diffusers(DDIM["settings"][name]),
+                              num_steps)
+    np.testing.assert_array_equal(np.asarray(ours.timesteps),
+                                  DDIM_ARRAYS[f"{name}/{num_steps}/timesteps"])
+    key = f"{name}/{num_steps}/{eta}"
+    for row, i in enumerate(DDIM_ARRAYS[f"{key}/indices"]):
+        x = jnp.asarray(DDIM_ARRAYS[f"{key}/x"][row])
+        out = jnp.asarray(DDIM_ARRAYS[f"{key}/model_output"][row])
+        step = ddim.ddim_step(ours, int(i), x, out, None, eta)
+        np.testing.assert_allclose(step.mean, DDIM_ARRAYS[f"{key}/mean"][row], atol=1e-5,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(step.x_prev, step.mean)
+        np.testing.assert_allclose(step.std, DDIM_ARRAYS[f"{key}/std"][row], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_clip_straight_through_values_and_derivative():
@@ -87,17 +86,13 @@ def test_straight_through_clip_keeps_the_step_and_takes_the_unclipped_derivative
         ddim.ddim_step(base.replace(clip_gradient="identity"), 0, x, out, z, eta)
 
 
-def test_add_noise_matches_diffusers():
-    diffusers = upstream.diffusers()
-    scheduler = diffusers.FlaxDDIMScheduler(**SD_SCHEDULER)
-    state = scheduler.create_state()
-    cfg = NoiseScheduleConfig.from_diffusers(scheduler.config)
-    schedule = make_ddim_schedule(cfg, 10)
-    x0 = jnp.ones((3, 2, 4, 4)) * 0.3
-    noise = jnp.ones((3, 2, 4, 4)) * -0.7
+@pytest.mark.parametrize("name", list(DDIM["settings"]))
+def test_add_noise_matches_diffusers(name):
+    schedule = make_ddim_schedule(NoiseScheduleConfig.from_diffusers(DDIM["settings"][name]), 10)
+    x0, noise = DDIM_ARRAYS[f"{name}/add_noise_inputs"]
     t = jnp.array([0, 500, 999])
     np.testing.assert_allclose(add_noise(schedule.alphas_cumprod, x0, noise, t),
-                               scheduler.add_noise(state, x0, noise, t), atol=1e-6)
+                               DDIM_ARRAYS[f"{name}/add_noise"], atol=1e-6)
 
 
 def test_step_with_noise_and_log_prob_is_gaussian():

@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vard_jax"
 # Lowest first. A module may import its own package (``vard_jax.<name>``) and anything in a
 # lower layer; packages in one layer are independent of each other.
 LAYERS = (
-    ("upstream",),  # the only importer of the upstream model libraries
+    ("tokenizer",),  # CLIP's BPE tokenizer
     ("diffusion", "worlds"),  # sampling maths; the shapes world's scenes and tokenizer
     ("prompts",),
     ("models",),

@@ -144,7 +144,7 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
     for word in shapes.words():
         assert tokenizer.tokenize(word) == [word + "</w>"], word
     for caption in ALL_CAPTIONS:
-        ids = tokenizer(caption)["input_ids"]
+        ids = tokenizer.token_ids([caption])[0]
         assert len(ids) == len(caption.split()) + 2 <= MAX_LENGTH
         assert tokenizer.decode(ids, skip_special_tokens=True) == caption
     ids = encode_captions(tokenizer, ALL_CAPTIONS)
@@ -152,7 +152,7 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
     assert np.all(ids[:, 0] == tokenizer.bos_token_id)
     # Text outside the grammar still tokenizes, into single characters.
     assert tokenizer.tokenize("pink") == ["p", "i", "n", "k</w>"]
-    assert tokenizer.unk_token_id not in tokenizer("a pink hexagon")["input_ids"][1:-1]
+    assert tokenizer.unk_token_id not in tokenizer.token_ids(["a pink hexagon"])[0][1:-1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _tokenizer(directory: pathlib.Path):
     """The shapes-world CLIP tokenizer, saved in the transformers layout under ``directory``."""
     tokenizer_files.write_tokenizer_files(directory)
     tokenizer = tokenizer_files.load_tokenizer(directory)
-    tokenizer.save_pretrained(str(directory))
+    tokenizer.save(directory)
     return tokenizer
 
 
@@ -234,9 +234,9 @@ def test_pickle_weights_without_torch_name_the_extra(tmp_path, monkeypatch):
 
 def test_pytorch_checkpoint_matches_torch(tmp_path):
     """PyTorch weights (safetensors, and a pickled .bin) load into Flax with the same outputs."""
-    torch = pytest.importorskip("torch")
-    import diffusers as torch_diffusers  # the PyTorch classes, for reference outputs only
-    import transformers as torch_transformers
+    torch = pytest.importorskip("torch")  # the interop extra: torch, diffusers, transformers
+    torch_diffusers = pytest.importorskip("diffusers")  # PyTorch classes: reference outputs only
+    torch_transformers = pytest.importorskip("transformers")
 
     torch.manual_seed(0)
     root = tmp_path / "sd_pt"
@@ -299,8 +299,8 @@ def test_lora_export_loads_in_diffusers_pytorch(safetensors_checkpoint, tmp_path
     folded into lora_B). Needs the ``interop`` extra (torch, peft)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
-    import diffusers as torch_diffusers
-    import transformers as torch_transformers
+    torch_diffusers = pytest.importorskip("diffusers")
+    torch_transformers = pytest.importorskip("transformers")
 
     from vard_jax.models import lora
 

@@ -49,8 +49,7 @@ def load_prompts(spec: str) -> list[str]:
 def warn_if_truncated(prompts: list[str], pipeline, source: str) -> int:
     """Logs one warning when prompts are longer than the tokenizer's ``pipeline.max_length``
     tokens (the model sees them truncated to it); returns how many are."""
-    ids = pipeline.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
-    lengths = [len(row) for row in ids]
+    lengths = [len(row) for row in pipeline.tokenizer.token_ids(list(prompts))]
     long = [i for i, length in enumerate(lengths) if length > pipeline.max_length]
     if long:
         first = prompts[long[0]]

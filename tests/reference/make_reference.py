@@ -74,6 +74,24 @@ CLIP_CASES = {
 }
 TEXT_PROJECTION_CASE = dict(TEXT, eos_token_id=98, hidden_act="gelu")
 
+#: Scheduler settings: diffusers' defaults (with x0 clipping), SD 1.x's, SD 2.x's v-prediction.
+SCHEDULERS = {
+    "default": dict(clip_sample=True),
+    "sd": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+               beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+               clip_sample=False),
+    "sd2_v": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                  clip_sample=False, prediction_type="v_prediction"),
+}
+DDIM_ETAS, DDIM_STEPS = (0.0, 0.5, 1.0), (10, 50)
+#: Texts for the tokenizer: casing, spaces, punctuation, unknown words, accents, truncation.
+TOKENIZER_TEXTS = ["a red circle on a blue background",
+                   "Two  GREEN squares!!, left of 3 pink hexagons", "xyzzy qwerty don't",
+                   "a" * 40, "one two three four five six seven eight nine ten eleven twelve "
+                   "thirteen fourteen fifteen", "", "héllo wörld", "a pink hexagon"]
+SHAPES_TOKENIZER = DATA.parents[2] / "vard_jax" / "assets" / "shapes" / "tokenizer"
+
 
 def _load(model, seed: int) -> dict:
     state = model.state_dict()
@@ -88,6 +106,9 @@ def _load(model, seed: int) -> dict:
 
 
 def _write(name: str, record: dict, arrays: dict) -> None:
+    config = record.get("config", {})
+    if "_use_default_values" in config:  # a set: its order changes from run to run
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     record["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                           "transformers": transformers.__version__}
     (DATA / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -100,9 +121,60 @@ def _np(t) -> np.ndarray:
     return t.detach().float().numpy()
 
 
+def ddim_reference() -> None:
+    """Timesteps, step means and standard deviations of diffusers' DDIMScheduler."""
+    rng = np.random.default_rng(7)
+    arrays, record = {}, {"settings": SCHEDULERS, "etas": DDIM_ETAS, "steps": DDIM_STEPS}
+    for name, settings in SCHEDULERS.items():
+        scheduler = diffusers.DDIMScheduler(**settings)
+        sample = torch.ones(1)
+        noise = torch.from_numpy(rng.standard_normal((3, 2, 4, 4)).astype(np.float32))
+        x0 = torch.from_numpy(rng.standard_normal((3, 2, 4, 4)).astype(np.float32))
+        t = torch.tensor([0, 500, 999])
+        arrays[f"{name}/add_noise"] = _np(scheduler.add_noise(x0, noise, t))
+        arrays[f"{name}/add_noise_inputs"] = np.stack([_np(x0), _np(noise)])
+        for steps in DDIM_STEPS:
+            scheduler.set_timesteps(steps)
+            timesteps = scheduler.timesteps.numpy()
+            arrays[f"{name}/{steps}/timesteps"] = timesteps
+            for eta in DDIM_ETAS:
+                key = f"{name}/{steps}/{eta}"
+                indices = [0, 1, steps // 2, steps - 1]
+                x = rng.standard_normal((len(indices), 2, 3, 4, 4)).astype(np.float32)
+                out = rng.standard_normal(x.shape).astype(np.float32)
+                means, stds = [], []
+                for row, i in enumerate(indices):
+                    t = int(timesteps[i])
+                    sample = torch.from_numpy(x[row])
+                    mean = scheduler.step(torch.from_numpy(out[row]), t, sample, eta=eta,
+                                          variance_noise=torch.zeros_like(sample)).prev_sample
+                    prev_t = t - scheduler.config.num_train_timesteps // steps
+                    means.append(_np(mean))
+                    stds.append(eta * float(scheduler._get_variance(t, prev_t)) ** 0.5)
+                arrays[f"{key}/indices"] = np.asarray(indices)
+                arrays[f"{key}/x"], arrays[f"{key}/model_output"] = x, out
+                arrays[f"{key}/mean"], arrays[f"{key}/std"] = np.stack(means), np.asarray(stds)
+    _write("ddim", record, arrays)
+
+
+def tokenizer_reference() -> None:
+    """transformers' CLIPTokenizer on the shapes world's vocabulary."""
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(SHAPES_TOKENIZER),
+                                                           model_max_length=16)
+    ids = tokenizer(TOKENIZER_TEXTS, padding="max_length", max_length=16, truncation=True,
+                    return_tensors="np").input_ids
+    full = tokenizer(TOKENIZER_TEXTS, truncation=False).input_ids
+    _write("tokenizer", {"texts": TOKENIZER_TEXTS, "full_ids": full,
+                         "decoded": [tokenizer.decode(row, skip_special_tokens=True)
+                                     for row in full]},
+           {"ids": ids})
+
+
 @torch.no_grad()
 def main() -> None:
     DATA.mkdir(exist_ok=True)
+    ddim_reference()
+    tokenizer_reference()
     rng = np.random.default_rng(1234)
     for name, config in UNET_CASES.items():
         model = diffusers.UNet2DConditionModel(**config)

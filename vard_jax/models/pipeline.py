@@ -25,7 +25,7 @@ class Pipeline:
 
     unet: Any  # nn.unet.UNet2DConditionModel: apply(x [B,C,H,W], t [B], context [B,L,D]).sample
     text_encoder: Any  # nn.clip.CLIPTextModel
-    tokenizer: Any  # a CLIP tokenizer (transformers CLIPTokenizer)
+    tokenizer: Any  # vard_jax.tokenizer.CLIPTokenizer
     schedule: NoiseScheduleConfig  # the training noise schedule of the UNet
     sample_shape: tuple[int, int, int]  # [C, H, W] of the UNet's input (pixels or latents)
     vae: Optional[Any] = None  # nn.vae.AutoencoderKL for latent models, None for pixels
@@ -44,9 +44,7 @@ class Pipeline:
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int32, padded/truncated to ``max_length``."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="np").input_ids
-        return ids.astype(np.int32)
+        return self.tokenizer.ids(list(prompts), self.max_length)
 
     def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
         """Text encoder hidden states [B, L, D] (the UNet's cross-attention context)."""

@@ -32,11 +32,11 @@ from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 
-from vard_jax import upstream
 from vard_jax.diffusion.schedule import NoiseScheduleConfig
 from vard_jax.models.nn import weights as weights_lib
 from vard_jax.models.nn.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFiles
 from vard_jax.models.pipeline import Pipeline
+from vard_jax.tokenizer import CLIPTokenizer
 
 #: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes):
 #: for shape-only analyses (benchmarks, memory) without its weights.
@@ -161,7 +161,7 @@ def load(path: str = DEFAULT_MODEL_ID, revision: str = "", dtype: Any = "float32
     vae, vae_params = weights_lib.load_vae(root / VAE, compute_dtype, variant)
     text_encoder, text_params = weights_lib.load_clip_text(root / TEXT_ENCODER, compute_dtype,
                                                            attention, variant=variant)
-    tokenizer = upstream.transformers().CLIPTokenizer.from_pretrained(str(root / TOKENIZER))
+    tokenizer = CLIPTokenizer.from_directory(root / TOKENIZER)
     channels, latent_channels = unet.config.in_channels, vae.config.latent_channels
     if channels != latent_channels:
         raise ValueError(f"{root}: the UNet takes {channels} channels but the VAE's latents have "

@@ -35,9 +35,7 @@ def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int,
     processor's preprocessing.
     """
     def prepare(prompts):
-        ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
-                        truncation=True, return_tensors="np").input_ids
-        return ids.astype(np.int32)
+        return tokenizer.ids(list(prompts), max_length)
 
     def score_with(params, images, input_ids):
         return clip_lib.clip_logits(clip_model, params, images, input_ids, image_size, mean, std)
@@ -75,9 +73,7 @@ def caption_choice_reward(name: str, clip_model, clip_params, tokenizer,
         for row, prompt in enumerate(prompts):
             spec = world.parse_caption(prompt)  # one-line ValueError outside the grammar
             captions = [prompt] + [world.caption_of(v) for v in negatives.all_variants(spec)]
-            ids[row, :len(captions)] = tokenizer(
-                captions, padding="max_length", max_length=max_length, truncation=True,
-                return_tensors="np").input_ids
+            ids[row, :len(captions)] = tokenizer.ids(captions, max_length)
         return ids
 
     def score_with(params, images, ids):

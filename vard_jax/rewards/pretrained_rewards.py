@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vard_jax import upstream
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import stable_diffusion as sd_lib
 from vard_jax.models.nn import weights as weights_lib
+from vard_jax.tokenizer import CLIPTokenizer
 from vard_jax.rewards.clip_rewards import clip_reward
 from vard_jax.rewards.registry import Reward, RewardContext, register
 
@@ -139,7 +139,7 @@ def _clip_model(model_path: str, revision: str) -> tuple[Any, Any, pathlib.Path]
 def _processor(directory: pathlib.Path, default_size: int) -> tuple[Any, int, tuple, tuple]:
     tokenizer = None
     if _has_tokenizer(directory):
-        tokenizer = upstream.transformers().CLIPTokenizer.from_pretrained(str(directory))
+        tokenizer = CLIPTokenizer.from_directory(directory)
     return (tokenizer, *_preprocessing(directory, default_size))
 
 

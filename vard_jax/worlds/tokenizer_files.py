@@ -1,6 +1,6 @@
 """A tiny CLIP BPE tokenizer for the shapes-world caption grammar.
 
-``transformers.CLIPTokenizer`` splits a word ``w`` into characters, marks the last one with the
+CLIP's tokenizer (``vard_jax.tokenizer``) splits a word ``w`` into characters, marks the last one with the
 end-of-word suffix (``"e"`` -> ``"e</w>"``) and then repeatedly merges the adjacent pair with the
 lowest rank in ``merges.txt``. ``write_tokenizer_files`` builds a merge list under which every
 caption word collapses into exactly ONE token, and a vocabulary holding
@@ -22,25 +22,17 @@ from __future__ import annotations
 import json
 import os
 import string
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from vard_jax import upstream
+from vard_jax.tokenizer import (BOS_TOKEN, END_OF_WORD, EOS_TOKEN, MERGES_FILE, MERGES_HEADER,
+                                VOCAB_FILE, CLIPTokenizer)
 from vard_jax.worlds import shapes
-
-if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
 
 #: Sequence length of encoded captions: the longest caption has 11 words, +2 for bos/eos = 13.
 MAX_LENGTH: int = 16
 
-BOS_TOKEN: str = "<|startoftext|>"
-EOS_TOKEN: str = "<|endoftext|>"
-END_OF_WORD: str = "</w>"
-VOCAB_FILE: str = "vocab.json"
-MERGES_FILE: str = "merges.txt"
-_MERGES_HEADER: str = "#version: 0.2"
 _CHARACTERS: str = string.ascii_lowercase + string.digits
 
 
@@ -104,33 +96,18 @@ def write_tokenizer_files(directory: str | os.PathLike[str]) -> None:
         handle.write("\n")
     with open(os.path.join(directory, MERGES_FILE), "w", encoding="utf-8") as handle:
         # CLIPTokenizer skips the first line of merges.txt (the version header).
-        handle.write(_MERGES_HEADER + "\n")
+        handle.write(MERGES_HEADER + "\n")
         for first, second in merges:
             handle.write(f"{first} {second}\n")
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` over the files in ``directory`` (see ``write_tokenizer_files``).
-
-    ``model_max_length`` is ``MAX_LENGTH``; pad with ``padding="max_length"`` (``encode_captions``
-    does) to get fixed-length ``[B, MAX_LENGTH]`` ids. The pad token is ``<|endoftext|>``.
-    """
-    transformers = upstream.transformers()
-    return transformers.CLIPTokenizer(
-        vocab_file=os.path.join(directory, VOCAB_FILE),
-        merges_file=os.path.join(directory, MERGES_FILE),
-        model_max_length=MAX_LENGTH,
-        padding_side="right",
-    )
+    """A ``CLIPTokenizer`` over the files in ``directory`` (see ``write_tokenizer_files``):
+    ``model_max_length`` is ``MAX_LENGTH``, ``<|endoftext|>`` pads."""
+    return CLIPTokenizer.from_files(os.path.join(directory, VOCAB_FILE),
+                                    os.path.join(directory, MERGES_FILE), MAX_LENGTH)
 
 
 def encode_captions(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> np.ndarray:
     """Token ids int32 [B, MAX_LENGTH]: bos, caption tokens, eos, then eos padding."""
-    encoded = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=MAX_LENGTH,
-        truncation=True,
-        return_tensors="np",
-    )
-    return np.asarray(encoded["input_ids"], dtype=np.int32)
+    return tokenizer.ids(list(captions), MAX_LENGTH)
