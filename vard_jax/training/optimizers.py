@@ -113,6 +113,6 @@ def apply_policy_gradient(optimizer: optax.GradientTransformation, state: TrainS
         policy_params=optax.apply_updates(state.policy_params, updates),
         policy_opt_state=opt_state, policy_updates=state.policy_updates + 1,
         reward_queries=state.reward_queries + reward_queries)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     state, skipped = faults.keep_finite(state, new_state, "policy", loss, grad_norm)
     return state, {**metrics, "policy_loss": loss, "policy_grad_norm": grad_norm, **skipped}

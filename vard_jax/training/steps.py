@@ -75,7 +75,7 @@ def value_update(value_apply: Any, optimizer: optax.GradientTransformation, stat
     updates, opt_state = optimizer.update(grads, state.value_opt_state, state.value_params)
     new_state = state.replace(value_params=optax.apply_updates(state.value_params, updates),
                               value_opt_state=opt_state, value_updates=state.value_updates + 1)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     state, skipped = faults.keep_finite(state, new_state, "value", loss, grad_norm)
     return state, {"value_loss": loss, "value_grad_norm": grad_norm, **skipped}
 
