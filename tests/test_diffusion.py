@@ -398,3 +398,34 @@ def test_static_cuts_skip_backward_work(setup):
     last_one = _gradient_flops(setup, final, True, grad_depth=1, grad_cut="last")
     full = _gradient_flops(setup, final, True)
     assert last_one < 0.5 * full, (last_one, full)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("kl_on", ["conditional", "guided"])
+def test_reference_distance_is_on_noise_predictions_for_every_parametrisation(
+        setup, prediction_type, kl_on):
+    """D_i compares noise predictions: a v- or x0-prediction model's outputs are converted
+    first, so the KL weight beta means the same for SD 2.x's v-prediction models."""
+    schedule = make_ddim_schedule(NoiseScheduleConfig(prediction_type=prediction_type), T)
+    _, x_T, z, context, null = setup
+    policy, reference = tiny_params(0), tiny_params(1)
+
+    def hook(info):
+        distance = rollout_lib.reference_eps_distance(tiny_eps, reference, info, context, null,
+                                                      2.0, kl_on)
+        timesteps = jnp.full((x_T.shape[0],), info.timestep, jnp.int32)
+        a_t = schedule.alpha_t[info.index]
+        if kl_on == "conditional":
+            outputs = [tiny_eps(p, info.x_t, timesteps, context) for p in (policy, reference)]
+        else:
+            outputs = [ddim.guided_eps(tiny_eps, p, info.x_t, timesteps, context, null, 2.0)
+                       for p in (policy, reference)]
+        eps_policy, eps_reference = (ddim.predict_x0_eps(schedule, a_t, info.x_t, out)[1]
+                                     for out in outputs)
+        return distance, jnp.mean((eps_policy - eps_reference) ** 2)
+
+    _, (distance, expected) = rollout_lib.rollout(tiny_eps, policy, schedule, x_T, z, context,
+                                                  null, eta=1.0, guidance_scale=2.0,
+                                                  step_hook=hook)
+    np.testing.assert_allclose(distance, expected, rtol=1e-4)
+    assert float(jnp.min(expected)) > 0

@@ -75,6 +75,19 @@ def _unclipped_x0_eps(schedule: DDIMSchedule, a_t: jax.Array, x_t: jax.Array,
     return x0, eps
 
 
+def eps_per_output(schedule: DDIMSchedule, a_t: jax.Array) -> jax.Array:
+    """d eps / d model output at a fixed x_t: 1 (epsilon), sqrt(a) (v_prediction),
+    -sqrt(a / (1 - a)) (sample). Differences of noise predictions of two models at the same
+    state are this times the difference of their outputs."""
+    if schedule.prediction_type == "epsilon":
+        return jnp.ones_like(a_t)
+    if schedule.prediction_type == "v_prediction":
+        return jnp.sqrt(a_t)
+    if schedule.prediction_type == "sample":
+        return -jnp.sqrt(a_t / (1.0 - a_t))
+    raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported")
+
+
 def clip_x0(schedule: DDIMSchedule, x0: jax.Array) -> jax.Array:
     """The sampler's clip of a one-step prediction (``clip_sample``; identity when off), with
     the derivative ``schedule.clip_gradient``."""

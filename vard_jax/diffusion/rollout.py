@@ -54,7 +54,9 @@ class StepInfo(NamedTuple):
     x_t: jax.Array  # [B, ...] state entering the step (after any gradient cut)
     x_prev: jax.Array  # [B, ...] state after the step
     eps: jax.Array  # [B, ...] guided noise prediction of the policy
-    eps_cond: jax.Array  # [B, ...] its conditional prediction eps(x_t, t, c) (= eps at w = 1)
+    eps_cond: jax.Array  # [B, ...] the model's conditional output at x_t (eps, or v, ...)
+    output: jax.Array  # [B, ...] the model's guided output (eps before any value-guidance shift)
+    eps_scale: jax.Array  # [] d eps / d output (1 for eps-prediction, sqrt(alpha_bar) for v)
     x0_hat: jax.Array  # [B, ...] one-step prediction of x_0
     mean: jax.Array  # [B, ...] mu_i
     std: jax.Array  # [] sigma_i
@@ -127,8 +129,9 @@ def denoising_step(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x: j
     shift = None if eps_shift is None else jax.lax.stop_gradient(eps_shift(x, i))
     step = ddim.ddim_step(schedule, i, x, guided, z, eta, eps_shift=shift)
     return StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
-                    x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, x0_hat=step.x0_hat,
-                    mean=step.mean, std=step.std)
+                    x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, output=guided,
+                    eps_scale=ddim.eps_per_output(schedule, schedule.alpha_t[i]),
+                    x0_hat=step.x0_hat, mean=step.mean, std=step.std)
 
 
 def states_until(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x_T: jax.Array,
@@ -294,6 +297,9 @@ def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: Step
                            guidance_scale: float, kl_on: str) -> jax.Array:
     """D_i = mean over batch and dims of (eps_policy - eps_reference)^2 at the step's state.
 
+    Noise predictions: for a v- (or x0-) prediction model the outputs' difference is scaled by
+    ``info.eps_scale``, so D means the same for every parametrisation.
+
     ``kl_on="conditional"`` compares the conditional predictions eps(x_t, t, c), VARD's
     definition (one reference call on B samples); ``"guided"`` the classifier-free-guided ones
     the sampler uses (2B reference calls with guidance w != 1; a change of the conditional
@@ -302,11 +308,11 @@ def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: Step
     timesteps = jnp.full((info.x_t.shape[0],), info.timestep, jnp.int32)
     if kl_on == "conditional":
         eps_ref = eps_fn(reference_params, info.x_t, timesteps, context)
-        return jnp.mean((info.eps_cond - eps_ref) ** 2)
+        return info.eps_scale ** 2 * jnp.mean((info.eps_cond - eps_ref) ** 2)
     if kl_on == "guided":
         eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, context,
                                   null_context, guidance_scale)
-        return jnp.mean((info.eps - eps_ref) ** 2)
+        return info.eps_scale ** 2 * jnp.mean((info.output - eps_ref) ** 2)
     raise ValueError(f"kl_on {kl_on!r}: use 'conditional' or 'guided'")
 
 
