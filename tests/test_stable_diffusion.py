@@ -30,6 +30,7 @@ from vard_jax.models.nn import clip as nn_clip
 from vard_jax.models.nn import unet as nn_unet
 from vard_jax.models.nn import vae as nn_vae
 from vard_jax.models.nn import weights as weights_lib
+from vard_jax import tokenizer as tokenizer_lib
 from vard_jax.rewards import pretrained_rewards, registry
 from vard_jax.worlds import tokenizer_files
 
@@ -534,6 +535,74 @@ def test_pickscore_config_trains_lora_bf16(safetensors_checkpoint, clip_dirs, tm
     _check_exports(tmp_path, config, trainer, adapters)
 
 
+@pytest.fixture(scope="module")
+def sd2_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """A tiny Stable Diffusion 2.x checkpoint (PyTorch-layout safetensors): linear projections
+    around attention, heads per block, a gelu text encoder, v-prediction, "!" padding."""
+    root = tmp_path_factory.mktemp("sd2")
+    tokenizer_dir = root / "tokenizer"
+    tokenizer_files.write_tokenizer_files(tokenizer_dir)
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    vocab["!"] = len(vocab)  # SD 2.x pads with "!"
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": tokenizer_files.MAX_LENGTH, "pad_token": "!"}))
+    tokenizer = tokenizer_lib.CLIPTokenizer.from_directory(tokenizer_dir)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        dict(SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")))
+    key = jax.random.PRNGKey(0)
+    unet_config = dict(UNET_CONFIG, use_linear_projection=True, attention_head_dim=[2, 4],
+                       upcast_attention=True,
+                       down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config))
+    diffusers_export.save_model(unet, _random_params(lambda: unet.init_params(key), 4),
+                                root / "unet")
+    vae = nn_vae.AutoencoderKL(nn_vae.VAEConfig.from_dict(VAE_CONFIG))
+    diffusers_export.save_model(vae, _random_params(lambda: vae.init_params(key), 5),
+                                root / "vae")
+    text_config = dict(TEXT_CONFIG, **_special_ids(tokenizer), hidden_act="gelu")
+    text = nn_clip.CLIPTextModel(nn_clip.CLIPTextConfig.from_dict(text_config))
+    diffusers_export.save_model(text, _random_params(lambda: text.init_params(key), 6),
+                                root / "text_encoder")
+    return root
+
+
+def test_sd2_config_trains_two_epochs_with_v_prediction(sd2_checkpoint, clip_dirs, tmp_path):
+    """Two VARD epochs of configs/sd2_pickscore.py on a tiny SD 2.x checkpoint (overrides:
+    paths, sizes, batches); what is SD 2.x about it comes from the checkpoint."""
+    from configs import sd2_pickscore
+    from vard_jax.training.loop import Loop
+
+    model_dir, processor_dir = clip_dirs
+    config = sd2_pickscore.get_config("tiny")
+    assert config.pretrained.path == sd2_pickscore.SD21
+    config.pretrained.path = str(sd2_checkpoint)
+    config.reward.path = f"{model_dir}::{processor_dir}"
+    config.value.arch = "conv"  # the reward-initialised value compiles for minutes on CPU
+    config.value.pretrain_epochs = 1
+    config.sample.num_steps = 2
+    config.train.epochs = 2
+    config.train.eval_every = 2
+    config.policy.scan_unroll = 1
+    validate(config, device_count=1)
+    loop = Loop(config, tmp_path / "run")
+    pipeline = loop.trainer.pipeline
+    assert pipeline.schedule.prediction_type == "v_prediction"
+    assert pipeline.unet.config.use_linear_projection and pipeline.unet.config.heads == (2, 4)
+    ids = pipeline.tokenize(["a red circle"])
+    tokenizer = pipeline.tokenizer
+    assert ids[0, -1] == tokenizer.pad_token_id != tokenizer.eos_token_id  # "!" pads
+    rows = loop.run()
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        for key in ("reward_mean", "value_loss", "policy_loss", "policy_grad_norm",
+                    "eps_distance"):
+            assert np.isfinite(row[key]), key
+    assert rows[2]["eval_eps_distance"] > rows[0]["eval_eps_distance"]
+
+
 def _check_exports(tmp_path, config, trainer, adapters):
     """``vard_jax.export`` of the LoRA run: the adapters as diffusers' LoRA file (by default)
     and the merged UNet; the LoRA file's W + B A is the merged export's weight."""
@@ -593,7 +662,10 @@ def _check_exports(tmp_path, config, trainer, adapters):
         export.export(tmp_path / "run", tmp_path / "lora")
 
 
-def test_pickscore_config_offline_is_one_line(tmp_path):
+@pytest.mark.parametrize("config_file, model_id", [
+    ("pickscore", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sd2_pickscore", "stabilityai/stable-diffusion-2-1")])
+def test_pickscore_config_offline_is_one_line(tmp_path, config_file, model_id):
     """Without network or weights, the headline command stops at once, naming the model id
     and the config field that points at a local directory."""
     import os
@@ -601,11 +673,11 @@ def test_pickscore_config_offline_is_one_line(tmp_path):
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "vard_jax.main", "--config=configs/pickscore.py",
+        [sys.executable, "-m", "vard_jax.main", f"--config=configs/{config_file}.py",
          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120,
         cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in lines[0]
+    assert f"'{model_id}'" in lines[0]
     assert "--config.pretrained.path=/local/dir" in lines[0]
