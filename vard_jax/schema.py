@@ -89,7 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     policy.grad_depth = 1  # K: gradient flows through at most K denoising steps (windows).
     policy.train_fraction = 1.0  # Fraction of denoising steps trained per rollout (others: forward).
     policy.updates_per_epoch = 1  # VARD's policy gradient steps per rollout batch.
-    policy.remat = "full"  # Rematerialise the step body: none | full | dots (save matmuls).
+    # Rematerialise the step body: none | full | dots (save matmuls) | blocks (save the UNet
+    # blocks' outputs, recompute inside them).
+    policy.remat = "full"
     policy.lora_rank = 0  # LoRA rank on the UNet; 0 = full fine-tuning of every UNet weight.
     policy.lora_alpha = 0.0  # LoRA scale numerator: update (alpha / rank) * A @ B; 0 = alpha = rank.
     policy.lora_targets = "to_q,to_k,to_v,to_out_0"  # Module names of the adapted Dense layers.

@@ -42,6 +42,9 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The outputs of the UNet's resnet and transformer blocks are kept (named with
+    # checkpoint_name in vard_jax/models/nn/unet.py); what is inside a block is recomputed.
+    "blocks": jax.checkpoint_policies.save_only_these_names("resnet", "transformer"),
 }
 
 
