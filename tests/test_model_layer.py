@@ -140,3 +140,25 @@ def test_blocks_remat_keeps_the_gradient_and_finds_the_named_activations(tmp_pat
     plain = jax.grad(loss)(params)
     blocks = jax.grad(jax.checkpoint(loss, policy=rollout.REMAT_POLICIES["blocks"]))(params)
     jax.tree_util.tree_map(_close, blocks, plain)  # float32 recomputation: rounding only
+
+
+def test_open_clip_checkpoint_matches_open_clip(tmp_path):
+    """A tiny OpenCLIP ViT (HPS v2.1's architecture) saved in open_clip's own parameter names
+    (query/key/value stacked, [width, embed] projections) gives open_clip's features."""
+    from safetensors.numpy import save_file
+
+    record = json.loads((DATA / "open_clip.json").read_text())
+    arrays = dict(np.load(DATA / "open_clip.npz"))
+    state = reference_weights.state_dict(record["shapes"], record["seed"])
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in state
+    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    clip, params = weights_lib.load_open_clip(tmp_path / "m.safetensors", record["config"])
+    normalise = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    image = clip.apply({"params": params}, arrays["pixel_values"], method=clip.get_image_features)
+    text = clip.apply({"params": params}, arrays["input_ids"], method=clip.get_text_features)
+    _close(normalise(np.asarray(image)), arrays["image_features"])
+    _close(normalise(np.asarray(text)), arrays["text_features"])
+    state["visual.extra"] = np.zeros(3, np.float32)
+    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"1 unused \(visual.extra\)"):
+        weights_lib.load_open_clip(tmp_path / "m.safetensors", record["config"])

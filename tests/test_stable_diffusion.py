@@ -462,6 +462,78 @@ def test_weighted_sum_of_pretrained_rewards(clip_dirs, tmp_path):
     np.testing.assert_allclose(scores, parts["pickscore"], rtol=1e-5)  # the same tiny model
 
 
+def _open_clip_state(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random weights of an OpenCLIP ViT in open_clip's own names and layouts (query, key and
+    value stacked in ``in_proj``; projections as [width, embed])."""
+    rng = np.random.default_rng(seed)
+    vision, text, embed = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
+    vw, tw, patch = vision["width"], text["width"], vision["patch_size"]
+    shapes = {"logit_scale": (), "positional_embedding": (text["context_length"], tw),
+              "token_embedding.weight": (text["vocab_size"], tw), "text_projection": (tw, embed),
+              "ln_final.weight": (tw,), "ln_final.bias": (tw,), "visual.class_embedding": (vw,),
+              "visual.positional_embedding": ((vision["image_size"] // patch) ** 2 + 1, vw),
+              "visual.conv1.weight": (vw, 3, patch, patch), "visual.proj": (vw, embed)}
+    for name in ("ln_pre", "ln_post"):
+        shapes.update({f"visual.{name}.weight": (vw,), f"visual.{name}.bias": (vw,)})
+    for prefix, width, layers in (("visual.transformer", vw, vision["layers"]),
+                                  ("transformer", tw, text["layers"])):
+        for i in range(layers):
+            block = f"{prefix}.resblocks.{i}"
+            shapes.update({
+                f"{block}.ln_1.weight": (width,), f"{block}.ln_1.bias": (width,),
+                f"{block}.ln_2.weight": (width,), f"{block}.ln_2.bias": (width,),
+                f"{block}.attn.in_proj_weight": (3 * width, width),
+                f"{block}.attn.in_proj_bias": (3 * width,),
+                f"{block}.attn.out_proj.weight": (width, width),
+                f"{block}.attn.out_proj.bias": (width,),
+                f"{block}.mlp.c_fc.weight": (4 * width, width),
+                f"{block}.mlp.c_fc.bias": (4 * width,),
+                f"{block}.mlp.c_proj.weight": (width, 4 * width),
+                f"{block}.mlp.c_proj.bias": (width,)})
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight",
+                         "ln_final.weight")):
+            state[key] = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) >= 2:
+            state[key] = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:
+            state[key] = 0.1 * rng.standard_normal(shape)
+    state["logit_scale"] = np.asarray(np.log(100.0))
+    return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def test_hpsv2_is_the_cosine_of_openclip_embeddings(clip_dirs, tmp_path):
+    """HPS v2.1's reward on a tiny OpenCLIP checkpoint in open_clip's names (a directory with
+    its open_clip_config.json): the cosine of image and prompt embeddings, differentiable."""
+    _, processor_dir = clip_dirs
+    tokenizer = tokenizer_files.load_tokenizer(processor_dir)
+    config = {"embed_dim": 24,
+              "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 8,
+                             "patch_size": 4},
+              "text_cfg": {"context_length": tokenizer_files.MAX_LENGTH,
+                           "vocab_size": len(tokenizer), "width": 32, "heads": 4, "layers": 2}}
+    checkpoint = tmp_path / "hps"
+    checkpoint.mkdir()
+    save_file(_open_clip_state(config, 7), str(checkpoint / "hps_v2.1.safetensors"))
+    (checkpoint / pretrained_rewards.OPEN_CLIP_CONFIG).write_text(json.dumps(config))
+    reward = registry.build("hpsv2", registry.RewardContext(path=f"{checkpoint}::{processor_dir}"))
+    assert reward.differentiable and reward.jittable
+    prompts = ["a red circle", "two blue squares"]
+    ids = reward.prepare(prompts)
+    images = _images(3)
+    model, params = weights_lib.load_open_clip(checkpoint / "hps_v2.1.safetensors", config)
+    image = clip_lib.image_embeddings(model, params, images, 16, PROCESSOR_MEAN, PROCESSOR_STD)
+    text = clip_lib.text_embeddings(model, params, jnp.asarray(ids))
+    scores = reward.score(images, jnp.asarray(ids))
+    np.testing.assert_allclose(scores, jnp.sum(image * text, axis=-1), rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(scores) <= 1.0 + 1e-5)
+    grad = jax.grad(lambda x: reward.score(x, jnp.asarray(ids)).sum())(images)
+    assert np.isfinite(grad).all() and float(jnp.abs(grad).sum()) > 0
+    with pytest.raises(FileNotFoundError, match="no OpenCLIP weights in"):
+        registry.build("hpsv2", registry.RewardContext(path=f"{tmp_path}::{processor_dir}"))
+
+
 def test_pretrained_reward_paths():
     assert pretrained_rewards.path_for("", "pickscore") == ""
     assert pretrained_rewards.path_for("/m::/p", "pickscore") == "/m::/p"
@@ -470,7 +542,7 @@ def test_pretrained_reward_paths():
     assert pretrained_rewards.path_for("pickscore=/a", "clip_score") == ""
     with pytest.raises(ValueError, match="not 'reward_name=path'"):
         pretrained_rewards.path_for("pickscore=/a;oops", "pickscore")
-    for name in ("pickscore", "aesthetic", "clip_score"):
+    for name in ("pickscore", "aesthetic", "clip_score", "hpsv2"):
         assert name in registry.names()
 
 

@@ -91,6 +91,12 @@ TOKENIZER_TEXTS = ["a red circle on a blue background",
                    "a" * 40, "one two three four five six seven eight nine ten eleven twelve "
                    "thirteen fourteen fifteen", "", "héllo wörld", "a pink hexagon"]
 SHAPES_TOKENIZER = DATA.parents[2] / "vard_jax" / "assets" / "shapes" / "tokenizer"
+#: A tiny OpenCLIP ViT (the architecture of HPS v2.1, in open_clip's own config format).
+OPEN_CLIP_CONFIG = {"embed_dim": 24,
+                    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 8,
+                                   "patch_size": 4},
+                    "text_cfg": {"context_length": 12, "vocab_size": 99, "width": 32,
+                                 "heads": 4, "layers": 2}}
 
 
 def _load(model, seed: int) -> dict:
@@ -170,9 +176,62 @@ def tokenizer_reference() -> None:
            {"ids": ids})
 
 
+def _import_open_clip():
+    """open_clip's model code. Its image transforms import torchvision, whose wheels here do
+    not match the CPU torch; they are not used, so torchvision is stood in for by an empty
+    module (transformers is imported first: it looks torchvision up itself)."""
+    import types
+
+    class _Any(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return cls
+
+    class _Module(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Any(name, (), {"__init__": lambda self, *a, **k: None})
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                 "torchvision.ops", "torchvision.ops.misc"):
+        if name not in sys.modules:
+            sys.modules[name] = _Module(name)
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(sys.modules[parent], child, sys.modules[name])
+    import open_clip
+
+    return open_clip
+
+
+def open_clip_reference() -> None:
+    """open_clip's CLIP (the HPS v2.1 architecture, tiny): normalised features."""
+    open_clip = _import_open_clip()
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    config = OPEN_CLIP_CONFIG
+    model = CLIP(embed_dim=config["embed_dim"], vision_cfg=CLIPVisionCfg(**config["vision_cfg"]),
+                 text_cfg=CLIPTextCfg(**config["text_cfg"]))
+    shapes = _load(model, seed=5)
+    rng = np.random.default_rng(99)
+    pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    ids = np.zeros((2, 12), np.int64)  # open_clip pads with 0; 98 (the largest id) ends a text
+    ids[0, :5] = [97, 7, 9, 40, 98]
+    ids[1, :9] = [97, 4, 5, 8, 8, 8, 60, 3, 98]
+    image = model.encode_image(torch.from_numpy(pixels), normalize=True)
+    text = model.encode_text(torch.from_numpy(ids), normalize=True)
+    _write("open_clip", {"class": "open_clip.model.CLIP", "config": config, "shapes": shapes,
+                         "seed": 5, "open_clip": open_clip.__version__},
+           dict(pixel_values=pixels, input_ids=ids, image_features=_np(image),
+                text_features=_np(text)))
+
+
 @torch.no_grad()
 def main() -> None:
     DATA.mkdir(exist_ok=True)
+    open_clip_reference()
     ddim_reference()
     tokenizer_reference()
     rng = np.random.default_rng(1234)

@@ -60,11 +60,13 @@ def text_embeddings(clip_model: Any, params: Any, input_ids: jax.Array) -> jax.A
 
 def clip_logits(clip_model: Any, params: Any, images: jax.Array, input_ids: jax.Array,
                 size: Optional[int] = None, mean: Sequence[float] = CLIP_MEAN,
-                std: Sequence[float] = CLIP_STD) -> jax.Array:
-    """Per-pair scores logit_scale * cos(image_i, text_i): [B] (PickScore's definition).
+                std: Sequence[float] = CLIP_STD, scaled: bool = True) -> jax.Array:
+    """Per-pair scores logit_scale * cos(image_i, text_i): [B] (PickScore's definition), or the
+    cosine alone with ``scaled=False`` (HPS v2's).
 
     ``size``/``mean``/``std``: image preprocessing, as in ``image_embeddings``.
     """
     image = image_embeddings(clip_model, params, images, size, mean, std)
     text = text_embeddings(clip_model, params, input_ids)
-    return jnp.exp(params["logit_scale"]) * jnp.sum(image * text, axis=-1)
+    cosine = jnp.sum(image * text, axis=-1)
+    return jnp.exp(params["logit_scale"]) * cosine if scaled else cosine

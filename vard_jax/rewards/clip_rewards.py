@@ -28,17 +28,18 @@ from vard_jax.worlds import shapes as world
 
 def clip_reward(name: str, clip_model, clip_params, tokenizer, max_length: int,
                 image_size: Optional[int] = None, mean: Sequence[float] = clip_lib.CLIP_MEAN,
-                std: Sequence[float] = clip_lib.CLIP_STD) -> Reward:
+                std: Sequence[float] = clip_lib.CLIP_STD, scaled: bool = True) -> Reward:
     """A Reward scoring images against their prompts with a Flax CLIP model.
 
     ``image_size`` (default: the vision tower's), ``mean`` and ``std`` are the image
-    processor's preprocessing.
+    processor's preprocessing; ``scaled``: logit_scale * cos, else the cosine.
     """
     def prepare(prompts):
         return tokenizer.ids(list(prompts), max_length)
 
     def score_with(params, images, input_ids):
-        return clip_lib.clip_logits(clip_model, params, images, input_ids, image_size, mean, std)
+        return clip_lib.clip_logits(clip_model, params, images, input_ids, image_size, mean, std,
+                                    scaled)
 
     return Reward(name=name, score=lambda images, ids: score_with(clip_params, images, ids),
                   differentiable=True, jittable=True, prepare=prepare,

@@ -1,6 +1,7 @@
-"""Pretrained reward models for Stable Diffusion: PickScore, CLIP score, LAION aesthetic score.
+"""Pretrained reward models for Stable Diffusion: PickScore, HPS v2.1, CLIP score, LAION
+aesthetic score.
 
-All three are differentiable and jittable: images are preprocessed in JAX
+All four are differentiable and jittable: images are preprocessed in JAX
 (``vard_jax.models.clip``) and scored by Flax CLIP models, so DRaFT-style gradients, VARD's
 direct last step and the reward-initialised value network (``Reward.backbone``) all work.
 
@@ -10,6 +11,12 @@ Where the weights come from (``config.reward.path``; ``""`` = the defaults below
   the transformers layout; PROCESSOR holds the tokenizer and ``preprocessor_config.json``
   (default: MODEL itself when it has a tokenizer, else ``PICKSCORE_PROCESSOR``).
 * ``clip_score``: ``MODEL[::PROCESSOR]`` as above (defaults: ``CLIP_MODEL``, its own processor).
+* ``hpsv2``: ``[CHECKPOINT][::PROCESSOR]``. CHECKPOINT is an OpenCLIP weight file in open_clip's
+  names (``.safetensors``, or the public pickled ``HPS_v2.1_compressed.pt`` with the ``pt``
+  extra, read with ``torch.load(weights_only=True)``), a directory holding one (with
+  ``open_clip_config.json`` when it is not ViT-H/14) or a hub id (default ``HPSV2_MODEL``);
+  PROCESSOR as for PickScore (default ``PICKSCORE_PROCESSOR``). The score is the cosine of the
+  normalised embeddings, as HPS v2 reports it.
 * ``aesthetic``: ``[CLIP::]HEAD``. HEAD is a local ``.safetensors`` file with the LAION
   predictor's MLP in its PyTorch names (``layers.{0,2,4,6,7}.{weight,bias}``); CLIP (default
   ``AESTHETIC_CLIP``) gives the image embedding. The public head is distributed as a pickled
@@ -37,6 +44,7 @@ import numpy as np
 
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import stable_diffusion as sd_lib
+from vard_jax.models.nn import open_clip
 from vard_jax.models.nn import weights as weights_lib
 from vard_jax.tokenizer import CLIPTokenizer
 from vard_jax.rewards.clip_rewards import clip_reward
@@ -46,6 +54,13 @@ from vard_jax.rewards.registry import Reward, RewardContext, register
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 #: PickScore's tokenizer and image processor (those of the CLIP it was fine-tuned from).
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+#: HPS v2.1 (Wu et al. 2023): an OpenCLIP ViT-H/14 fine-tuned on human preference pairs, as
+#: open_clip saves it (a pickled training checkpoint: the ``pt`` extra reads it; a
+#: ``.safetensors`` conversion of it needs nothing more).
+HPSV2_MODEL = "xswu/HPSv2"
+HPSV2_FILE = "HPS_v2.1_compressed.pt"
+#: open_clip's model config beside an OpenCLIP checkpoint (default: ``open_clip.VIT_H_14``).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 #: The CLIP of ``clip_score``.
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 #: The CLIP whose image embedding the LAION aesthetic predictor reads.
@@ -193,6 +208,48 @@ def _text_clip_reward(name: str, path: str, default_model: str, default_processo
 def pickscore(context: RewardContext) -> Reward:
     return _text_clip_reward("pickscore", path_for(context.path, "pickscore"), PICKSCORE_MODEL,
                              PICKSCORE_PROCESSOR)
+
+
+def _open_clip_file(path: str) -> pathlib.Path:
+    """The weight file of an OpenCLIP checkpoint: a file, a directory holding one (a
+    ``.safetensors`` file first, else ``HPSV2_FILE``), or a hub repository."""
+    candidate = pathlib.Path(path)
+    if candidate.is_file():
+        return candidate
+    directory = candidate if candidate.is_dir() else sd_lib.resolve_pretrained(
+        path, "", lambda files: [HPSV2_FILE, OPEN_CLIP_CONFIG], _failure(path))
+    for file in [*sorted(directory.glob("*.safetensors")), directory / HPSV2_FILE]:
+        if file.is_file():
+            return file
+    raise FileNotFoundError(f"no OpenCLIP weights in {directory}: expected a .safetensors file "
+                            f"or {HPSV2_FILE}")
+
+
+@functools.lru_cache(maxsize=2)
+def _open_clip_model(path: str) -> tuple[Any, Any]:
+    file = _open_clip_file(path)
+    config_file = file.parent / OPEN_CLIP_CONFIG
+    architecture = (json.loads(config_file.read_text()) if config_file.is_file()
+                    else open_clip.VIT_H_14)
+    return weights_lib.load_open_clip(file, architecture)
+
+
+@register("hpsv2", "HPS v2.1 (OpenCLIP ViT-H/14 preference model): cos of image and prompt "
+          "embeddings (differentiable; reward.path = [checkpoint][::processor])")
+def hpsv2(context: RewardContext) -> Reward:
+    model_path, processor_path = _split(path_for(context.path, "hpsv2"))
+    model, params = _open_clip_model(model_path or HPSV2_MODEL)
+    processor = processor_path or PICKSCORE_PROCESSOR  # the ViT-H/14 tokenizer and processor
+    directory = sd_lib.resolve_pretrained(processor, "", _processor_files, _failure(processor))
+    tokenizer, size, mean, std = _processor(directory, model.config.vision_config.image_size)
+    if tokenizer is None:
+        raise FileNotFoundError(f"reward 'hpsv2': no tokenizer files "
+                                f"({', '.join(_TOKENIZER_FILES)}) in '{processor}'; give one as "
+                                "CHECKPOINT::PROCESSOR in reward.path")
+    max_length = min(model.config.text_config.max_position_embeddings,
+                     tokenizer.model_max_length)
+    return clip_reward("hpsv2", model, params, tokenizer, max_length, image_size=size,
+                       mean=mean, std=std, scaled=False)
 
 
 @register("clip_score", "CLIP ViT-L/14 image-text score: logit_scale * cos (differentiable)")

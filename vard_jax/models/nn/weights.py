@@ -35,6 +35,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vard_jax.models.nn import clip as clip_lib
+from vard_jax.models.nn import open_clip
 from vard_jax.models.nn import unet as unet_lib
 from vard_jax.models.nn import vae as vae_lib
 
@@ -103,8 +104,10 @@ def read_state_dict(file: pathlib.Path) -> dict[str, np.ndarray]:
     import torch
 
     state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state.get("state_dict"), dict):  # a training checkpoint (open_clip, HPS)
+        state = state["state_dict"]
     return {key: value.float().numpy() if value.is_floating_point() else value.numpy()
-            for key, value in state.items()}
+            for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 # --- PyTorch names and layouts -> Flax ------------------------------------------------------
@@ -266,6 +269,17 @@ def load_clip(directory: pathlib.Path, dtype: Any = jnp.float32, implementation:
     config = clip_lib.CLIPConfig.from_dict(read_config(directory), str(directory / CONFIG))
     module = clip_lib.CLIPModel(config, dtype=dtype, implementation=implementation)
     return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant)
+
+
+def load_open_clip(file: pathlib.Path, architecture: Mapping[str, Any], dtype: Any = jnp.float32,
+                   implementation: str = "xla") -> tuple[clip_lib.CLIPModel, Any]:
+    """A CLIP from one open_clip weight file (``.safetensors``, or pickled ``.pt``/``.bin`` with
+    the ``pt`` extra) and its open_clip model config (``open_clip.VIT_H_14`` for HPS v2.1)."""
+    config = open_clip.clip_config(architecture, str(file))
+    module = clip_lib.CLIPModel(config, dtype=dtype, implementation=implementation)
+    target = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
+    state = open_clip.to_transformers_names(read_state_dict(file))
+    return module, as_float32(convert_state_dict(state, target, str(file)))
 
 
 def save_state_dict(directory: pathlib.Path, config: Mapping[str, Any],
