@@ -297,6 +297,36 @@ def test_conv_x0_value_reads_the_reference_models_clipped_prediction():
     assert float(jnp.abs(grad).sum()) > 0.0
 
 
+def test_unet_mid_value_is_a_head_on_the_reference_unets_mid_block_features():
+    """value.arch = unet_mid: a head on the frozen reference UNet's mid-block output at
+    (x_t, t, c), differentiable in x_t; the train step updates it."""
+    from configs import shapes
+    from vard_jax.models import value as value_lib
+    from vard_jax.training.trainer import Trainer
+
+    config = shapes.get_config("tiny")
+    config.value.arch = "unet_mid"
+    trainer = Trainer(config)
+    model, pipeline = trainer.value_model, trainer.pipeline
+    assert model.name == "unet_mid"
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, model.init(jax.random.PRNGKey(0)))
+    aux = trainer.value_aux(trainer.init_state().reward_stats, trainer.frozen,
+                            trainer.reference_params, None)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4,) + pipeline.sample_shape)
+    context = pipeline.encode_ids(trainer.frozen["text_encoder"], jnp.asarray(
+        pipeline.tokenize(["a red circle on a white background"] * 4)))
+    t = jnp.full((4,), 500, jnp.int32)
+    features = pipeline.unet.apply({"params": trainer.reference_params}, x, t, context).mid
+    head = value_lib.MidFeatureHead(width=config.value.width)
+    np.testing.assert_allclose(jax.jit(model.apply)(params, x, t, context, aux),
+                               head.apply({"params": params}, features, t, context),
+                               rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(params, v, t, context, aux))))(x)
+    assert float(jnp.abs(grad).sum()) > 0.0
+    final = jnp.full((4,), -1, jnp.int32)  # after the last step: features of t = 0
+    assert np.isfinite(np.asarray(jax.jit(model.apply)(params, x, final, context, aux))).all()
+
+
 @pytest.mark.slow  # experiments/pretrain_shapes.py (made the shipped assets): -m slow
 def test_pretrain_script_evaluates_shipped_weights_again(tmp_path, loaded):
     """--evaluate_only re-measures the quality figures of an asset directory with the current

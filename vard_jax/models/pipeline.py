@@ -42,6 +42,11 @@ class Pipeline:
         eps = self.unet.apply({"params": unet_params}, x, timesteps, context).sample
         return eps.astype(jnp.float32)
 
+    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                     context: jax.Array) -> jax.Array:
+        """The UNet's mid-block output [B, h, w, C] (NHWC) at x [B, C, H, W]."""
+        return self.unet.apply({"params": unet_params}, x, timesteps, context).mid
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int32, padded/truncated to ``max_length``."""
         return self.tokenizer.ids(list(prompts), self.max_length)

@@ -5,6 +5,9 @@
   embedding, with a scalar head.
 * ``conv_x0_value`` (``value.arch = "conv_x0"``): the same network on the frozen reference
   model's one-step prediction x0_hat(x_t) instead of the noisy state.
+* ``unet_mid_value`` (``value.arch = "unet_mid"``): a small head on the mid-block features of
+  the frozen reference UNet at (x_t, t, c) (VARD's value-head option): the UNet's own reading
+  of the state, at the cost of one reference UNet call per value.
 * ``RewardInitValue`` (``value.arch = "reward_init"``): the reward network's own backbone (a
   CLIP) applied to the decoded one-step prediction x0_hat(x_t) of the frozen reference model,
   started from the reward's weights, plus a per-timestep affine correction initialised to the
@@ -109,6 +112,47 @@ def conv_x0_value(sample_shape: tuple[int, int, int], context_shape: tuple[int, 
         return inner.apply(params, x0_hat_fn(aux, x, timesteps, context), timesteps, context, aux)
 
     return ValueModel(init=inner.init, apply=apply, name="conv_x0")
+
+
+class MidFeatureHead(nn.Module):
+    """V from UNet mid-block features [B, h, w, C] (NHWC), the timestep and the prompt."""
+
+    width: int = 32
+
+    @nn.compact
+    def __call__(self, features: jax.Array, timesteps: jax.Array,
+                 context: jax.Array) -> jax.Array:
+        condition = jnp.concatenate([timestep_embedding(timesteps, 64),
+                                     jnp.mean(context, axis=1)], axis=-1)
+        condition = nn.silu(nn.Dense(4 * self.width)(condition))
+        h = nn.GroupNorm(num_groups=min(8, features.shape[-1]))(features.astype(jnp.float32))
+        h = nn.Conv(4 * self.width, (3, 3))(h)
+        film = nn.Dense(8 * self.width)(condition)[:, None, None, :]
+        scale, shift = jnp.split(film, 2, axis=-1)
+        h = nn.silu(h * (1.0 + scale) + shift)
+        h = jnp.mean(h, axis=(1, 2))
+        h = nn.silu(nn.Dense(4 * self.width)(jnp.concatenate([h, condition], axis=-1)))
+        return nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[:, 0]
+
+
+def unet_mid_value(feature_shape: tuple[int, int, int], context_shape: tuple[int, int],
+                   width: int,
+                   features_fn: Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
+                   ) -> ValueModel:
+    """``MidFeatureHead`` on ``features_fn(aux, x_t, t, context)``: the frozen reference UNet's
+    mid-block output [B, h, w, C] (``feature_shape`` = (h, w, C)), differentiable in x_t."""
+    module = MidFeatureHead(width=width)
+
+    @jax.jit
+    def init(key):
+        return module.init(key, jnp.zeros((1,) + tuple(feature_shape)), jnp.zeros((1,), jnp.int32),
+                           jnp.zeros((1,) + tuple(context_shape)))["params"]
+
+    def apply(params, x, timesteps, context, aux):
+        features = features_fn(aux, x, jnp.maximum(timesteps, 0), context)
+        return module.apply({"params": params}, features, timesteps, context)
+
+    return ValueModel(init=init, apply=apply, name="unet_mid")
 
 
 class _TimeAffine(nn.Module):

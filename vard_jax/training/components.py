@@ -91,9 +91,9 @@ class Components:
         differentiable in ``x`` (what the conv_x0 and reward_init values read); the final
         state (t < 0) is already clean and passes through."""
         t = jnp.maximum(timesteps, 0)
-        eps = self.pipeline.eps_fn(reference_params, x, t, context)
+        output = self.pipeline.eps_fn(reference_params, x, t, context)
         a = jnp.asarray(self.schedule.alphas_cumprod)[t].reshape((-1,) + (1,) * (x.ndim - 1))
-        x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        x0, _ = ddim.predict_x0_eps(self.policy_schedule, a, x, output)  # eps or v models
         # Clipped like the sampler's x0 (clip_sample, the shapes world's pixels; identity for
         # Stable Diffusion's latents): the early steps' predictions are otherwise
         # ~1/sqrt(alpha_bar) ~ 100 times too large. The derivative follows
@@ -113,6 +113,15 @@ class Components:
         if config.value.arch == "conv_x0":
             return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
                                            config.value.width, x0_hat)
+        if config.value.arch == "unet_mid":
+            def features(aux, x, timesteps, context):
+                return pipeline.mid_features(aux["reference"], x, timesteps, context)
+
+            shape = jax.eval_shape(features, {"reference": self.reference_params},
+                                   jax.ShapeDtypeStruct((1,) + pipeline.sample_shape, jnp.float32),
+                                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                                   jax.ShapeDtypeStruct((1,) + context_shape, jnp.float32)).shape
+            return value_lib.unet_mid_value(shape[1:], context_shape, config.value.width, features)
         if self.reward.backbone is None:
             raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
                              f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
@@ -131,7 +140,7 @@ class Components:
                   reward_ids: Any) -> dict:
         """Inputs of the value model beyond (x_t, t, c): the reference UNet for the x0_hat
         values, with the reward's prompt ids and statistics for reward_init; empty for conv."""
-        if self.config.value.arch == "conv_x0":
+        if self.config.value.arch in ("conv_x0", "unet_mid"):
             return {"reference": reference_params}
         if not self.value_needs_reward_ids:
             return {}
