@@ -607,19 +607,58 @@ def test_pickscore_config_trains_lora_bf16(safetensors_checkpoint, clip_dirs, tm
     _check_exports(tmp_path, config, trainer, adapters)
 
 
+def _save_unet_and_vae(root: pathlib.Path, unet_config: dict, seed: int) -> None:
+    """Random UNet and VAE of these configs in the PyTorch layout under ``root``."""
+    key = jax.random.PRNGKey(0)
+    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config))
+    diffusers_export.save_model(unet, _random_params(lambda: unet.init_params(key), seed),
+                                root / "unet")
+    vae = nn_vae.AutoencoderKL(nn_vae.VAEConfig.from_dict(VAE_CONFIG))
+    diffusers_export.save_model(vae, _random_params(lambda: vae.init_params(key), seed + 1),
+                                root / "vae")
+
+
+def _bang_padded_tokenizer(directory: pathlib.Path) -> tokenizer_lib.CLIPTokenizer:
+    """The shapes vocabulary plus "!", which pads (as SD 2.x's and SDXL's second tokenizer)."""
+    tokenizer_files.write_tokenizer_files(directory)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    vocab["!"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": tokenizer_files.MAX_LENGTH, "pad_token": "!"}))
+    return tokenizer_lib.CLIPTokenizer.from_directory(directory)
+
+
+def _two_epochs(config, checkpoint: pathlib.Path, clip_dirs, workdir: pathlib.Path):
+    """Loop rows of two VARD epochs of a Stable Diffusion config on a tiny checkpoint (the
+    conv value: the reward-initialised one compiles for minutes on CPU), checked finite."""
+    from vard_jax.training.loop import Loop
+
+    model_dir, processor_dir = clip_dirs
+    config.pretrained.path = str(checkpoint)
+    config.reward.path = f"{model_dir}::{processor_dir}"
+    config.value.arch = "conv"
+    config.value.pretrain_epochs = 1
+    config.sample.num_steps = 2
+    config.train.epochs = config.train.eval_every = 2
+    config.policy.scan_unroll = 1
+    validate(config, device_count=1)
+    loop = Loop(config, workdir)
+    rows = loop.run()
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        for key in ("reward_mean", "value_loss", "policy_loss", "policy_grad_norm"):
+            assert np.isfinite(row[key]), key
+    assert rows[2]["eval_eps_distance"] > rows[0]["eval_eps_distance"]
+    return loop
+
+
 @pytest.fixture(scope="module")
 def sd2_checkpoint(tmp_path_factory) -> pathlib.Path:
     """A tiny Stable Diffusion 2.x checkpoint (PyTorch-layout safetensors): linear projections
     around attention, heads per block, a gelu text encoder, v-prediction, "!" padding."""
     root = tmp_path_factory.mktemp("sd2")
-    tokenizer_dir = root / "tokenizer"
-    tokenizer_files.write_tokenizer_files(tokenizer_dir)
-    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
-    vocab["!"] = len(vocab)  # SD 2.x pads with "!"
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": tokenizer_files.MAX_LENGTH, "pad_token": "!"}))
-    tokenizer = tokenizer_lib.CLIPTokenizer.from_directory(tokenizer_dir)
+    tokenizer = _bang_padded_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         dict(SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")))
@@ -628,12 +667,7 @@ def sd2_checkpoint(tmp_path_factory) -> pathlib.Path:
                        upcast_attention=True,
                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config))
-    diffusers_export.save_model(unet, _random_params(lambda: unet.init_params(key), 4),
-                                root / "unet")
-    vae = nn_vae.AutoencoderKL(nn_vae.VAEConfig.from_dict(VAE_CONFIG))
-    diffusers_export.save_model(vae, _random_params(lambda: vae.init_params(key), 5),
-                                root / "vae")
+    _save_unet_and_vae(root, unet_config, seed=4)
     text_config = dict(TEXT_CONFIG, **_special_ids(tokenizer), hidden_act="gelu")
     text = nn_clip.CLIPTextModel(nn_clip.CLIPTextConfig.from_dict(text_config))
     diffusers_export.save_model(text, _random_params(lambda: text.init_params(key), 6),
@@ -645,34 +679,70 @@ def test_sd2_config_trains_two_epochs_with_v_prediction(sd2_checkpoint, clip_dir
     """Two VARD epochs of configs/sd2_pickscore.py on a tiny SD 2.x checkpoint (overrides:
     paths, sizes, batches); what is SD 2.x about it comes from the checkpoint."""
     from configs import sd2_pickscore
-    from vard_jax.training.loop import Loop
 
-    model_dir, processor_dir = clip_dirs
     config = sd2_pickscore.get_config("tiny")
     assert config.pretrained.path == sd2_pickscore.SD21
-    config.pretrained.path = str(sd2_checkpoint)
-    config.reward.path = f"{model_dir}::{processor_dir}"
-    config.value.arch = "conv"  # the reward-initialised value compiles for minutes on CPU
-    config.value.pretrain_epochs = 1
-    config.sample.num_steps = 2
-    config.train.epochs = 2
-    config.train.eval_every = 2
-    config.policy.scan_unroll = 1
-    validate(config, device_count=1)
-    loop = Loop(config, tmp_path / "run")
+    loop = _two_epochs(config, sd2_checkpoint, clip_dirs, tmp_path / "run")
     pipeline = loop.trainer.pipeline
     assert pipeline.schedule.prediction_type == "v_prediction"
     assert pipeline.unet.config.use_linear_projection and pipeline.unet.config.heads == (2, 4)
     ids = pipeline.tokenize(["a red circle"])
     tokenizer = pipeline.tokenizer
     assert ids[0, -1] == tokenizer.pad_token_id != tokenizer.eos_token_id  # "!" pads
-    rows = loop.run()
-    assert [row["step"] for row in rows] == [0, 1, 2]
-    for row in rows[1:]:
-        for key in ("reward_mean", "value_loss", "policy_loss", "policy_grad_norm",
-                    "eps_distance"):
-            assert np.isfinite(row[key]), key
-    assert rows[2]["eval_eps_distance"] > rows[0]["eval_eps_distance"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """A tiny SDXL checkpoint (PyTorch-layout safetensors): added time/text conditioning,
+    transformer depth per block, a second text encoder with a projection and "!" padding."""
+    root = tmp_path_factory.mktemp("sdxl")
+    tokenizer = _write_common(root)
+    tokenizer_2 = _bang_padded_tokenizer(root / "tokenizer_2")
+    key = jax.random.PRNGKey(0)
+    unet_config = dict(UNET_CONFIG, cross_attention_dim=64, use_linear_projection=True,
+                       attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+                       addition_embed_type="text_time", addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=16 + 6 * 8,
+                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    _save_unet_and_vae(root, unet_config, seed=8)
+    text_config = dict(TEXT_CONFIG, **_special_ids(tokenizer))
+    for folder, cls, config, seed in (
+            ("text_encoder", nn_clip.CLIPTextModel, text_config, 10),
+            ("text_encoder_2", nn_clip.CLIPTextModelWithProjection,
+             dict(text_config, vocab_size=len(tokenizer_2), hidden_act="gelu",
+                  projection_dim=16), 11)):
+        text = cls(nn_clip.CLIPTextConfig.from_dict(config))
+        diffusers_export.save_model(text, _random_params(lambda: text.init_params(key), seed),
+                                    root / folder)
+    return root
+
+
+def test_sdxl_config_trains_two_epochs(sdxl_checkpoint, clip_dirs, tmp_path):
+    """Two VARD epochs of configs/sdxl_pickscore.py on a tiny SDXL checkpoint (overrides:
+    paths, sizes, batches); the pooled embedding and the size/crop ids reach the UNet."""
+    from configs import sdxl_pickscore
+    from vard_jax.models.pipeline import SDXLPipeline
+
+    pipeline, params = sd.load(str(sdxl_checkpoint))
+    assert isinstance(pipeline, SDXLPipeline) and set(params["text_encoder"]) == {"one", "two"}
+    assert pipeline.time_ids == (64, 64, 0, 0, 64, 64)  # 8 latents x 8 pixels
+    ids = jnp.asarray(pipeline.tokenize(["a red circle", "two blue squares"]))
+    assert ids.shape == (2, 2 * pipeline.max_length)
+    assert ids[0, -1] == pipeline.tokenizer_2.pad_token_id != pipeline.tokenizer.pad_token_id
+    context = pipeline.encode_ids(params["text_encoder"], ids)
+    assert context.shape == (2,) + pipeline.context_shape == (2, pipeline.max_length + 1, 64)
+    hidden, added = pipeline.split_context(context)
+    np.testing.assert_array_equal(added["time_ids"], np.tile([64, 64, 0, 0, 64, 64], (2, 1)))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, LATENT_SIZE, LATENT_SIZE))
+    t = jnp.array([10, 900])
+    eps = pipeline.eps_fn(params["unet"], x, t, context)
+    changed = context.at[:, -1, 16:22].set(jnp.asarray([128, 128, 0, 0, 128, 128.0]))
+    assert not np.allclose(pipeline.eps_fn(params["unet"], x, t, changed), eps, atol=1e-4)
+
+    config = sdxl_pickscore.get_config("tiny")
+    assert config.pretrained.path == sdxl_pickscore.SDXL
+    _two_epochs(config, sdxl_checkpoint, clip_dirs, tmp_path / "run")
 
 
 def _check_exports(tmp_path, config, trainer, adapters):
@@ -736,7 +806,8 @@ def _check_exports(tmp_path, config, trainer, adapters):
 
 @pytest.mark.parametrize("config_file, model_id", [
     ("pickscore", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    ("sd2_pickscore", "stabilityai/stable-diffusion-2-1")])
+    ("sd2_pickscore", "stabilityai/stable-diffusion-2-1"),
+    ("sdxl_pickscore", "stabilityai/stable-diffusion-xl-base-1.0")])
 def test_pickscore_config_offline_is_one_line(tmp_path, config_file, model_id):
     """Without network or weights, the headline command stops at once, naming the model id
     and the config field that points at a local directory."""

@@ -36,6 +36,11 @@ class Pipeline:
     def is_latent(self) -> bool:
         return self.vae is not None
 
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        """[L, D] of one prompt's context (what ``encode_ids`` returns per prompt)."""
+        return (self.max_length, self.unet.config.cross_attention_dim)
+
     def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
                context: jax.Array) -> jax.Array:
         """The UNet's noise prediction for x [B, C, H, W], in float32 whatever its dtype."""
@@ -62,3 +67,58 @@ class Pipeline:
                                 + (self.vae.config.shift_factor or 0.0), method=self.vae.decode)
         images = jnp.transpose(x0, (0, 2, 3, 1)).astype(jnp.float32)
         return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SDXLPipeline(Pipeline):
+    """Stable Diffusion XL: two text encoders, and the UNet's added conditioning.
+
+    The context the rollout carries stays one array, [B, L + 1, D]: rows 0..L-1 hold the two
+    encoders' penultimate hidden states side by side (D = D1 + D2, the UNet's cross-attention
+    width); row L holds the second encoder's pooled, projected prompt embedding [P] and the six
+    size/crop ids of SDXL's micro-conditioning (original size, crop corner, target size, in
+    pixels), zero-padded to D. ``eps_fn`` splits it again. Classifier-free guidance, sharding
+    and the value models handle it as they handle SD 1.x's context. Token ids are the two
+    tokenizers' ids side by side, [B, 2L] (they pad differently).
+    """
+
+    text_encoder_2: Any = None  # nn.clip.CLIPTextModelWithProjection
+    tokenizer_2: Any = None
+    time_ids: tuple[int, ...] = (1024, 1024, 0, 0, 1024, 1024)
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        return (self.max_length + 1, self.unet.config.cross_attention_dim)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return np.concatenate([self.tokenizer.ids(list(prompts), self.max_length),
+                               self.tokenizer_2.ids(list(prompts), self.max_length)], axis=1)
+
+    def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
+        length = self.max_length
+        first = self.text_encoder.apply({"params": text_params["one"]}, input_ids[:, :length])
+        second = self.text_encoder_2.apply({"params": text_params["two"]}, input_ids[:, length:])
+        hidden = jnp.concatenate([first.penultimate, second.penultimate], axis=-1)
+        time_ids = jnp.broadcast_to(jnp.asarray(self.time_ids, second.text_embeds.dtype),
+                                    (input_ids.shape[0], len(self.time_ids)))
+        extra = jnp.concatenate([second.text_embeds, time_ids], axis=-1)
+        row = jnp.pad(extra, ((0, 0), (0, hidden.shape[-1] - extra.shape[-1])))
+        return jnp.concatenate([hidden, row[:, None, :].astype(hidden.dtype)], axis=1)
+
+    def split_context(self, context: jax.Array) -> tuple[jax.Array, dict]:
+        """(hidden states [B, L, D], {"text_embeds": [B, P], "time_ids": [B, 6]})."""
+        pooled = self.text_encoder_2.config.projection_dim
+        row = context[:, -1].astype(jnp.float32)
+        return context[:, :-1], {"text_embeds": row[:, :pooled],
+                                 "time_ids": row[:, pooled:pooled + len(self.time_ids)]}
+
+    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+               context: jax.Array) -> jax.Array:
+        hidden, added = self.split_context(context)
+        out = self.unet.apply({"params": unet_params}, x, timesteps, hidden, added).sample
+        return out.astype(jnp.float32)
+
+    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                     context: jax.Array) -> jax.Array:
+        hidden, added = self.split_context(context)
+        return self.unet.apply({"params": unet_params}, x, timesteps, hidden, added).mid

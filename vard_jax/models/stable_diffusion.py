@@ -8,6 +8,7 @@ A checkpoint in the diffusers layout has one folder per component::
     text_encoder/  config.json + flax_model.msgpack | model.safetensors | pytorch_model.bin
     tokenizer/     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     scheduler/     scheduler_config.json
+    text_encoder_2/, tokenizer_2/   SDXL only: the second encoder (with its projection)
 
 Each component is built from its ``config.json`` as the project's own network
 (``vard_jax.models.nn``) and filled from its Flax weights when it has them, else from its
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from vard_jax.diffusion.schedule import NoiseScheduleConfig
 from vard_jax.models.nn import weights as weights_lib
 from vard_jax.models.nn.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFiles
-from vard_jax.models.pipeline import Pipeline
+from vard_jax.models.pipeline import Pipeline, SDXLPipeline
 from vard_jax.tokenizer import CLIPTokenizer
 
 #: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes):
@@ -54,6 +55,8 @@ DEFAULT_MODEL_ID = "CompVis/stable-diffusion-v1-4"
 #: The component folders of a diffusers Stable Diffusion checkpoint.
 UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER = ("unet", "vae", "text_encoder", "tokenizer",
                                                  "scheduler")
+#: SDXL's second text encoder and tokenizer.
+TEXT_ENCODER_2, TOKENIZER_2 = "text_encoder_2", "tokenizer_2"
 SCHEDULER_CONFIG = "scheduler_config.json"
 
 # --- resolving a hub id or a directory ---------------------------------------------------------
@@ -128,10 +131,11 @@ def _load_failure(path: str) -> str:
 
 
 def _checkpoint_files(files: list[str], variant: str = "") -> list[str]:
-    patterns = ["model_index.json", f"{SCHEDULER}/*.json", f"{TOKENIZER}/*"]
-    patterns += [f"{folder}/config.json" for folder in (UNET, VAE, TEXT_ENCODER)]
+    patterns = ["model_index.json", f"{SCHEDULER}/*.json", f"{TOKENIZER}/*", f"{TOKENIZER_2}/*"]
+    patterns += [f"{folder}/config.json" for folder in (UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2)]
     patterns += weight_patterns(files, (UNET, VAE), DIFFUSERS_WEIGHTS, variant)
-    patterns += weight_patterns(files, (TEXT_ENCODER,), TRANSFORMERS_WEIGHTS, variant)
+    patterns += weight_patterns(files, (TEXT_ENCODER, TEXT_ENCODER_2), TRANSFORMERS_WEIGHTS,
+                                variant)
     return patterns
 
 
@@ -166,20 +170,54 @@ def load(path: str = DEFAULT_MODEL_ID, revision: str = "", dtype: Any = "float32
     if channels != latent_channels:
         raise ValueError(f"{root}: the UNet takes {channels} channels but the VAE's latents have "
                          f"{latent_channels}; only text-to-image UNets are supported")
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+    sdxl = unet.config.addition_embed_type is not None  # its two encoders are checked below
+    if not sdxl and text_encoder.config.hidden_size != unet.config.cross_attention_dim:
         raise ValueError(f"{root}: the text encoder's width {text_encoder.config.hidden_size} is "
                          f"not the UNet's cross_attention_dim {unet.config.cross_attention_dim}")
-    if unet.config.addition_embed_type is not None:
-        raise ValueError(f"{root}: an SDXL-type UNet (addition_embed_type "
-                         f"{unet.config.addition_embed_type!r}); this loader reads SD 1.x / 2.x")
     size = unet.config.sample_size
     max_length = min(int(tokenizer.model_max_length),
                      text_encoder.config.max_position_embeddings)
-    pipeline = Pipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                        schedule=read_schedule(root), sample_shape=(channels, size, size),
-                        vae=vae, vae_scaling_factor=float(vae.config.scaling_factor),
-                        max_length=max_length)
-    params = {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}
+    common = dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                  schedule=read_schedule(root), sample_shape=(channels, size, size), vae=vae,
+                  vae_scaling_factor=float(vae.config.scaling_factor), max_length=max_length)
+    if not sdxl:
+        params = {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}
+        return Pipeline(**common), params
+    return _sdxl(root, common, text_params, unet_params, vae_params, compute_dtype, attention,
+                 variant)
+
+
+def _sdxl(root: pathlib.Path, common: dict, text_params: Any, unet_params: Any, vae_params: Any,
+          dtype: Any, attention: str, variant: str) -> tuple[SDXLPipeline, dict]:
+    """The SDXL pipeline: the second text encoder (with its projection) and tokenizer, checked
+    against the UNet's cross-attention width and added-conditioning input."""
+    unet, first = common["unet"], common["text_encoder"]
+    if not (root / TEXT_ENCODER_2).is_dir():
+        raise FileNotFoundError(f"{root}: an SDXL UNet (addition_embed_type 'text_time') needs "
+                                f"{TEXT_ENCODER_2}/ and {TOKENIZER_2}/; only the base model's "
+                                "two-encoder layout is supported")
+    second, second_params = weights_lib.load_clip_text(root / TEXT_ENCODER_2, dtype, attention,
+                                                       with_projection=True, variant=variant)
+    width = first.config.hidden_size + second.config.hidden_size
+    if width != unet.config.cross_attention_dim:
+        raise ValueError(f"{root}: the text encoders' widths {first.config.hidden_size} + "
+                         f"{second.config.hidden_size} are not the UNet's cross_attention_dim "
+                         f"{unet.config.cross_attention_dim}")
+    time_ids = 6
+    expected = second.config.projection_dim + time_ids * unet.config.addition_time_embed_dim
+    if expected != unet.config.projection_class_embeddings_input_dim:
+        raise ValueError(f"{root}: projection_class_embeddings_input_dim "
+                         f"{unet.config.projection_class_embeddings_input_dim} is not the pooled "
+                         f"embedding {second.config.projection_dim} + 6 time ids x "
+                         f"{unet.config.addition_time_embed_dim} (a refiner UNet is not supported)")
+    if second.config.projection_dim + time_ids > width:
+        raise ValueError(f"{root}: the pooled embedding and time ids do not fit one context row")
+    pixels = unet.config.sample_size * common["vae"].config.downscale
+    pipeline = SDXLPipeline(**common, text_encoder_2=second,
+                            tokenizer_2=CLIPTokenizer.from_directory(root / TOKENIZER_2),
+                            time_ids=(pixels, pixels, 0, 0, pixels, pixels))
+    params = {"unet": unet_params, "text_encoder": {"one": text_params, "two": second_params},
+              "vae": vae_params}
     return pipeline, params
 
 

@@ -103,7 +103,7 @@ class Components:
 
     def _make_value_model(self) -> value_lib.ValueModel:
         config, pipeline = self.config, self.pipeline
-        context_shape = (pipeline.max_length, pipeline.unet.config.cross_attention_dim)
+        context_shape = pipeline.context_shape
         if config.value.arch == "conv":
             return value_lib.conv_value(pipeline.sample_shape, context_shape, config.value.width)
 
