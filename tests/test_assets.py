@@ -297,18 +297,18 @@ def test_conv_x0_value_reads_the_reference_models_clipped_prediction():
     assert float(jnp.abs(grad).sum()) > 0.0
 
 
-def test_unet_mid_value_is_a_head_on_the_reference_unets_mid_block_features():
-    """value.arch = unet_mid: a head on the frozen reference UNet's mid-block output at
+def test_unet_head_value_is_a_head_on_the_reference_unets_mid_block_features():
+    """value.arch = unet_head: a head on the frozen reference UNet's mid-block output at
     (x_t, t, c), differentiable in x_t; the train step updates it."""
     from configs import shapes
     from vard_jax.models import value as value_lib
     from vard_jax.training.trainer import Trainer
 
     config = shapes.get_config("tiny")
-    config.value.arch = "unet_mid"
+    config.value.arch = "unet_head"
     trainer = Trainer(config)
     model, pipeline = trainer.value_model, trainer.pipeline
-    assert model.name == "unet_mid"
+    assert model.name == "unet_head"
     params = jax.tree_util.tree_map(lambda p: p + 0.05, model.init(jax.random.PRNGKey(0)))
     aux = trainer.value_aux(trainer.init_state().reward_stats, trainer.frozen,
                             trainer.reference_params, None)

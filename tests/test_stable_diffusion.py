@@ -689,6 +689,15 @@ def test_sd2_config_trains_two_epochs_with_v_prediction(sd2_checkpoint, clip_dir
     ids = pipeline.tokenize(["a red circle"])
     tokenizer = pipeline.tokenizer
     assert ids[0, -1] == tokenizer.pad_token_id != tokenizer.eos_token_id  # "!" pads
+    # The values' one-step prediction reads the output as v: x0 = sqrt(a) x - sqrt(1 - a) v.
+    trainer = loop.trainer
+    x = jax.random.normal(jax.random.PRNGKey(0), (2,) + pipeline.sample_shape)
+    t = jnp.array([10, 900])
+    context = trainer.encode(pipeline.tokenize(["a red circle", "a blue square"]))
+    v = pipeline.eps_fn(trainer.reference_params, x, t, context)
+    a = jnp.asarray(trainer.schedule.alphas_cumprod)[t][:, None, None, None]
+    np.testing.assert_allclose(trainer.reference_x0_hat(trainer.reference_params, x, t, context),
+                               jnp.sqrt(a) * x - jnp.sqrt(1.0 - a) * v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --- the value model V(x_t, t, c) ---------------------------------------------------------
     config.value = value = ml_collections.ConfigDict()
     # Architecture: conv (on x_t) | conv_x0 (the same network on the reference model's one-step
-    # prediction x0_hat(x_t)) | reward_init (the reward's own backbone on x0_hat) | unet_mid (a
+    # prediction x0_hat(x_t)) | reward_init (the reward's own backbone on x0_hat) | unet_head (a
     # head on the frozen reference UNet's mid-block features at x_t).
     value.arch = "conv"
     value.width = 32  # Channels of the first conv layer (doubled per downsampling).

@@ -5,7 +5,7 @@
   embedding, with a scalar head.
 * ``conv_x0_value`` (``value.arch = "conv_x0"``): the same network on the frozen reference
   model's one-step prediction x0_hat(x_t) instead of the noisy state.
-* ``unet_mid_value`` (``value.arch = "unet_mid"``): a small head on the mid-block features of
+* ``unet_head_value`` (``value.arch = "unet_head"``): a small head on the mid-block features of
   the frozen reference UNet at (x_t, t, c) (VARD's value-head option): the UNet's own reading
   of the state, at the cost of one reference UNet call per value.
 * ``RewardInitValue`` (``value.arch = "reward_init"``): the reward network's own backbone (a
@@ -135,7 +135,7 @@ class MidFeatureHead(nn.Module):
         return nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[:, 0]
 
 
-def unet_mid_value(feature_shape: tuple[int, int, int], context_shape: tuple[int, int],
+def unet_head_value(feature_shape: tuple[int, int, int], context_shape: tuple[int, int],
                    width: int,
                    features_fn: Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
                    ) -> ValueModel:
@@ -152,7 +152,7 @@ def unet_mid_value(feature_shape: tuple[int, int, int], context_shape: tuple[int
         features = features_fn(aux, x, jnp.maximum(timesteps, 0), context)
         return module.apply({"params": params}, features, timesteps, context)
 
-    return ValueModel(init=init, apply=apply, name="unet_mid")
+    return ValueModel(init=init, apply=apply, name="unet_head")
 
 
 class _TimeAffine(nn.Module):

@@ -113,7 +113,7 @@ class Components:
         if config.value.arch == "conv_x0":
             return value_lib.conv_x0_value(pipeline.sample_shape, context_shape,
                                            config.value.width, x0_hat)
-        if config.value.arch == "unet_mid":
+        if config.value.arch == "unet_head":
             def features(aux, x, timesteps, context):
                 return pipeline.mid_features(aux["reference"], x, timesteps, context)
 
@@ -121,7 +121,7 @@ class Components:
                                    jax.ShapeDtypeStruct((1,) + pipeline.sample_shape, jnp.float32),
                                    jax.ShapeDtypeStruct((1,), jnp.int32),
                                    jax.ShapeDtypeStruct((1,) + context_shape, jnp.float32)).shape
-            return value_lib.unet_mid_value(shape[1:], context_shape, config.value.width, features)
+            return value_lib.unet_head_value(shape[1:], context_shape, config.value.width, features)
         if self.reward.backbone is None:
             raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
                              f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")
@@ -140,7 +140,7 @@ class Components:
                   reward_ids: Any) -> dict:
         """Inputs of the value model beyond (x_t, t, c): the reference UNet for the x0_hat
         values, with the reward's prompt ids and statistics for reward_init; empty for conv."""
-        if self.config.value.arch in ("conv_x0", "unet_mid"):
+        if self.config.value.arch in ("conv_x0", "unet_head"):
             return {"reference": reference_params}
         if not self.value_needs_reward_ids:
             return {}
