@@ -2,13 +2,9 @@
 # Each creates (or refreshes, when pyproject.toml or the pins change) a local virtual
 # environment in .venv and installs the package with its tested pins first.
 
-# The newest Python >= 3.12 (jax >= 0.11 needs it) that runs: python3.1x on the PATH, else the
-# versions pyenv installed (its shims only run the selected version).
-PYTHON ?= $(shell for v in 3.14 3.13 3.12; do \
-	for c in python$$v $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python$$v \
-	                      2>/dev/null | sort -rV); do \
-	  $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && \
-	    { command -v $$c; exit 0; }; done; done)
+# The newest Python >= 3.12 that runs (jax >= 0.11 needs it), pyenv's installs included:
+# tools/find-python says how it looks.
+PYTHON ?= $(shell tools/find-python)
 VENV := .venv
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
