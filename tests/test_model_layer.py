@@ -50,7 +50,7 @@ def test_unet_matches_diffusers(name, tmp_path):
     out = jax.jit(unet.apply)({"params": params}, arrays["sample"], arrays["timesteps"],
                               arrays["context"], added)
     _close(out.sample, arrays["out"])
-    assert out.mid.shape[-1] == unet.config.block_out_channels[-1]
+    assert out.mid.shape[1:] == unet.config.mid_shape(*arrays["sample"].shape[2:])
 
 
 @pytest.mark.parametrize("name", ["vae_sd", "vae_sd3"])

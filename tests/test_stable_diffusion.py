@@ -30,6 +30,7 @@ from vard_jax.models.nn import clip as nn_clip
 from vard_jax.models.nn import unet as nn_unet
 from vard_jax.models.nn import vae as nn_vae
 from vard_jax.models.nn import weights as weights_lib
+from tests.reference import weights as reference_weights
 from vard_jax import tokenizer as tokenizer_lib
 from vard_jax.rewards import pretrained_rewards, registry
 from vard_jax.worlds import tokenizer_files
@@ -465,7 +466,6 @@ def test_weighted_sum_of_pretrained_rewards(clip_dirs, tmp_path):
 def _open_clip_state(config: dict, seed: int) -> dict[str, np.ndarray]:
     """Random weights of an OpenCLIP ViT in open_clip's own names and layouts (query, key and
     value stacked in ``in_proj``; projections as [width, embed])."""
-    rng = np.random.default_rng(seed)
     vision, text, embed = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
     vw, tw, patch = vision["width"], text["width"], vision["patch_size"]
     shapes = {"logit_scale": (), "positional_embedding": (text["context_length"], tw),
@@ -490,17 +490,7 @@ def _open_clip_state(config: dict, seed: int) -> dict[str, np.ndarray]:
                 f"{block}.mlp.c_fc.bias": (4 * width,),
                 f"{block}.mlp.c_proj.weight": (width, 4 * width),
                 f"{block}.mlp.c_proj.bias": (width,)})
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight",
-                         "ln_final.weight")):
-            state[key] = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif len(shape) >= 2:
-            state[key] = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        else:
-            state[key] = 0.1 * rng.standard_normal(shape)
-    state["logit_scale"] = np.asarray(np.log(100.0))
-    return {k: np.asarray(v, np.float32) for k, v in state.items()}
+    return reference_weights.state_dict(shapes, seed)
 
 
 def test_hpsv2_is_the_cosine_of_openclip_embeddings(clip_dirs, tmp_path):

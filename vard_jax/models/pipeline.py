@@ -41,16 +41,21 @@ class Pipeline:
         """[L, D] of one prompt's context (what ``encode_ids`` returns per prompt)."""
         return (self.max_length, self.unet.config.cross_attention_dim)
 
+    def unet_call(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                  context: jax.Array) -> Any:
+        """The UNet at x [B, C, H, W] with the context ``encode_ids`` made: its output
+        (``.sample`` the prediction, ``.mid`` the mid-block features)."""
+        return self.unet.apply({"params": unet_params}, x, timesteps, context)
+
     def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
                context: jax.Array) -> jax.Array:
         """The UNet's noise prediction for x [B, C, H, W], in float32 whatever its dtype."""
-        eps = self.unet.apply({"params": unet_params}, x, timesteps, context).sample
-        return eps.astype(jnp.float32)
+        return self.unet_call(unet_params, x, timesteps, context).sample.astype(jnp.float32)
 
     def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
                      context: jax.Array) -> jax.Array:
         """The UNet's mid-block output [B, h, w, C] (NHWC) at x [B, C, H, W]."""
-        return self.unet.apply({"params": unet_params}, x, timesteps, context).mid
+        return self.unet_call(unet_params, x, timesteps, context).mid
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int32, padded/truncated to ``max_length``."""
@@ -112,13 +117,7 @@ class SDXLPipeline(Pipeline):
         return context[:, :-1], {"text_embeds": row[:, :pooled],
                                  "time_ids": row[:, pooled:pooled + len(self.time_ids)]}
 
-    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
-               context: jax.Array) -> jax.Array:
+    def unet_call(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                  context: jax.Array) -> Any:
         hidden, added = self.split_context(context)
-        out = self.unet.apply({"params": unet_params}, x, timesteps, hidden, added).sample
-        return out.astype(jnp.float32)
-
-    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
-                     context: jax.Array) -> jax.Array:
-        hidden, added = self.split_context(context)
-        return self.unet.apply({"params": unet_params}, x, timesteps, hidden, added).mid
+        return self.unet.apply({"params": unet_params}, x, timesteps, hidden, added)

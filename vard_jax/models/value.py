@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vard_jax.models.nn import layers
 
-def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Sinusoidal embedding [B, dim] of integer timesteps [B]."""
-    half = dim // 2
-    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half) / half)
-    angles = timesteps.astype(jnp.float32)[:, None] * frequencies[None, :]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+def timestep_embedding(timesteps: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of integer timesteps [B] (sin first, period up to 1e4)."""
+    return layers.timestep_embedding(timesteps, dim, flip_sin_to_cos=False, freq_shift=0)
 
 
 class ConvValue(nn.Module):

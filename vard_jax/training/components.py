@@ -117,11 +117,8 @@ class Components:
             def features(aux, x, timesteps, context):
                 return pipeline.mid_features(aux["reference"], x, timesteps, context)
 
-            shape = jax.eval_shape(features, {"reference": self.reference_params},
-                                   jax.ShapeDtypeStruct((1,) + pipeline.sample_shape, jnp.float32),
-                                   jax.ShapeDtypeStruct((1,), jnp.int32),
-                                   jax.ShapeDtypeStruct((1,) + context_shape, jnp.float32)).shape
-            return value_lib.unet_head_value(shape[1:], context_shape, config.value.width, features)
+            shape = pipeline.unet.config.mid_shape(*pipeline.sample_shape[1:])
+            return value_lib.unet_head_value(shape, context_shape, config.value.width, features)
         if self.reward.backbone is None:
             raise ValueError(f"value.arch = 'reward_init' needs a reward that is a network "
                              f"(clip_alignment, pickscore, aesthetic); {self.reward.name!r} is not")

@@ -40,14 +40,26 @@ def _fields(cls, config: Mapping[str, Any]) -> dict:
     return {k: v for k, v in config.items() if k in names and v is not None}
 
 
-def _check_act(act: str, source: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"{source}: hidden_act {act!r} is not supported "
-                         f"({', '.join(ACTIVATIONS)})")
+class _TowerConfig:
+    """``from_dict`` (known fields of a transformers config, checked) and ``to_dict``."""
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], source: str = "CLIP config"):
+        made = cls(**_fields(cls, config))
+        made.validate(source)
+        return made
+
+    def validate(self, source: str) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not supported "
+                             f"({', '.join(ACTIVATIONS)})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -61,18 +73,9 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     pad_token_id: int = 1
 
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any], source: str = "CLIP text config"):
-        made = cls(**_fields(cls, config))
-        _check_act(made.hidden_act, source)
-        return made
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
     hidden_size: int = 768
     intermediate_size: int = 3072
     projection_dim: int = 512
@@ -84,17 +87,11 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any], source: str = "CLIP vision config"):
-        made = cls(**_fields(cls, config))
-        _check_act(made.hidden_act, source)
-        if made.image_size % made.patch_size:
-            raise ValueError(f"{source}: image_size {made.image_size} is not a multiple of "
-                             f"patch_size {made.patch_size}")
-        return made
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"{source}: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
 
 
 @dataclasses.dataclass(frozen=True)

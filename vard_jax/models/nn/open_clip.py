@@ -46,7 +46,8 @@ def clip_config(config: Mapping[str, Any], source: str = "open_clip config") -> 
         text_config=clip_lib.CLIPTextConfig(
             vocab_size=vocab, hidden_size=text_width,
             intermediate_size=int(text_width * float(text.get("mlp_ratio", 4.0))),
-            num_hidden_layers=int(text.get("layers", 12)), num_attention_heads=int(text.get("heads", 8)),
+            num_hidden_layers=int(text.get("layers", 12)),
+            num_attention_heads=int(text.get("heads", 8)),
             max_position_embeddings=int(text.get("context_length", 77)), hidden_act=act,
             bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0),
         vision_config=clip_lib.CLIPVisionConfig(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vard_jax.models.nn import attention as attention_lib
-from vard_jax.models.nn.unet import Downsample, ResnetBlock, Upsample, _conv
+from vard_jax.models.nn.layers import Downsample, ResnetBlock, Upsample, conv
 
 _EPS = 1e-6  # every normalisation of the autoencoder
 
@@ -135,7 +135,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = _conv(cfg.block_out_channels[0], "conv_in", self.dtype)(x)
+        x = conv(cfg.block_out_channels[0], "conv_in", self.dtype)(x)
         last = len(cfg.block_out_channels) - 1
         for block, features in enumerate(cfg.block_out_channels):
             x = _ResnetStack(features, cfg.layers_per_block, "down" if block != last else "",
@@ -143,7 +143,7 @@ class Encoder(nn.Module):
         x = _MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype,
                       name="mid_block")(x)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=_EPS, name="conv_norm_out")(x)
-        return _conv(2 * cfg.latent_channels, "conv_out", self.dtype)(nn.silu(x))
+        return conv(2 * cfg.latent_channels, "conv_out", self.dtype)(nn.silu(x))
 
 
 class Decoder(nn.Module):
@@ -154,7 +154,7 @@ class Decoder(nn.Module):
     def __call__(self, z):
         cfg = self.config
         channels = cfg.block_out_channels[::-1]
-        x = _conv(channels[0], "conv_in", self.dtype)(z)
+        x = conv(channels[0], "conv_in", self.dtype)(z)
         x = _MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype,
                       name="mid_block")(x)
         last = len(channels) - 1
@@ -162,7 +162,7 @@ class Decoder(nn.Module):
             x = _ResnetStack(features, cfg.layers_per_block + 1, "up" if block != last else "",
                              cfg.norm_num_groups, self.dtype, name=f"up_blocks_{block}")(x)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=_EPS, name="conv_norm_out")(x)
-        return _conv(cfg.out_channels, "conv_out", self.dtype)(nn.silu(x))
+        return conv(cfg.out_channels, "conv_out", self.dtype)(nn.silu(x))
 
 
 class AutoencoderKL(nn.Module):
