@@ -6,9 +6,9 @@ without weights and without running anything.
         [--fast_compile] [--lower_only] [--attention=config|xla|chunked|cudnn]
 
 Every piece is abstract: the UNet's parameters are ``jax.eval_shape(unet.init_params, key)``
-(the project's ``UNet2DConditionModel`` with SD 1.5's config), the policy's trainable parameters, the value model and both optimiser
-states are ``eval_shape``-d the way ``Trainer._initial_state`` builds them, and the inputs are
-``jax.ShapeDtypeStruct``. Each step is ``jax.jit(step, donate_argnums=0).lower(*abstract)
+(the project's ``UNet2DConditionModel`` with SD 1.5's config); the policy's trainable
+parameters, the value model and both optimiser states are ``TrainState.initial`` (as training
+builds them) under ``eval_shape``; the inputs are ``jax.ShapeDtypeStruct``. Each step is ``jax.jit(step, donate_argnums=0).lower(*abstract)
 .compile()``; the figures are XLA's ``memory_analysis()`` (argument, output, temp, alias and
 generated-code bytes; peak estimate = argument + output + temp - alias), ``cost_analysis()``
 flops, and the seconds spent lowering and compiling. XLA's cost analysis counts the body of a
@@ -202,16 +202,12 @@ class Model:
         return optimizers.policy, optimizers.value
 
     def abstract_state(self, policy: policy_lib.PolicyModel, policy_opt, value_opt) -> TrainState:
-        """``Trainer._initial_state`` under eval_shape."""
-        def initial(reference):
-            key = jax.random.PRNGKey(self.config.train.seed)
-            key, value_key = jax.random.split(key)
-            value_params = self.value_model.init(value_key)
-            policy_key = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), 2)
-            policy_params = policy.init(reference, policy_key)
-            return TrainState.create(policy_params, policy_opt, value_params, value_opt, key)
-
-        return jax.eval_shape(initial, self.reference)
+        """The run's first state (``TrainState.initial``, as training builds it) under
+        eval_shape."""
+        return jax.eval_shape(
+            lambda reference: TrainState.initial(self.config.train.seed, policy, reference,
+                                                 self.value_model, policy_opt, value_opt),
+            self.reference)
 
 
 def build(model: Model, variant: Variant, batch: int):

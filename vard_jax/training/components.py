@@ -20,7 +20,7 @@ from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
 from vard_jax.training import optimizers as optimizers_lib
-from vard_jax.training.state import RewardStats, TrainState
+from vard_jax.training.state import RewardStats, TrainState, policy_key
 
 
 class Components:
@@ -148,8 +148,7 @@ class Components:
     def initial_policy_params(self) -> Any:
         """The trainable parameters of the pretrained policy (unplaced): a float32 copy of the
         UNet, or LoRA adapters with B = 0."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), 2)
-        return self.policy.init(self.reference_params, key)
+        return self.policy.init(self.reference_params, policy_key(self.config.train.seed))
 
     def pretrained_policy_params(self) -> Any:
         """``initial_policy_params`` placed like a trained policy (the jitted functions' input)."""
@@ -157,12 +156,8 @@ class Components:
         return mesh_lib.put(params, mesh_lib.param_shardings(self.mesh, params))
 
     def _initial_state(self) -> TrainState:
-        key = jax.random.PRNGKey(self.config.train.seed)
-        key, value_key = jax.random.split(key)
-        value_params = self.value_model.init(value_key)
-        policy_params = self.initial_policy_params()
-        return TrainState.create(policy_params, self.policy_optimizer, value_params,
-                                 self.value_optimizer, key)
+        return TrainState.initial(self.config.train.seed, self.policy, self.reference_params,
+                                  self.value_model, self.policy_optimizer, self.value_optimizer)
 
     def init_state(self) -> TrainState:
         """The placed initial state; the policy starts equal to the reference."""

@@ -35,7 +35,8 @@ class RewardStats:
         first = self.count == 0
         d = jnp.where(first, 0.0, decay)
         mean = d * self.mean + (1 - d) * batch_mean
-        var = d * (self.var + (self.mean - mean) ** 2) + (1 - d) * (batch_var + (batch_mean - mean) ** 2)
+        var = (d * (self.var + (self.mean - mean) ** 2)
+               + (1 - d) * (batch_var + (batch_mean - mean) ** 2))
         return RewardStats(mean=mean, var=jnp.maximum(var, 1e-6), count=self.count + rewards.size)
 
     def standardise(self, rewards: jax.Array) -> jax.Array:
@@ -74,3 +75,21 @@ class TrainState:
                    reward_stats=RewardStats.create(), key=key, reward_queries=zero(),
                    policy_updates=zero(), value_updates=zero(), nonfinite_skips=zero(),
                    nonfinite_streak=jnp.zeros((len(faults.KINDS),), jnp.int32))
+
+    @classmethod
+    def initial(cls, seed: int, policy: Any, reference_params: Any, value_model: Any,
+                policy_optimizer: optax.GradientTransformation,
+                value_optimizer: optax.GradientTransformation) -> "TrainState":
+        """A run's first state from ``train.seed``: the value model's parameters from the
+        seed's key, the policy's (``policy.init``: a float32 copy of the reference UNet, or
+        LoRA adapters with B = 0) from ``policy_key(seed)``. Traceable (``jax.eval_shape``
+        gives the abstract state)."""
+        key, value_key = jax.random.split(jax.random.PRNGKey(seed))
+        policy_params = policy.init(reference_params, policy_key(seed))
+        return cls.create(policy_params, policy_optimizer, value_model.init(value_key),
+                          value_optimizer, key)
+
+
+def policy_key(seed: int) -> jax.Array:
+    """The key of the policy's initial trainable parameters."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
