@@ -214,16 +214,14 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_loads(tmp_path: pat
     assert runs.peek_saved_config(tmp_path / "run") == checkpointer_config(tmp_path / "run")
     assert runs.peek_saved_config(tmp_path / "run", 3) == saved
     spec = ModelSpec(workdir=tmp_path / "run")
-    environ = {}
-    assert runs.configure_host_devices(spec, environ=environ, cores=2) == 2
-    assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-    assert runs.configure_host_devices(spec, batch_size=3, environ={}, cores=2) is None
+    assert runs.planned_host_devices(spec, environ={}, cores=2) == 2
+    assert runs.planned_host_devices(spec, batch_size=3, environ={}, cores=2) is None
     named = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    assert runs.configure_host_devices(spec, environ=named, cores=2) is None  # user's wins
-    assert named["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+    assert runs.planned_host_devices(spec, environ=named, cores=2) is None  # user's wins
+    assert runs.planned_host_devices(spec, environ={"JAX_NUM_CPU_DEVICES": "1"}, cores=2) is None
     for missing in (ModelSpec(workdir=tmp_path / "none"), ModelSpec(workdir=tmp_path / "run",
                                                                     step=9)):
-        assert runs.configure_host_devices(missing, environ={}, cores=2) is None
+        assert runs.planned_host_devices(missing, environ={}, cores=2) is None
 
 
 def checkpointer_config(workdir: pathlib.Path) -> dict:

@@ -1,5 +1,6 @@
-"""Splitting a CPU host into XLA devices (vard_jax/parallel/host.py): the automatic count, the
-XLA_FLAGS it writes (never over the user's), and that a fresh process gets those devices."""
+"""Splitting a CPU host into XLA devices (vard_jax/parallel/host.py): the automatic count, never
+over a count the user chose, and that a fresh process gets those devices while the environment
+its subprocesses inherit stays as it was."""
 
 import os
 import subprocess
@@ -24,33 +25,34 @@ def test_automatic_count_divides_every_sharded_batch():
     assert host.device_count(config, cores=64) == 4
 
 
-def test_configure_writes_the_flag_once_and_never_over_the_users():
+def test_the_plan_never_overrides_the_users_count():
     config = shapes.get_config()
-    environ = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
-    assert host.configure(config, environ, cores=2) == 2
-    assert environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
-                                    "--xla_force_host_platform_device_count=2")
-    assert host.configure(config, environ, cores=2) is None  # already there: unchanged
-    assert environ["XLA_FLAGS"].count(host.FLAG) == 1
+    assert host.planned_count(config, {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"},
+                              cores=2) == 2
     users = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    assert host.configure(config, users, cores=8) is None
-    assert users == {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    empty: dict = {}
-    assert host.configure(config, empty, cores=1) is None and empty == {}  # 1 = XLA's default
+    assert host.planned_count(config, users, cores=8) is None
+    assert host.planned_count(config, {"JAX_NUM_CPU_DEVICES": "1"}, cores=8) is None
+    assert host.planned_count(config, {}, cores=1) is None  # 1 = XLA's default
     config.mesh.cpu_devices = 3
-    assert host.configure(config, empty, cores=1) == 3
-    assert empty == {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert host.planned_count(config, {}, cores=1) == 3
 
 
-def test_a_fresh_process_starts_with_the_configured_devices():
-    """configure() before the first device call decides the process's device count."""
-    code = ("from configs import shapes; from vard_jax.parallel import host; "
-            "c = shapes.get_config(); c.mesh.cpu_devices = 3; host.configure(c); "
-            "import jax; print(jax.default_backend(), jax.device_count())")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+def _fresh_process(code: str, **environ) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(JAX_PLATFORMS="cpu", **environ)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(
                                 os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["cpu", "3"], result.stdout
+    return result.stdout.split()
+
+
+def test_a_fresh_process_starts_with_the_configured_devices():
+    """configure() before the first device call decides the process's device count; the
+    environment (what subprocesses inherit) is unchanged; a count the user set wins."""
+    code = ("import os; from configs import shapes; from vard_jax.parallel import host; "
+            "c = shapes.get_config(); c.mesh.cpu_devices = 3; print(host.configure(c)); "
+            "import jax; print(jax.default_backend(), jax.device_count(), "
+            "os.environ.get('XLA_FLAGS', '-'), os.environ.get('JAX_NUM_CPU_DEVICES', '-'))")
+    assert _fresh_process(code) == ["3", "cpu", "3", "-", "-"]
+    assert _fresh_process(code, JAX_NUM_CPU_DEVICES="2") == ["None", "cpu", "2", "-", "2"]

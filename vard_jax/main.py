@@ -14,7 +14,6 @@ use; 3: training diverged (non-finite updates); 4: a checkpoint could not be wri
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> None:
         cli.fail(str(error))
     from vard_jax.parallel import host
 
-    host.configure(config)  # before the CPU backend starts (XLA_FLAGS)
+    host.configure(config)  # before the CPU backend starts
     import jax
 
     from vard_jax import prompts as prompts_lib
@@ -70,9 +69,8 @@ def main(argv: list[str]) -> None:
     except ConfigError as error:
         cli.fail(str(error))
     if jax.default_backend() == "cpu":
-        logging.info("%d CPU device(s) (config.mesh.cpu_devices = %d, XLA_FLAGS = %r)",
-                     jax.local_device_count(), config.mesh.cpu_devices,
-                     os.environ.get("XLA_FLAGS", ""))
+        logging.info("%d CPU device(s) (config.mesh.cpu_devices = %d)",
+                     jax.local_device_count(), config.mesh.cpu_devices)
 
     from vard_jax.training import workdir as workdir_lib
 

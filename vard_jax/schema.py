@@ -148,7 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.num_processes = 0  # Processes of the run; 0 = detected.
     mesh.process_id = -1  # This process's index in [0, num_processes); -1 = detected.
     # CPU only: XLA devices to split the host's cores into (data parallel over the cores); 0 =
-    # the most cores that divide the batches (default mesh only), 1 = one device. XLA_FLAGS wins.
+    # the most cores that divide the batches (default mesh only), 1 = one device. A count the
+    # user chose (JAX_NUM_CPU_DEVICES, or the device-count flag in XLA_FLAGS) wins.
     mesh.cpu_devices = 0
 
     # --- checkpoints -----------------------------------------------------------------------------

@@ -2,26 +2,29 @@
 
 XLA:CPU runs a convolution on one thread (docs/BENCHMARKS.md measures it: a 3x3 convolution
 takes the same time on 1 or 2 cores, a large matmul halves), so a single CPU device leaves the
-other cores of a CPU-only machine mostly idle while the UNet runs. Several host devices
-(``--xla_force_host_platform_device_count``) put the batch's shards on different cores through
-the project's own data-parallel sharding (``config.mesh``). On 2 cores this makes sampling 1.7x
-and the VARD policy step 1.3x faster.
+other cores of a CPU-only machine mostly idle while the UNet runs. Several host devices put the
+batch's shards on different cores through the project's own data-parallel sharding
+(``config.mesh``). On 2 cores this makes sampling 1.7x and the VARD policy step 1.3x faster.
 
-The device count of a process is fixed when its CPU backend starts, so ``configure`` must run
-before anything touches a device (``vard_jax.main`` calls it first). An ``XLA_FLAGS`` that
-already names the count wins: the user's setting is never overridden.
+The count is JAX's ``jax_num_cpu_devices`` option, set in this process only (subprocesses
+and the environment are left alone). It is fixed when the CPU backend starts, so
+``configure`` must run before anything touches a device (``vard_jax.main`` calls it first).
+A count the user already chose wins: ``JAX_NUM_CPU_DEVICES``, or
+``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import MutableMapping, Optional
+from typing import Mapping, Optional
 
 from vard_jax.config import data_sharded_batches
 from vard_jax.parallel import distributed
 
+#: What a user sets to choose the count themselves; either wins over ``configure``.
 FLAG = "--xla_force_host_platform_device_count"
+ENV_VARIABLE = "JAX_NUM_CPU_DEVICES"
 
 
 def available_cores() -> int:
@@ -54,19 +57,28 @@ def device_count(config, cores: Optional[int] = None) -> int:
     return auto_devices(config, available_cores() if cores is None else cores)
 
 
-def configure(config, environ: Optional[MutableMapping[str, str]] = None,
-              cores: Optional[int] = None) -> Optional[int]:
-    """Adds the host device count to ``XLA_FLAGS``; returns it, or None when left unchanged.
-
-    Unchanged when the count is 1 (XLA's own default) or ``XLA_FLAGS`` already sets it. Only
-    the CPU platform reads the flag: on a machine with accelerators it does nothing.
-    """
+def planned_count(config, environ: Optional[Mapping[str, str]] = None,
+                  cores: Optional[int] = None) -> Optional[int]:
+    """The host device count ``configure`` sets, or None when the process keeps its devices:
+    the count is 1 (XLA's own default) or the user named one (``JAX_NUM_CPU_DEVICES``, or
+    the device-count flag in ``XLA_FLAGS``)."""
     environ = os.environ if environ is None else environ
-    flags = environ.get("XLA_FLAGS", "")
-    if FLAG in flags:
+    if environ.get(ENV_VARIABLE, "").strip() or FLAG in environ.get("XLA_FLAGS", ""):
         return None
     count = device_count(config, cores)
-    if count <= 1:
-        return None
-    environ["XLA_FLAGS"] = f"{flags} {FLAG}={count}".strip()
+    return count if count > 1 else None
+
+
+def configure(config, environ: Optional[Mapping[str, str]] = None,
+              cores: Optional[int] = None) -> Optional[int]:
+    """Sets ``jax_num_cpu_devices`` to ``planned_count``; returns it, or None when unchanged.
+
+    Only the CPU platform reads it: on a machine with accelerators it changes nothing that
+    training uses.
+    """
+    count = planned_count(config, environ, cores)
+    if count is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", count)
     return count

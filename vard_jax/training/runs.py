@@ -334,13 +334,12 @@ def peek_saved_config(workdir: pathlib.Path, step: Optional[int] = None) -> Opti
         return None
 
 
-def configure_host_devices(spec: ModelSpec, batch_size: Optional[int] = None,
-                           environ=None, cores: Optional[int] = None) -> Optional[int]:
-    """Splits a CPU host into the devices the model's config asks for (``mesh.cpu_devices``;
-    0: every core that divides the batches), as training does (``vard_jax.parallel.host``),
-    before anything starts the backend. ``batch_size`` (the evaluation's, when given) must
-    divide too. Returns the count set, or None when the process keeps its devices (the config
-    could not be read, XLA_FLAGS names a count, or one device)."""
+def planned_host_devices(spec: ModelSpec, batch_size: Optional[int] = None,
+                         environ=None, cores: Optional[int] = None) -> Optional[int]:
+    """The CPU devices the model's config asks for (``mesh.cpu_devices``; 0: every core that
+    divides the batches), as training chooses them (``vard_jax.parallel.host``).
+    ``batch_size`` (the evaluation's, when given) must divide too. None when the process keeps
+    its devices (the config could not be read, the user named a count, or one device)."""
     if spec.config is not None:
         config = spec.config.copy_and_resolve_references()
     elif spec.workdir is not None:
@@ -357,9 +356,20 @@ def configure_host_devices(spec: ModelSpec, batch_size: Optional[int] = None,
     from vard_jax.parallel import host
 
     try:
-        return host.configure(config, environ, cores)
+        return host.planned_count(config, environ, cores)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None  # a config that validate() will name later keeps one device
+
+
+def configure_host_devices(spec: ModelSpec, batch_size: Optional[int] = None) -> Optional[int]:
+    """Splits a CPU host as ``planned_host_devices`` says, before anything starts the backend;
+    returns the count set, or None."""
+    count = planned_host_devices(spec, batch_size)
+    if count is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", count)
+    return count
 
 
 def checked_selection(select: str, steering: Any) -> str:
