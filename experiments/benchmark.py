@@ -24,7 +24,7 @@ What is measured (``docs/BENCHMARKS.md`` has the figures):
 * ``unet``: a bare jitted UNet forward and forward+backward (gradient of the parameters) at
   the batch the steps use (2B: the [null; cond] guidance batch), split over the devices as
   the steps' batches are.
-* ``epoch``: one VARD epoch as ``configs/shapes.py`` runs it (``training.epochs.VardStage``'s
+* ``epoch``: one VARD epoch as ``configs/shapes.py`` runs it (``training.epochs.VardStage.epoch``:
   collect -> value_update -> policy_update: sampling, reward, value diagnostics, value
   updates, policy update), divided by the time of the bare UNet calls it needs: T forwards for
   sampling, and per policy update T reference forwards and T forward+backwards. The ratio is
@@ -392,6 +392,9 @@ class TorchTwin:
         self.autocast_dtype = (torch.bfloat16 if config.pretrained.dtype == "bfloat16"
                                else None)
         fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items()}
+        # A project-only field (docs/MODELS.md): GEGLU gates with tanh-approximated GELU, as
+        # the shipped shapes UNet was trained; diffusers' GEGLU gets the same function.
+        tanh_gelu = fields.pop("geglu_approximate", False)
         state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in
                       diffusers_export.torch_state_dict(
                           jax.device_get(trainer.reference_params)).items()}
@@ -399,6 +402,11 @@ class TorchTwin:
         def unet():
             module = diffusers.UNet2DConditionModel(**fields)
             module.load_state_dict(state_dict, strict=True)
+            if tanh_gelu:
+                for layer in module.modules():
+                    if type(layer).__name__ == "GEGLU":
+                        layer.gelu = lambda gate: torch.nn.functional.gelu(gate,
+                                                                           approximate="tanh")
             return module.to(self.device)
 
         self.policy = unet().train()
@@ -848,6 +856,7 @@ def _check_value_twin(torch, trainer, state, batch: dict) -> float:
 
 
 def _epoch(trainer, state, compiled: dict, result: dict, timer: Timer) -> dict:
+    from vard_jax.training import epochs
     from vard_jax.training.loop import Loop
 
     config = trainer.config
@@ -861,14 +870,11 @@ def _epoch(trainer, state, compiled: dict, result: dict, timer: Timer) -> dict:
         holder = {"state": state, "epoch": 0}
 
         def epoch():
-            s, key = loop._split_key(holder["state"])
-            key_sample, key_policy = jax.random.split(key)
-            e = holder["epoch"]
-            rollouts, rewards, prompts = loop.stage.collect(s, (0, e), key_sample, step=e + 1)
-            s, _ = loop.stage.value_update(s, rollouts, rewards, prompts, (0, e))
-            s, metrics = loop.stage.policy_update(s, prompts, key_policy)
-            _block(metrics)
-            holder["state"], holder["epoch"] = s, e + 1
+            # The training loop's own epoch: VARD's collect -> value -> policy stages.
+            s, key = epochs.split_key(holder["state"])
+            s, metrics = loop.stage.epoch(s, holder["epoch"], key)
+            _block(s)
+            holder["state"], holder["epoch"] = s, holder["epoch"] + 1
 
         log("epoch: warm-up (compiles value_predict, the reward)")
         start = time.perf_counter()
