@@ -163,6 +163,53 @@ def ddim_reference() -> None:
     _write("ddim", record, arrays)
 
 
+FLOW_SCHEDULERS = {
+    # Stable Diffusion 3 / 3.5: a fixed shift of 3.
+    "sd3": dict(num_train_timesteps=1000, shift=3.0),
+    # FLUX-style resolution-dependent shifting (exponential), and the linear variant.
+    "dynamic": dict(num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.5,
+                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    "dynamic_linear": dict(num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.5,
+                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                           time_shift_type="linear"),
+}
+FLOW_STEPS = (1, 5, 28)
+FLOW_SEQ_LEN = 1024  # latent tokens of the dynamic cases (a 512x512 FLUX image)
+
+
+def flow_reference() -> None:
+    """Sigmas, timesteps and Euler steps of diffusers' FlowMatchEulerDiscreteScheduler; mu
+    from the FLUX pipeline's ``calculate_shift``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    rng = np.random.default_rng(11)
+    arrays, record = {}, {"settings": FLOW_SCHEDULERS, "steps": FLOW_STEPS,
+                          "seq_len": FLOW_SEQ_LEN}
+    for name, settings in FLOW_SCHEDULERS.items():
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**settings)
+        mu = None
+        if settings.get("use_dynamic_shifting"):
+            mu = calculate_shift(FLOW_SEQ_LEN, settings["base_image_seq_len"],
+                                 settings["max_image_seq_len"], settings["base_shift"],
+                                 settings["max_shift"])
+            arrays[f"{name}/mu"] = np.asarray(mu, np.float64)
+        for steps in FLOW_STEPS:
+            scheduler.set_timesteps(steps, mu=mu)
+            key = f"{name}/{steps}"
+            arrays[f"{key}/sigmas"] = _np(scheduler.sigmas)
+            arrays[f"{key}/timesteps"] = _np(scheduler.timesteps)
+            x = rng.standard_normal((steps, 2, 3, 4, 4)).astype(np.float32)
+            out = rng.standard_normal(x.shape).astype(np.float32)
+            prev = []
+            for i, t in enumerate(scheduler.timesteps):
+                scheduler._step_index = i
+                prev.append(_np(scheduler.step(torch.from_numpy(out[i]), t,
+                                               torch.from_numpy(x[i])).prev_sample))
+            arrays[f"{key}/x"], arrays[f"{key}/model_output"] = x, out
+            arrays[f"{key}/prev_sample"] = np.stack(prev)
+    _write("flow", record, arrays)
+
+
 def tokenizer_reference() -> None:
     """transformers' CLIPTokenizer on the shapes world's vocabulary."""
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(SHAPES_TOKENIZER),
@@ -233,6 +280,7 @@ def main() -> None:
     DATA.mkdir(exist_ok=True)
     open_clip_reference()
     ddim_reference()
+    flow_reference()
     tokenizer_reference()
     rng = np.random.default_rng(1234)
     for name, config in UNET_CASES.items():

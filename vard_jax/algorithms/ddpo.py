@@ -31,7 +31,7 @@ import numpy as np
 
 from vard_jax.diffusion import ddim
 from vard_jax.diffusion.rollout import Trajectory
-from vard_jax.diffusion.schedule import DDIMSchedule
+from vard_jax.diffusion.schedule import Schedule
 
 REDUCTIONS = ("sum", "mean")
 
@@ -88,7 +88,7 @@ def _reduce_log_prob(log_prob_sum: jax.Array, sample_shape: tuple[int, ...], red
 def transition_log_prob(
     eps_fn: ddim.EpsFn,
     params: Any,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     x_t: jax.Array,
     step_index: jax.Array | int,
     x_prev: jax.Array,
@@ -98,10 +98,10 @@ def transition_log_prob(
     guidance_scale: float,
     reduce: str = "sum",
 ) -> jax.Array:
-    """log p_params(x_prev | x_t) of DDIM transitions: [B].
+    """log p_params(x_prev | x_t) of the schedule's transitions (DDIM, or a flow SDE): [B].
 
     The model call is ``ddim.guided_eps`` on the whole batch (one call, per-sample timesteps);
-    the step is ``ddim.ddim_step(..., noise=None, ...)`` and the density
+    the step is ``schedule.step(..., noise=None, ...)`` and the density
     ``ddim.gaussian_log_prob``, exactly as in the rollout. Because those take one step index
     for the whole batch, they are mapped over the samples (``jax.vmap``), so that a minibatch
     may mix steps.
@@ -125,7 +125,7 @@ def transition_log_prob(
                                    guidance_scale)
 
     def one(i: jax.Array, x: jax.Array, output: jax.Array, target: jax.Array) -> jax.Array:
-        step = ddim.ddim_step(schedule, i, x[None], output[None], None, eta)
+        step = schedule.step(i, x[None], output[None], None, eta)
         return ddim.gaussian_log_prob(target[None], step.mean, step.std)[0]
 
     log_prob = jax.vmap(one)(index, x_t, model_output, x_prev)
@@ -167,7 +167,7 @@ def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.A
     return loss, metrics
 
 
-def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, batch: DDPOBatch,
+def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, batch: DDPOBatch,
               config: DDPOConfig, at_sampling_params: jax.Array | bool = False
               ) -> tuple[jax.Array, dict]:
     """The DDPO loss of a minibatch of stored transitions; differentiate w.r.t. ``params``.
@@ -217,13 +217,13 @@ def accumulated_gradient(loss_fn: Any, params: Any, micro_batches: Any,
     return jnp.mean(losses), metrics, jax.tree_util.tree_map(lambda g: g / count, grad_sum)
 
 
-def stochastic_steps(schedule: DDIMSchedule, eta: float) -> np.ndarray:
+def stochastic_steps(schedule: Schedule, eta: float) -> np.ndarray:
     """[S] int32 indices of the steps with sigma_i > 0 (host-side; needs a concrete schedule).
 
     With ``set_alpha_to_one`` the last DDIM step lands on alpha_bar = 1 and is deterministic.
     """
     _check_stochastic(eta)
-    std = np.asarray(ddim.ddim_std(schedule, jnp.arange(schedule.num_steps), eta))
+    std = np.asarray(schedule.std(jnp.arange(schedule.num_steps), eta))
     return np.nonzero(std > 0)[0].astype(np.int32)
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vard_jax.diffusion import ddim, rollout as rollout_lib
-from vard_jax.diffusion.schedule import DDIMSchedule
+from vard_jax.diffusion.schedule import Schedule
 
 # reward_fn(x_0 [B, C, H, W]) -> [B]: differentiable (decoding and prompts closed over).
 RewardFn = Callable[[jax.Array], jax.Array]
@@ -121,7 +121,7 @@ def _loss_and_metrics(rewards: jax.Array, distance: Optional[jax.Array], depth: 
 
 
 def _objective(eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
-               schedule: DDIMSchedule, inputs: DraftInputs, reward_fn: RewardFn,
+               schedule: Schedule, inputs: DraftInputs, reward_fn: RewardFn,
                config: DraftConfig, grad_depth: Optional[int],
                first_trained: jax.Array | int, depth: jax.Array | int,
                cuts: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
@@ -142,7 +142,7 @@ def _objective(eps_fn: ddim.EpsFn, params: Any, reference_params: Any,
     return _loss_and_metrics(reward_fn(trajectory.x0), distance, depth, config.beta)
 
 
-def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: DDIMSchedule,
+def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: Schedule,
                inputs: DraftInputs, reward_fn: RewardFn,
                config: DraftConfig) -> tuple[jax.Array, dict]:
     """DRaFT-K (static K = ``config.grad_depth``), optionally KL-regularised (DRaFT+).
@@ -166,7 +166,7 @@ def draft_loss(eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule:
 
 
 def draft_value_and_grad_random_depth(
-        eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: DDIMSchedule,
+        eps_fn: ddim.EpsFn, params: Any, reference_params: Any, schedule: Schedule,
         inputs: DraftInputs, reward_fn: RewardFn, config: DraftConfig, depth: jax.Array,
         model_params: Callable[[Any], Any] = lambda p: p) -> tuple[jax.Array, dict, Any]:
     """AlignProp's loss and its gradient with respect to ``params``, at a traced depth K.

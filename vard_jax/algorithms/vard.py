@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vard_jax.diffusion import ddim, rollout as rollout_lib
-from vard_jax.diffusion.schedule import DDIMSchedule
+from vard_jax.diffusion.schedule import Schedule
 
 
 class PolicyLossConfig(NamedTuple):
@@ -66,7 +66,7 @@ def policy_loss(
     reference_params: Any,
     value_apply: Callable,
     value_params: Any,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     inputs: PolicyInputs,
     config: PolicyLossConfig,
     last_step_reward: Optional[Callable[[jax.Array], jax.Array]] = None,
@@ -85,7 +85,7 @@ def policy_loss(
         distance = rollout_lib.reference_eps_distance(eps_fn, reference_params, info,
                                                       inputs.context, inputs.null_context,
                                                       config.guidance_scale, config.kl_on)
-        prev_t = jnp.full((batch,), info.prev_timestep, jnp.int32)
+        prev_t = rollout_lib.step_timesteps(info.prev_timestep, batch)
         value = value_apply(value_params, info.x_prev, prev_t, inputs.context, inputs.value_aux)
         return {"value": jnp.mean(value), "eps_distance": distance}
 
@@ -116,7 +116,7 @@ def policy_loss(
     return loss, metrics
 
 
-def _trained_steps_loss(eps_fn: ddim.EpsFn, policy_params: Any, schedule: DDIMSchedule,
+def _trained_steps_loss(eps_fn: ddim.EpsFn, policy_params: Any, schedule: Schedule,
                         inputs: PolicyInputs, config: PolicyLossConfig,
                         hook: Callable[[rollout_lib.StepInfo], dict]) -> tuple[jax.Array, dict]:
     """``policy_loss`` with step subsampling at K = 1: the same loss and gradient, computed

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vard_jax.diffusion.schedule import DDIMSchedule
+if TYPE_CHECKING:  # the schedule's methods call this module's functions
+    from vard_jax.diffusion.schedule import DDIMSchedule
 
-# eps_fn(params, x [B, ...], timesteps [B] int32, context [B, L, D]) -> eps [B, ...]
+# eps_fn(params, x [B, ...], timesteps [B], context [B, L, D]) -> the model's output [B, ...]
+# (timesteps int32 for DDPM models, float32 for flow models).
 EpsFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 
 

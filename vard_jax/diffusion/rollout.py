@@ -1,4 +1,5 @@
-"""The denoising loop: one ``jax.lax.scan`` over DDIM steps, differentiable in the policy.
+"""The denoising loop: one ``jax.lax.scan`` over the steps of a ``Schedule`` (DDIM, or the
+Euler/SDE step of a flow model), differentiable in the policy.
 
 Sampling, evaluation and every training objective use this same scan. It returns the
 whole trajectory batch-first, and it evaluates an optional per-step hook inside the loop
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vard_jax.diffusion import ddim
-from vard_jax.diffusion.schedule import DDIMSchedule
+from vard_jax.diffusion.schedule import Schedule
 
 REMAT_POLICIES = {
     "none": None,
@@ -52,14 +53,16 @@ class StepInfo(NamedTuple):
     """What the per-step hook sees at step i (arrays of the current batch)."""
 
     index: jax.Array  # [] int32, 0 = the noisiest step
-    timestep: jax.Array  # [] int32, tau_i
-    prev_timestep: jax.Array  # [] int32, tau_{i-1} (< 0 after the last step)
+    timestep: jax.Array  # [] tau_i, the model's timestep (int32; float32 for flow models)
+    prev_timestep: jax.Array  # [] tau_{i-1}, where the step lands (the last: clean)
     x_t: jax.Array  # [B, ...] state entering the step (after any gradient cut)
     x_prev: jax.Array  # [B, ...] state after the step
     eps: jax.Array  # [B, ...] guided noise prediction of the policy
-    eps_cond: jax.Array  # [B, ...] the model's conditional output at x_t (eps, or v, ...)
-    output: jax.Array  # [B, ...] the model's guided output (eps before any value-guidance shift)
-    eps_scale: jax.Array  # [] d eps / d output (1 for eps-prediction, sqrt(alpha_bar) for v)
+    eps_cond: jax.Array  # [B, ...] the model's conditional output at x_t (eps, v, velocity)
+    output: jax.Array  # [B, ...] the model's guided output (before any value-guidance shift)
+    # [] output difference -> the difference VARD's KL measures: d eps / d output for DDPM
+    # models (1 for eps-prediction, sqrt(alpha_bar) for v), 1 for flow velocities.
+    distance_scale: jax.Array
     x0_hat: jax.Array  # [B, ...] one-step prediction of x_0
     mean: jax.Array  # [B, ...] mu_i
     std: jax.Array  # [] sigma_i
@@ -75,7 +78,7 @@ class Trajectory(NamedTuple):
 
     x_t: jax.Array  # [B, T, ...] states entering each step
     x_prev: jax.Array  # [B, T, ...] states after each step
-    timesteps: jax.Array  # [B, T] int32
+    timesteps: jax.Array  # [B, T] the model's timesteps (int32; float32 for flow models)
     noise: jax.Array  # [B, T, ...] z_i of each step
     log_prob: jax.Array  # [B, T] log p(x_prev | x_t) under the sampling policy
     x0: jax.Array  # [B, ...] final samples
@@ -116,28 +119,33 @@ def segments(cuts: np.ndarray) -> list[tuple[int, int, int, bool]]:
     return groups
 
 
-def denoising_step(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x: jax.Array,
+def step_timesteps(t: jax.Array, batch: int) -> jax.Array:
+    """[B] copies of one step's model timestep, in the schedule's dtype."""
+    return jnp.full((batch,), t, jnp.asarray(t).dtype)
+
+
+def denoising_step(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, x: jax.Array,
                    i: jax.Array, z: jax.Array, context: jax.Array, null_context: jax.Array, *,
                    eta: float, guidance_scale: float,
                    eps_shift: Optional[EpsShift] = None) -> StepInfo:
-    """DDIM step i from x ([B, ...]) with the input noise z, as the rollout takes it.
+    """Step i of ``schedule`` from x ([B, ...]) with the input noise z, as the rollout takes it.
 
     ``eps_shift(x, i) -> [B, ...]`` is added to the guided noise prediction (value guidance,
     ``vard_jax.diffusion.steering``); it is a sampling-time term, constant for gradients.
     """
     t = schedule.timesteps[i]
     guided, eps_cond = ddim.guided_and_conditional_eps(
-        eps_fn, params, x, jnp.full((x.shape[0],), t, jnp.int32), context, null_context,
+        eps_fn, params, x, step_timesteps(t, x.shape[0]), context, null_context,
         guidance_scale)
     shift = None if eps_shift is None else jax.lax.stop_gradient(eps_shift(x, i))
-    step = ddim.ddim_step(schedule, i, x, guided, z, eta, eps_shift=shift)
+    step = schedule.step(i, x, guided, z, eta, eps_shift=shift)
     return StepInfo(index=i, timestep=t, prev_timestep=schedule.prev_timesteps[i], x_t=x,
                     x_prev=step.x_prev, eps=step.eps, eps_cond=eps_cond, output=guided,
-                    eps_scale=ddim.eps_per_output(schedule, schedule.alpha_t[i]),
-                    x0_hat=step.x0_hat, mean=step.mean, std=step.std)
+                    distance_scale=schedule.distance_scale(i), x0_hat=step.x0_hat,
+                    mean=step.mean, std=step.std)
 
 
-def states_until(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x_T: jax.Array,
+def states_until(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, x_T: jax.Array,
                  noise: jax.Array, context: jax.Array, null_context: jax.Array,
                  last: jax.Array, *, eta: float, guidance_scale: float) -> jax.Array:
     """The states x_t entering steps 0..``last`` of the chain, [T, B, ...] (zeros after ``last``),
@@ -161,7 +169,7 @@ def states_until(eps_fn: ddim.EpsFn, params: Any, schedule: DDIMSchedule, x_T: j
 def rollout(
     eps_fn: ddim.EpsFn,
     params: Any,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     x_T: jax.Array,
     noise: jax.Array,
     context: jax.Array,
@@ -178,16 +186,17 @@ def rollout(
     unroll: int | bool = 1,
     eps_shift: Optional[EpsShift] = None,
 ) -> tuple[Trajectory, Any]:
-    """Runs the DDIM chain from x_T; returns (trajectory, stacked hook outputs or None).
+    """Runs the chain from x_T; returns (trajectory, stacked hook outputs or None).
 
     Args:
-      eps_fn: ``eps_fn(params, x, timesteps, context)``, the noise model.
+      eps_fn: ``eps_fn(params, x, timesteps, context)``, the model (noise, v or velocity).
       params: its (differentiable) parameters.
-      schedule: the DDIM grid (T steps).
+      schedule: the sampling grid (T steps): a DDIM or a flow schedule.
       x_T: [B, ...] initial noise.
       noise: [B, T, ...] the z_i of every step (reparameterised sampling).
       context: [B, L, D] prompt embeddings; null_context: [1 or B, L, D] the empty prompt's.
-      eta, guidance_scale: DDIM stochasticity and classifier-free guidance weight.
+      eta, guidance_scale: the steps' stochasticity (DDIM's eta; a flow SDE's noise level)
+        and the classifier-free guidance weight.
       grad_depth, grad_cut: gradient depth K and where to cut (module docstring).
       remat: rematerialisation policy of the step body: none | full | dots.
       step_hook: ``hook(StepInfo) -> pytree``; its outputs are stacked to [T, ...].
@@ -301,21 +310,22 @@ def reference_eps_distance(eps_fn: ddim.EpsFn, reference_params: Any, info: Step
     """D_i = mean over batch and dims of (eps_policy - eps_reference)^2 at the step's state.
 
     Noise predictions: for a v- (or x0-) prediction model the outputs' difference is scaled by
-    ``info.eps_scale``, so D means the same for every parametrisation.
+    ``info.distance_scale``, so D means the same for every parametrisation; for a flow model D
+    is the distance of the velocities.
 
     ``kl_on="conditional"`` compares the conditional predictions eps(x_t, t, c), VARD's
     definition (one reference call on B samples); ``"guided"`` the classifier-free-guided ones
     the sampler uses (2B reference calls with guidance w != 1; a change of the conditional
     branch then weighs ~w^2 more). The reference model is called here, at ``info.x_t``.
     """
-    timesteps = jnp.full((info.x_t.shape[0],), info.timestep, jnp.int32)
+    timesteps = step_timesteps(info.timestep, info.x_t.shape[0])
     if kl_on == "conditional":
         eps_ref = eps_fn(reference_params, info.x_t, timesteps, context)
-        return info.eps_scale ** 2 * jnp.mean((info.eps_cond - eps_ref) ** 2)
+        return info.distance_scale ** 2 * jnp.mean((info.eps_cond - eps_ref) ** 2)
     if kl_on == "guided":
         eps_ref = ddim.guided_eps(eps_fn, reference_params, info.x_t, timesteps, context,
                                   null_context, guidance_scale)
-        return info.eps_scale ** 2 * jnp.mean((info.output - eps_ref) ** 2)
+        return info.distance_scale ** 2 * jnp.mean((info.output - eps_ref) ** 2)
     raise ValueError(f"kl_on {kl_on!r}: use 'conditional' or 'guided'")
 
 

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vard_jax.diffusion import ddim, rollout as rollout_lib, steering as steering_lib
-from vard_jax.diffusion.schedule import DDIMSchedule, NoiseScheduleConfig, make_ddim_schedule
+from vard_jax.diffusion import ddim, rollout as rollout_lib, schedule as schedule_lib
+from vard_jax.diffusion import steering as steering_lib
+from vard_jax.diffusion.schedule import Schedule, ScheduleConfig
 
 
 class TextToImage(Protocol):
@@ -18,8 +19,9 @@ class TextToImage(Protocol):
 
     The sampling layer states its needs here, so that it depends on no model code."""
 
-    schedule: NoiseScheduleConfig  # the training noise schedule of the denoiser
+    schedule: ScheduleConfig  # the denoiser's training schedule (DDPM noise, or flow matching)
     sample_shape: tuple[int, ...]  # [C, H, W] of the denoiser's input (pixels or latents)
+    image_seq_len: Optional[int]  # latent tokens, for a flow grid's dynamic shifting
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray: ...
 
@@ -72,8 +74,9 @@ RESAMPLE_KEY_SALT = 0x5EED
 ContextValueFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def make_schedule(pipeline: TextToImage, num_steps: int) -> DDIMSchedule:
-    return make_ddim_schedule(pipeline.schedule, num_steps)
+def make_schedule(pipeline: TextToImage, num_steps: int) -> Schedule:
+    """The sampling grid of the pipeline's model (DDIM, or the flow grid of a flow model)."""
+    return schedule_lib.make_schedule(pipeline.schedule, num_steps, pipeline.image_seq_len)
 
 
 def null_ids(pipeline: TextToImage) -> jax.Array:
@@ -163,7 +166,7 @@ def steered_sample(pipeline: TextToImage, params: dict, unet_params: Any, input_
             guidance_scale=spec.guidance_scale, python_loop=spec.python_loop,
             eps_shift=eps_shift)
         x0 = trajectory.x0
-        final_value = value(x0, jnp.full((batch,), schedule.prev_timesteps[-1], jnp.int32))
+        final_value = value(x0, rollout_lib.step_timesteps(schedule.prev_timesteps[-1], batch))
         log_weights = jnp.zeros((batch,), jnp.float32)
         ess = jnp.ones((spec.num_steps, batch), jnp.float32)
         resampled = jnp.zeros((spec.num_steps, batch), bool)

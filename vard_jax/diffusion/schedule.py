@@ -1,6 +1,12 @@
-"""Noise schedules and the DDIM timestep grid, as a pytree of arrays.
+"""Sampling schedules: the ``Schedule`` interface the rollout steps through, the DDPM noise
+schedule with its DDIM grid, and ``make_schedule`` for either family.
 
-Conventions follow diffusers' DDIM schedulers so that a Stable Diffusion scheduler config
+Two families implement ``Schedule``: ``DDIMSchedule`` (noise-prediction models: epsilon, v or
+x0; the step in ``vard_jax.diffusion.ddim``) and ``flow.FlowSchedule`` (flow-matching models
+predicting a velocity; Euler and SDE steps in ``vard_jax.diffusion.flow``). The rollout, the
+algorithms and steering call only the interface.
+
+DDIM conventions follow diffusers' DDIM schedulers so that a Stable Diffusion scheduler config
 (``scheduler_config.json``) means the same thing here: "leading" timestep spacing plus
 ``steps_offset``, and the alpha_bar used after the last step is 1 (``set_alpha_to_one``) or
 alpha_bar[0].
@@ -10,12 +16,48 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Protocol, Union
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vard_jax.diffusion import ddim, flow
+
+
+class Schedule(Protocol):
+    """A T-step sampling grid; index i = 0 is the noisiest step.
+
+    ``timesteps`` [T] are what the model reads at each step (int32 for DDPM models, float32
+    for flow models), ``prev_timesteps`` [T] where each step lands (the value's timestep for
+    the state after the step).
+    """
+
+    timesteps: jax.Array
+    prev_timesteps: jax.Array
+
+    @property
+    def num_steps(self) -> int: ...
+
+    def step(self, i: jax.Array | int, x_t: jax.Array, output: jax.Array,
+             noise: Optional[jax.Array], eta: float,
+             eps_shift: Optional[jax.Array] = None) -> ddim.StepOutput:
+        """Step i from x_t given the model's (guided) output; ``noise`` z_i or None (mean)."""
+
+    def std(self, i: jax.Array | int, eta: float) -> jax.Array:
+        """The standard deviation of step i's Gaussian kernel (0: deterministic)."""
+
+    def distance_scale(self, i: jax.Array | int) -> jax.Array:
+        """The factor that turns a difference of model outputs at step i into the difference
+        VARD's KL term measures (noise predictions; velocities for flow models)."""
+
+    def noise_level(self, i: jax.Array | int) -> jax.Array:
+        """The coefficient of the noise eps in x_t at step i (value guidance's scale)."""
+
+    def x0_at(self, timesteps: jax.Array, x: jax.Array, output: jax.Array) -> jax.Array:
+        """The one-step prediction x0_hat at per-sample model timesteps [B]; states after the
+        last step (clean) pass through."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +105,51 @@ class DDIMSchedule:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
+    # --- the ``Schedule`` interface -------------------------------------------------------
+    def step(self, i: jax.Array | int, x_t: jax.Array, output: jax.Array,
+             noise: Optional[jax.Array], eta: float,
+             eps_shift: Optional[jax.Array] = None) -> ddim.StepOutput:
+        return ddim.ddim_step(self, i, x_t, output, noise, eta, eps_shift)
+
+    def std(self, i: jax.Array | int, eta: float) -> jax.Array:
+        return ddim.ddim_std(self, i, eta)
+
+    def distance_scale(self, i: jax.Array | int) -> jax.Array:
+        """d eps / d output (1 for epsilon-prediction models)."""
+        return ddim.eps_per_output(self, self.alpha_t[i])
+
+    def noise_level(self, i: jax.Array | int) -> jax.Array:
+        return jnp.sqrt(1.0 - self.alpha_t[i])
+
+    def x0_at(self, timesteps: jax.Array, x: jax.Array, output: jax.Array) -> jax.Array:
+        """Clipped like the sampler's x0 (``clip_sample``; its derivative
+        ``clip_gradient``); timesteps < 0 (after the last step) pass x through."""
+        a = self.alphas_cumprod[jnp.maximum(timesteps, 0)].reshape((-1,) + (1,) * (x.ndim - 1))
+        x0, _ = ddim.predict_x0_eps(self, a, x, output)
+        return ddim.clip_x0(self, jnp.where((timesteps < 0).reshape(a.shape), x, x0))
+
+
+def with_clip_gradient(schedule: Schedule, clip_gradient: str) -> Schedule:
+    """The schedule whose x0 clip has the derivative ``clip_gradient`` (DDIM's
+    ``clip_sample``; a flow schedule, which does not clip, is returned as it is)."""
+    if isinstance(schedule, DDIMSchedule):
+        return schedule.replace(clip_gradient=clip_gradient)
+    return schedule
+
+
+#: What ``Pipeline.schedule`` holds: the training schedule of a DDPM or a flow model.
+ScheduleConfig = Union["NoiseScheduleConfig", flow.FlowMatchConfig]
+
+
+def make_schedule(config: ScheduleConfig, num_steps: int,
+                  image_seq_len: Optional[int] = None) -> Schedule:
+    """The T-step sampling grid of a model's training schedule: DDIM for a DDPM schedule, the
+    flow grid for a flow-matching one (``image_seq_len``: latent tokens, for dynamic
+    shifting)."""
+    if isinstance(config, flow.FlowMatchConfig):
+        return flow.make_flow_schedule(config, num_steps, image_seq_len)
+    return make_ddim_schedule(config, num_steps)
+
 
 def betas_for(config: NoiseScheduleConfig) -> np.ndarray:
     """The training betas, in float64 numpy."""
@@ -75,7 +162,8 @@ def betas_for(config: NoiseScheduleConfig) -> np.ndarray:
         def alpha_bar(time: float) -> float:
             return math.cos((time + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
+        return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
+                         for i in range(n)])
     raise ValueError(f"beta_schedule {config.beta_schedule!r} is not supported; use linear, "
                      "scaled_linear or squaredcos_cap_v2")
 

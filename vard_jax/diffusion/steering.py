@@ -11,7 +11,10 @@ s + lambda grad_x V, i.e. the noise prediction by
     eps' = eps - lambda sqrt(1 - a_t) grad_x V(x_t, t, c),
 
 with a_t = alpha_bar(t); x0_hat and the DDIM step follow from eps' (``ddim.ddim_step``'s
-``eps_shift``; for v-prediction models the shift is applied after converting to eps). lambda
+``eps_shift``; for v-prediction models the shift is applied after converting to eps). For a
+flow model x_t = (1 - sigma) x_0 + sigma eps, and the same tilt gives
+eps' = eps - lambda sigma grad_x V: sqrt(1 - a_t) is the schedule's ``noise_level`` either way
+(the flow step turns the eps shift into a velocity shift). lambda
 (``scale``) 0 gives plain sampling exactly. V is trained on the states *after* each step, at
 the timestep they land on; the pure-noise state entering step 0 is never among them, so
 guidance starts at step 1.
@@ -39,13 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vard_jax.diffusion import ddim, rollout as rollout_lib
-from vard_jax.diffusion.schedule import DDIMSchedule
+from vard_jax.diffusion.schedule import Schedule
 
 # value_fn(x [B, ...], timesteps [B] int32) -> [B]: V with the prompt and parameters bound.
 ValueFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def value_guidance(value_fn: ValueFn, schedule: DDIMSchedule, scale: float,
+def value_guidance(value_fn: ValueFn, schedule: Schedule, scale: float,
                    first_step: int = 1) -> rollout_lib.EpsShift:
     """``eps_shift(x_t, i) = -scale sqrt(1 - a_t) grad_x V(x_t, tau_i)`` for the rollout
     (zero before ``first_step``; module docstring)."""
@@ -54,9 +57,9 @@ def value_guidance(value_fn: ValueFn, schedule: DDIMSchedule, scale: float,
         return jnp.sum(value_fn(x, timesteps))
 
     def eps_shift(x: jax.Array, i: jax.Array) -> jax.Array:
-        timesteps = jnp.full((x.shape[0],), schedule.timesteps[i], jnp.int32)
+        timesteps = rollout_lib.step_timesteps(schedule.timesteps[i], x.shape[0])
         gradient = jax.grad(value_sum)(x, timesteps)
-        shift = -scale * jnp.sqrt(1.0 - schedule.alpha_t[i]) * gradient
+        shift = -scale * schedule.noise_level(i) * gradient
         return jnp.where(i >= first_step, shift, jnp.zeros_like(shift))
 
     return eps_shift
@@ -104,7 +107,7 @@ def systematic_ancestors(key: jax.Array, log_weights: jax.Array) -> jax.Array:
     return jnp.minimum(ancestors, n - 1)
 
 
-def steered_rollout(eps_fn: ddim.EpsFn, params, schedule: DDIMSchedule, x_T: jax.Array,
+def steered_rollout(eps_fn: ddim.EpsFn, params, schedule: Schedule, x_T: jax.Array,
                     noise: jax.Array, context: jax.Array, null_context: jax.Array,
                     value_fn: ValueFn, key: jax.Array, *, particles: int, eta: float,
                     guidance_scale: float, temperature: float = 1.0, resample_every: int = 1,
@@ -132,7 +135,7 @@ def steered_rollout(eps_fn: ddim.EpsFn, params, schedule: DDIMSchedule, x_T: jax
         info = rollout_lib.denoising_step(eps_fn, params, schedule, x, i, z, context,
                                           null_context, eta=eta, guidance_scale=guidance_scale,
                                           eps_shift=eps_shift)
-        landed = jnp.full((batch,), schedule.prev_timesteps[i], jnp.int32)
+        landed = rollout_lib.step_timesteps(schedule.prev_timesteps[i], batch)
         v = value_fn(info.x_prev, landed).astype(jnp.float32)
         log_w = log_w + (v - v_last) / temperature
         grouped = log_w.reshape(groups, particles)

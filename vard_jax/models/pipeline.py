@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vard_jax.diffusion.schedule import NoiseScheduleConfig
+from vard_jax.diffusion.schedule import ScheduleConfig
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,7 +26,7 @@ class Pipeline:
     unet: Any  # nn.unet.UNet2DConditionModel: apply(x [B,C,H,W], t [B], context [B,L,D]).sample
     text_encoder: Any  # nn.clip.CLIPTextModel
     tokenizer: Any  # vard_jax.tokenizer.CLIPTokenizer
-    schedule: NoiseScheduleConfig  # the training noise schedule of the UNet
+    schedule: ScheduleConfig  # the training schedule (DDPM noise, or flow matching)
     sample_shape: tuple[int, int, int]  # [C, H, W] of the UNet's input (pixels or latents)
     vae: Optional[Any] = None  # nn.vae.AutoencoderKL for latent models, None for pixels
     vae_scaling_factor: float = 1.0  # latents = scaling * vae.encode(images)
@@ -35,6 +35,12 @@ class Pipeline:
     @property
     def is_latent(self) -> bool:
         return self.vae is not None
+
+    @property
+    def image_seq_len(self) -> Optional[int]:
+        """Latent tokens of a transformer denoiser (a flow grid's dynamic shifting reads it);
+        None for a UNet."""
+        return None
 
     @property
     def context_shape(self) -> tuple[int, int]:
@@ -90,6 +96,12 @@ class SDXLPipeline(Pipeline):
     text_encoder_2: Any = None  # nn.clip.CLIPTextModelWithProjection
     tokenizer_2: Any = None
     time_ids: tuple[int, ...] = (1024, 1024, 0, 0, 1024, 1024)
+
+    @property
+    def image_seq_len(self) -> Optional[int]:
+        """Latent tokens of a transformer denoiser (a flow grid's dynamic shifting reads it);
+        None for a UNet."""
+        return None
 
     @property
     def context_shape(self) -> tuple[int, int]:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from vard_jax.algorithms import ddpo, vard
-from vard_jax.diffusion import ddim, rollout as rollout_lib, sampler as sampler_lib
-from vard_jax.diffusion.schedule import make_ddim_schedule
+from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
+from vard_jax.diffusion.schedule import with_clip_gradient
 from vard_jax.models import loader, policy as policy_lib, value as value_lib
 from vard_jax.parallel import mesh as mesh_lib
 from vard_jax.rewards import registry
@@ -48,11 +48,10 @@ class Components:
                 raise ValueError(f"{flag} needs a differentiable reward; {self.reward.name!r} "
                                  f"is not (set {flag}=False)")
         self.num_steps = config.sample.num_steps
-        self.schedule = make_ddim_schedule(self.pipeline.schedule, self.num_steps)
+        self.schedule = sampler_lib.make_schedule(self.pipeline, self.num_steps)
         # The differentiated rollouts (VARD's policy step, DRaFT) may use the straight-through
         # derivative of the x0 clip; sampling and DDPO's densities use ``self.schedule``.
-        self.policy_schedule = self.schedule.replace(
-            clip_gradient=config.policy.clip_x0_gradient)
+        self.policy_schedule = with_clip_gradient(self.schedule, config.policy.clip_x0_gradient)
         # How the run samples (``sampler.sample``): its rollouts for training and DDPO's.
         self.sampler_spec = sampler_lib.SamplerSpec(self.num_steps, config.sample.eta,
                                                     config.sample.guidance_scale,
@@ -90,16 +89,12 @@ class Components:
         """The frozen reference model's conditional one-step prediction x0_hat(x_t),
         differentiable in ``x`` (what the conv_x0 and reward_init values read); the final
         state (t < 0) is already clean and passes through."""
-        t = jnp.maximum(timesteps, 0)
-        output = self.pipeline.eps_fn(reference_params, x, t, context)
-        a = jnp.asarray(self.schedule.alphas_cumprod)[t].reshape((-1,) + (1,) * (x.ndim - 1))
-        x0, _ = ddim.predict_x0_eps(self.policy_schedule, a, x, output)  # eps or v models
-        # Clipped like the sampler's x0 (clip_sample, the shapes world's pixels; identity for
-        # Stable Diffusion's latents): the early steps' predictions are otherwise
-        # ~1/sqrt(alpha_bar) ~ 100 times too large. The derivative follows
-        # policy.clip_x0_gradient.
-        return ddim.clip_x0(self.policy_schedule,
-                            jnp.where((timesteps < 0).reshape(a.shape), x, x0))
+        output = self.pipeline.eps_fn(reference_params, x, jnp.maximum(timesteps, 0), context)
+        # eps, v or velocity models. A DDPM model's x0 is clipped like the sampler's
+        # (clip_sample, the shapes world's pixels; identity for Stable Diffusion's latents):
+        # the early steps' predictions are otherwise ~1/sqrt(alpha_bar) ~ 100 times too large.
+        # The derivative follows policy.clip_x0_gradient.
+        return self.policy_schedule.x0_at(timesteps, x, output)
 
     def _make_value_model(self) -> value_lib.ValueModel:
         config, pipeline = self.config, self.pipeline

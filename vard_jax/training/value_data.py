@@ -35,7 +35,7 @@ def dataset(states: np.ndarray, context: np.ndarray, rewards: np.ndarray, stats:
     targets = np.asarray(stats.standardise(jnp.asarray(rewards)))  # [N]
     data = {
         "states": states.reshape((n * t,) + states.shape[2:]),
-        "timesteps": np.tile(np.asarray(prev_timesteps), n).astype(np.int32),
+        "timesteps": np.tile(np.asarray(prev_timesteps), n),  # int32 (float32: flow models)
         "step_index": np.tile(np.arange(t), n),
         "chain": np.repeat(np.arange(n), t),
         "context": context,
