@@ -1,15 +1,23 @@
-"""CLIP's byte-level BPE tokenizer, on the ``tokenizers`` library (no transformers needed).
+"""Text encoders' tokenizers on the ``tokenizers`` library (no transformers needed): CLIP's
+byte-level BPE (``CLIPTokenizer``) and T5's SentencePiece Unigram (``T5Tokenizer``, SD3's third).
 
-Reads a tokenizer folder as the hub stores it: ``tokenizer.json`` when present, else
-``vocab.json`` + ``merges.txt``, with ``tokenizer_config.json`` / ``special_tokens_map.json``
-for the maximum length and the special tokens (SD 2.x pads with ``"!"``, SD 1.x with
-``<|endoftext|>``). Text is normalised as CLIP does (NFC, runs of whitespace to one space,
-lower case), split into words, numbers and punctuation, byte-level encoded, and merged by BPE
-with ``</w>`` marking the end of a word.
+``CLIPTokenizer`` reads a tokenizer folder as the hub stores it: ``tokenizer.json`` when
+present, else ``vocab.json`` + ``merges.txt``, with ``tokenizer_config.json`` /
+``special_tokens_map.json`` for the maximum length and the special tokens (SD 2.x pads with
+``"!"``, SD 1.x with ``<|endoftext|>``). Text is normalised as CLIP does (NFC, runs of
+whitespace to one space, lower case), split into words, numbers and punctuation, byte-level
+encoded, and merged by BPE with ``</w>`` marking the end of a word.
 
 ``ids(texts, length)`` gives ``[B, length]`` int32: start token, the text's tokens (truncated to
 ``length - 2``), end token, then padding: what transformers' ``CLIPTokenizer`` returns with
 ``padding="max_length", truncation=True`` (checked against it in the tests).
+
+``T5Tokenizer`` reads ``tokenizer.json`` (with the same two configs), which holds the whole
+pipeline: normaliser, whitespace split with ``▁`` marking word starts, Unigram pieces.
+``ids(texts, length)`` gives the text's tokens (truncated to ``length - 1``), ``</s>``, then
+``<pad>``: what transformers' ``T5TokenizerFast`` returns with ``padding="max_length",
+truncation=True`` (SD3 asks for 256 tokens); ``ids_and_mask`` adds the attention mask (1 for the
+tokens and ``</s>``).
 """
 
 from __future__ import annotations
@@ -63,24 +71,44 @@ def _read_merges(file: pathlib.Path) -> list[tuple[str, str]]:
     return merges
 
 
-class CLIPTokenizer:
+class _BackedTokenizer:
+    """What both tokenizers take from the ``tokenizers`` object in ``self._tokenizer``."""
+
+    _tokenizer: Any
+
+    def _set_up(self, tokenizer: Any, model_max_length: int, source: str,
+                **special_tokens: str) -> None:
+        """Keeps the tokenizer and the ids of its special tokens (``<role>_id``); a token not
+        in the vocabulary stops with one line naming ``source``."""
+        self._tokenizer = tokenizer
+        self.model_max_length = int(model_max_length)
+        self.special_tokens = dict(special_tokens)
+        self._special_ids = {}
+        for role, token in self.special_tokens.items():
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{source}: the {role} {token!r} is not in the vocabulary")
+            self._special_ids[role] = token_id
+        self.eos_token_id = self._special_ids["eos_token"]
+        self.pad_token_id = self._special_ids["pad_token"]
+        self.unk_token_id = self._special_ids["unk_token"]
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+
+class CLIPTokenizer(_BackedTokenizer):
     """See the module docstring. Build with ``from_directory`` or ``from_files``."""
 
     def __init__(self, tokenizer: Any, model_max_length: int, bos_token: str = BOS_TOKEN,
                  eos_token: str = EOS_TOKEN, pad_token: str = EOS_TOKEN,
                  unk_token: str = EOS_TOKEN, source: str = "tokenizer"):
-        self._tokenizer = tokenizer
-        self.model_max_length = int(model_max_length)
-        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token,
-                               "pad_token": pad_token, "unk_token": unk_token}
-        ids = {}
-        for role, token in self.special_tokens.items():
-            token_id = tokenizer.token_to_id(token)
-            if token_id is None:
-                raise ValueError(f"{source}: the {role} {token!r} is not in the vocabulary")
-            ids[role] = token_id
-        self.bos_token_id, self.eos_token_id = ids["bos_token"], ids["eos_token"]
-        self.pad_token_id, self.unk_token_id = ids["pad_token"], ids["unk_token"]
+        self._set_up(tokenizer, model_max_length, source, bos_token=bos_token,
+                     eos_token=eos_token, pad_token=pad_token, unk_token=unk_token)
+        self.bos_token_id = self._special_ids["bos_token"]
 
     @classmethod
     def from_files(cls, vocab_file: str | os.PathLike, merges_file: str | os.PathLike,
@@ -117,12 +145,6 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"no tokenizer in {directory}: expected {TOKENIZER_FILE} or "
                                     f"{VOCAB_FILE} + {MERGES_FILE}")
         return cls.from_files(directory / VOCAB_FILE, directory / MERGES_FILE, length, **special)
-
-    def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tokenizer.encode(text, add_special_tokens=False).tokens
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's tokens with the start and end tokens, neither truncated nor padded."""
@@ -162,3 +184,71 @@ class CLIPTokenizer:
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (directory / SPECIAL_TOKENS_FILE).write_text(json.dumps(self.special_tokens, indent=2)
                                                      + "\n")
+
+
+T5_EOS_TOKEN, T5_PAD_TOKEN, T5_UNK_TOKEN = "</s>", "<pad>", "<unk>"
+#: The length ``ids`` pads to when neither the caller nor the configs say (transformers' T5).
+T5_MAX_LENGTH = 512
+
+
+class T5Tokenizer(_BackedTokenizer):
+    """T5's tokenizer (see the module docstring). Build with ``from_directory``."""
+
+    def __init__(self, tokenizer: Any, model_max_length: int = T5_MAX_LENGTH,
+                 eos_token: str = T5_EOS_TOKEN, pad_token: str = T5_PAD_TOKEN,
+                 unk_token: str = T5_UNK_TOKEN, source: str = "tokenizer"):
+        self._set_up(tokenizer, model_max_length, source, eos_token=eos_token,
+                     pad_token=pad_token, unk_token=unk_token)
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike,
+                       model_max_length: Optional[int] = None) -> "T5Tokenizer":
+        """The tokenizer stored in ``directory`` (``tokenizer.json`` and the configs)."""
+        from tokenizers import Tokenizer
+
+        directory = pathlib.Path(directory)
+        if not (directory / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"no tokenizer in {directory}: expected {TOKENIZER_FILE}")
+        settings: dict[str, Any] = {}
+        for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):  # the config has the last word
+            if (directory / name).is_file():
+                settings.update(json.loads((directory / name).read_text(encoding="utf-8")))
+        special = {role: _token(settings[role]) for role in ("eos_token", "pad_token", "unk_token")
+                   if _token(settings.get(role))}
+        length = model_max_length or settings.get("model_max_length") or T5_MAX_LENGTH
+        length = T5_MAX_LENGTH if length > 10 ** 6 else length  # "no limit" sentinel
+        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        tokenizer.post_processor = None  # ``</s>`` is added by ``ids``
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return cls(tokenizer, length, source=str(directory), **special)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's tokens and ``</s>``, neither truncated nor padded."""
+        encoded = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [[*e.ids, self.eos_token_id] for e in encoded]
+
+    def ids_and_mask(self, texts: Sequence[str], length: Optional[int] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``ids`` and its attention mask, both [B, length] int32 (1 = token or ``</s>``)."""
+        length = int(length or self.model_max_length)
+        if length < 1:
+            raise ValueError(f"token length {length}: needs room for the end token")
+        ids = np.full((len(texts), length), self.pad_token_id, np.int32)
+        mask = np.zeros((len(texts), length), np.int32)
+        for row, encoded in enumerate(self._tokenizer.encode_batch(list(texts),
+                                                                   add_special_tokens=False)):
+            tokens = [*encoded.ids[:length - 1], self.eos_token_id]
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        return ids, mask
+
+    def ids(self, texts: Sequence[str], length: Optional[int] = None) -> np.ndarray:
+        """[B, length] int32 (default length: ``model_max_length``); see the module docstring."""
+        return self.ids_and_mask(texts, length)[0]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``; ``skip_special_tokens`` leaves out ``</s>``, ``<pad>`` and
+        ``<unk>`` (every special token of ``tokenizer.json``), as transformers does."""
+        return self._tokenizer.decode([int(i) for i in ids],
+                                      skip_special_tokens=skip_special_tokens)

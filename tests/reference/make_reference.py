@@ -223,6 +223,113 @@ def tokenizer_reference() -> None:
            {"ids": ids})
 
 
+T5_BASE = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=100,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128)
+T5_CASES = {
+    # T5 v1.1 (SD3's text_encoder_3): gated GELU, tanh approximation.
+    "t5_gated_gelu": dict(T5_BASE, feed_forward_proj="gated-gelu"),
+    # The original T5: ReLU; attention narrower than d_model; few buckets, the last ones
+    # (distance >= 20) reached within the text.
+    "t5_relu": dict(T5_BASE, feed_forward_proj="relu", d_kv=6, num_layers=3,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=20),
+}
+T5_LENGTH, T5_TEXT_LENGTHS = 24, (8, 21)  # tokens per row; real tokens (with </s>) when padded
+#: The tiny T5 tokenizer's training text and the texts it is checked on (truncated to 16).
+T5_TOKENIZER_CORPUS = ["a red circle on a blue background", "two green squares left of a circle",
+                       "three pink hexagons above the yellow triangle",
+                       "a small purple star next to an orange square",
+                       "the big blue circle is right of the red hexagon"] * 4
+T5_TOKENIZER_TEXTS = TOKENIZER_TEXTS + ["  leading and   trailing spaces ", "tab\tand\nnewline",
+                                        "ends with </s> inside"]
+T5_TOKENIZER_FILES = DATA / "t5_tokenizer_files"
+
+
+def _t5_tokenizer_files() -> None:
+    """A Unigram tokenizer in T5's layout (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2; whitespace
+    split and ``▁`` word starts; ``</s>`` appended), trained on ``T5_TOKENIZER_CORPUS``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=80, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tokenizer.train_from_iterator(T5_TOKENIZER_CORPUS, trainer)
+    # the same file on every run: pieces of equal (rounded) score in a fixed order
+    vocab = [tuple(entry) for entry in json.loads(tokenizer.to_str())["model"]["vocab"]]
+    pieces = sorted(((piece, round(score, 6)) for piece, score in vocab[3:]),
+                    key=lambda entry: (-entry[1], entry[0]))
+    tokenizer.model = models.Unigram(vocab[:3] + pieces, unk_id=2, byte_fallback=False)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    T5_TOKENIZER_FILES.mkdir(exist_ok=True)
+    tokenizer.save(str(T5_TOKENIZER_FILES / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = dict(special, tokenizer_class="T5Tokenizer", extra_ids=0, model_max_length=16)
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (T5_TOKENIZER_FILES / name).write_text(json.dumps(content, indent=1) + "\n")
+
+
+@torch.no_grad()
+def t5_reference() -> None:
+    """transformers' T5EncoderModel (last hidden state, with and without padding and mask),
+    its relative position buckets, and its T5 tokenizer on a tiny Unigram vocabulary."""
+    rng = np.random.default_rng(5678)
+    ids = rng.integers(2, 100, (2, T5_LENGTH))
+    ids[:, -1] = 1  # </s>
+    lengths = np.array(T5_TEXT_LENGTHS)[:, None]
+    positions = np.arange(T5_LENGTH)[None]
+    padded = np.where(positions < lengths - 1, ids, np.where(positions == lengths - 1, 1, 0))
+    mask = (positions < lengths).astype(np.int64)
+    relative = np.arange(-600, 601)
+    for name, config in T5_CASES.items():
+        model = transformers.T5EncoderModel(transformers.T5Config(**config))
+        state = model.state_dict()
+        shapes = {k: list(v.shape) for k, v in state.items()
+                  if v.is_floating_point() and k != "encoder.embed_tokens.weight"}  # tied
+        missing, unexpected = model.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in weights.state_dict(shapes, 7).items()},
+            strict=False)
+        assert not unexpected and missing == ["encoder.embed_tokens.weight"], missing
+        assert model.encoder.embed_tokens.weight is model.shared.weight
+        model.eval()
+        run = lambda i, m=None: model(  # noqa: E731
+            input_ids=torch.from_numpy(i),
+            attention_mask=None if m is None else torch.from_numpy(m)).last_hidden_state
+        out, masked, unmasked = run(ids), run(padded, mask), run(padded)
+        model.set_attn_implementation("eager")  # the default (sdpa) agrees with eager
+        np.testing.assert_allclose(_np(run(padded, mask)), _np(masked), atol=1e-5)
+        attention = model.encoder.block[0].layer[0].SelfAttention
+        buckets = attention._relative_position_bucket(
+            torch.from_numpy(relative), bidirectional=True,
+            num_buckets=config["relative_attention_num_buckets"],
+            max_distance=config["relative_attention_max_distance"])
+        record = {"class": "T5EncoderModel", "config": model.config.to_dict(),
+                  "shapes": shapes, "seed": 7}
+        model.to(torch.bfloat16)  # how far transformers' own bfloat16 run is from float32
+        record["bfloat16_error"] = max(
+            float(np.abs(_np(low) - _np(want)).max() / max(1.0, np.abs(_np(want)).max()))
+            for low, want in zip((run(ids), run(padded, mask), run(padded)),
+                                 (out, masked, unmasked)))
+        _write(name, record,
+               dict(input_ids=ids, last_hidden_state=_np(out), padded_ids=padded,
+                    attention_mask=mask, masked_last_hidden_state=_np(masked),
+                    unmasked_last_hidden_state=_np(unmasked), relative_position=relative,
+                    buckets=buckets.numpy()))
+    _t5_tokenizer_files()
+    tokenizer = transformers.T5TokenizerFast.from_pretrained(str(T5_TOKENIZER_FILES))
+    encoded = tokenizer(T5_TOKENIZER_TEXTS, padding="max_length", max_length=16,
+                        truncation=True, return_tensors="np")
+    full = tokenizer(T5_TOKENIZER_TEXTS).input_ids
+    _write("t5_tokenizer", {"texts": T5_TOKENIZER_TEXTS, "full_ids": full,
+                            "tokens": [tokenizer.tokenize(t) for t in T5_TOKENIZER_TEXTS],
+                            "decoded": [tokenizer.decode(row, skip_special_tokens=True)
+                                        for row in full]},
+           {"ids": encoded.input_ids, "attention_mask": encoded.attention_mask})
+
+
 def _import_open_clip():
     """open_clip's model code. Its image transforms import torchvision, whose wheels here do
     not match the CPU torch; they are not used, so torchvision is stood in for by an empty
@@ -275,6 +382,46 @@ def open_clip_reference() -> None:
                 text_features=_np(text)))
 
 
+MMDIT_BASE = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                  pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
+MMDIT_CASES = {
+    # SD 3: joint attention only, no query/key norm.
+    "mmdit_sd3": MMDIT_BASE,
+    # SD 3.5 Medium (MMDiT-X): RMS query/key norm, an extra image self-attention in block 0.
+    "mmdit_sd35": dict(MMDIT_BASE, num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,)),
+}
+#: Latent sizes: sample_size itself and a non-square one, both centre crops of the 16 x 16
+#: position grid (pos_embed_max_size patches).
+MMDIT_SAMPLES = {"square": (8, 8), "wide": (6, 10)}
+
+
+@torch.no_grad()
+def mmdit_reference() -> None:
+    """diffusers' SD3Transformer2DModel. Its position table is a persistent buffer: kept as
+    diffusers computes it (out of ``shapes``, so the tests do not draw it at random) and
+    stored as ``pos_embed``."""
+    rng = np.random.default_rng(4321)
+    for name, config in MMDIT_CASES.items():
+        model = diffusers.SD3Transformer2DModel(**config)
+        table = model.pos_embed.pos_embed.clone()
+        shapes = _load(model, seed=6)
+        model.pos_embed.pos_embed.copy_(table)
+        shapes.pop("pos_embed.pos_embed")
+        arrays = {"pos_embed": _np(table), "timestep": np.array([500.5, 3.25], np.float32),
+                  "encoder_hidden_states": rng.standard_normal((2, 5, 24)).astype(np.float32),
+                  "pooled_projections": rng.standard_normal((2, 12)).astype(np.float32)}
+        for sample, (height, width) in MMDIT_SAMPLES.items():
+            latents = rng.standard_normal((2, 4, height, width)).astype(np.float32)
+            out = model(torch.from_numpy(latents),
+                        torch.from_numpy(arrays["encoder_hidden_states"]),
+                        torch.from_numpy(arrays["pooled_projections"]),
+                        torch.from_numpy(arrays["timestep"])).sample
+            arrays[f"{sample}/hidden_states"], arrays[f"{sample}/out"] = latents, _np(out)
+        _write(name, {"class": "SD3Transformer2DModel", "config": dict(model.config),
+                      "shapes": shapes, "seed": 6, "samples": MMDIT_SAMPLES}, arrays)
+
+
 @torch.no_grad()
 def main() -> None:
     DATA.mkdir(exist_ok=True)
@@ -282,6 +429,8 @@ def main() -> None:
     ddim_reference()
     flow_reference()
     tokenizer_reference()
+    mmdit_reference()
+    t5_reference()
     rng = np.random.default_rng(1234)
     for name, config in UNET_CASES.items():
         model = diffusers.UNet2DConditionModel(**config)

@@ -1,7 +1,7 @@
 """Reading public checkpoints into the project's networks: one component folder at a time.
 
-A component folder (``unet/``, ``vae/``, ``text_encoder/``, or a CLIP repository's root) holds
-``config.json`` and one weight file, looked for in this order:
+A component folder (``unet/``, SD3's ``transformer/``, ``vae/``, ``text_encoder/``, or a CLIP
+repository's root) holds ``config.json`` and one weight file, looked for in this order:
 
 ========================  ====================================  ======================
 kind                      diffusers (UNet, VAE)                  transformers (CLIP)
@@ -35,7 +35,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vard_jax.models.nn import clip as clip_lib
+from vard_jax.models.nn import mmdit as mmdit_lib
 from vard_jax.models.nn import open_clip
+from vard_jax.models.nn import t5 as t5_lib
 from vard_jax.models.nn import unet as unet_lib
 from vard_jax.models.nn import vae as vae_lib
 
@@ -57,6 +59,12 @@ class WeightFiles:
             return plain
         return tuple(_with_variant(n, variant) for n in plain[1:]) + plain
 
+    def indexes(self, variant: str = "") -> tuple[str, ...]:
+        """Index files of safetensors split into shards (``<safetensors>.index.json``), the
+        variant's first, as diffusers and transformers name them."""
+        plain = f"{self.safetensors}.index.json"
+        return ((_with_variant(plain, variant),) if variant else ()) + (plain,)
+
     def kind(self, name: str) -> str:
         return {".msgpack": "flax", ".safetensors": "safetensors", ".bin": "pickle"}[
             pathlib.Path(name).suffix]
@@ -76,12 +84,22 @@ TRANSFORMERS_WEIGHTS = WeightFiles("flax_model.msgpack", "model.safetensors", "p
 
 def weight_file(directory: pathlib.Path, weights: WeightFiles,
                 variant: str = "") -> pathlib.Path:
-    """The preferred weight file in ``directory`` (FileNotFoundError naming the candidates)."""
-    for name in weights.names(variant):
+    """The preferred weight file in ``directory``, or the index of its shards
+    (FileNotFoundError naming the candidates)."""
+    names = weights.names(variant) + weights.indexes(variant)
+    for name in names:
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"no weights in {directory}: expected one of "
-                            f"{', '.join(weights.names(variant))}")
+    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(names)}")
+
+
+def shard_files(index: pathlib.Path) -> list[pathlib.Path]:
+    """The shard files an ``*.index.json`` names (its ``weight_map``), in order."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{index}: not a readable shard index ({error})") from None
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
 
 
 def require_torch(what: pathlib.Path) -> None:
@@ -94,8 +112,15 @@ def require_torch(what: pathlib.Path) -> None:
 
 
 def read_state_dict(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """A PyTorch state dict from ``.safetensors`` (host arrays, bfloat16 via ml_dtypes) or a
-    pickled ``.bin``."""
+    """A PyTorch state dict from ``.safetensors`` (host arrays, bfloat16 via ml_dtypes), the
+    shards an ``*.index.json`` names, or a pickled ``.bin``."""
+    if file.suffix == ".json" and ".index." in file.name:  # <weights>.index[.variant].json
+        state: dict[str, np.ndarray] = {}
+        for shard in shard_files(file):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{file} names {shard.name}, which is missing")
+            state.update(read_state_dict(shard))
+        return state
     if file.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -145,6 +170,8 @@ def _candidates(pt_key: str, tensor: np.ndarray) -> Iterator[tuple[tuple[str, ..
                     yield base + ("kernel",), tensor.T
                     yield base + ("embedding",), tensor
                 yield base + ("scale",), tensor  # group/layer norm
+                if leaf == "weight":  # a norm scale under its PyTorch name (T5)
+                    yield base + ("weight",), tensor
             elif leaf == "beta":
                 yield base + ("bias",), tensor
             else:
@@ -243,6 +270,25 @@ def load_unet(directory: pathlib.Path, dtype: Any = jnp.float32, implementation:
     return module, load_params(directory, module.init_params, DIFFUSERS_WEIGHTS, variant)
 
 
+def load_sd3_transformer(directory: pathlib.Path, dtype: Any = jnp.float32,
+                         implementation: str = "xla", variant: str = ""
+                         ) -> tuple[mmdit_lib.SD3Transformer2DModel, Any]:
+    """SD 3 / 3.5's MMDiT from a diffusers ``transformer/`` folder. The position table
+    (diffusers' persistent buffer ``pos_embed.pos_embed``) is read like a weight; a checkpoint
+    without it gets the sin-cos table diffusers computes."""
+    directory = pathlib.Path(directory)
+    config = mmdit_lib.MMDiTConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    module = mmdit_lib.SD3Transformer2DModel(config, dtype=dtype, implementation=implementation)
+    target = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
+    file = weight_file(directory, DIFFUSERS_WEIGHTS, variant)
+    if file.suffix == ".msgpack":
+        return module, as_float32(read_flax(file, target))
+    state = dict(read_state_dict(file))
+    if mmdit_lib.POSITION_KEY not in state:
+        state[mmdit_lib.POSITION_KEY] = np.asarray(mmdit_lib.position_table(config))
+    return module, as_float32(convert_state_dict(state, target, str(file)))
+
+
 def load_vae(directory: pathlib.Path, dtype: Any = jnp.float32,
              variant: str = "") -> tuple[vae_lib.AutoencoderKL, Any]:
     config = vae_lib.VAEConfig.from_dict(read_config(directory), str(directory / CONFIG))
@@ -261,6 +307,32 @@ def load_clip_text(directory: pathlib.Path, dtype: Any = jnp.float32, implementa
     prefixes = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
     return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant,
                                keep=lambda key: key.startswith(prefixes))
+
+
+#: T5's encoder input embedding, tied to ``shared.weight`` (some checkpoints store both).
+T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"
+
+
+def load_t5_encoder(directory: pathlib.Path, dtype: Any = jnp.float32,
+                    implementation: str = "xla", variant: str = ""
+                    ) -> tuple[t5_lib.T5EncoderModel, Any]:
+    """T5's encoder (SD3's ``text_encoder_3``; a whole T5 checkpoint's decoder is left out).
+
+    ``encoder.embed_tokens.weight`` stands in for ``shared.weight`` where that is missing and is
+    dropped otherwise."""
+    directory = pathlib.Path(directory)
+    config = t5_lib.T5Config.from_dict(read_config(directory), str(directory / CONFIG))
+    module = t5_lib.T5EncoderModel(config, dtype=dtype, implementation=implementation)
+    file = weight_file(directory, TRANSFORMERS_WEIGHTS, variant)
+    target = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
+    keep = lambda key: key.startswith(("shared.", "encoder."))  # noqa: E731
+    if file.suffix == ".msgpack":
+        return module, as_float32(read_flax(file, target, keep))
+    state = {key: value for key, value in read_state_dict(file).items() if keep(key)}
+    tied = state.pop(T5_TIED_EMBEDDING, None)
+    if tied is not None and "shared.weight" not in state:
+        state["shared.weight"] = tied
+    return module, as_float32(convert_state_dict(state, target, str(file)))
 
 
 def load_clip(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
