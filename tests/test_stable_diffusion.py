@@ -806,7 +806,8 @@ def _check_exports(tmp_path, config, trainer, adapters):
 @pytest.mark.parametrize("config_file, model_id", [
     ("pickscore", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
     ("sd2_pickscore", "stabilityai/stable-diffusion-2-1"),
-    ("sdxl_pickscore", "stabilityai/stable-diffusion-xl-base-1.0")])
+    ("sdxl_pickscore", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sd35_pickscore", "stabilityai/stable-diffusion-3.5-medium")])
 def test_pickscore_config_offline_is_one_line(tmp_path, config_file, model_id):
     """Without network or weights, the headline command stops at once, naming the model id
     and the config field that points at a local directory."""

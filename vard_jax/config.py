@@ -165,6 +165,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.pretrained.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("config.pretrained.param_dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     ("config.pretrained.attention", lambda v: v in ATTENTION, f"one of {', '.join(ATTENTION)}"),
+    ("config.pretrained.resolution", lambda v: v >= 0, ">= 0 (0 = the model's own)"),
     ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
     ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     ("config.sample.guidance_scale", lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]"),

@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (no [L, L] score matrix in memory: SD 1.5 at 512 px, K=1 LoRA policy step 21.8 -> 9.6 GiB).
     pretrained.attention = "xla"
     pretrained.variant = ""  # Weight file variant to prefer, e.g. "fp16" (<weights>.fp16.safetensors).
+    # Stable Diffusion: image side in pixels (0 = the model's own, e.g. 1024 for SD 3.5). It
+    # must be a multiple of the VAE's factor (8) times a transformer's patch size.
+    pretrained.resolution = 0
 
     # --- the DDIM sampler -------------------------------------------------------------------
     config.sample = sample = ml_collections.ConfigDict()

@@ -60,7 +60,8 @@ def _load_stable_diffusion(config) -> LoadedModel:
     pretrained = config.pretrained
     pipeline, params = stable_diffusion.load(pretrained.path, dtype=pretrained.dtype,
                                              variant=pretrained.variant,
-                                             attention=pretrained.attention)
+                                             attention=pretrained.attention,
+                                             resolution=pretrained.resolution)
     # The reward's weights are its own (reward.path); a SD checkpoint holds no reward model.
     return LoadedModel(pipeline, params, reward_path=config.reward.path)
 

@@ -98,12 +98,6 @@ class SDXLPipeline(Pipeline):
     time_ids: tuple[int, ...] = (1024, 1024, 0, 0, 1024, 1024)
 
     @property
-    def image_seq_len(self) -> Optional[int]:
-        """Latent tokens of a transformer denoiser (a flow grid's dynamic shifting reads it);
-        None for a UNet."""
-        return None
-
-    @property
     def context_shape(self) -> tuple[int, int]:
         return (self.max_length + 1, self.unet.config.cross_attention_dim)
 
@@ -133,3 +127,79 @@ class SDXLPipeline(Pipeline):
                   context: jax.Array) -> Any:
         hidden, added = self.split_context(context)
         return self.unet.apply({"params": unet_params}, x, timesteps, hidden, added)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SD3Pipeline(Pipeline):
+    """Stable Diffusion 3 / 3.5: an MMDiT flow model (``unet`` holds the
+    ``nn.mmdit.SD3Transformer2DModel``), three text encoders and a 16-channel VAE.
+
+    The context the rollout carries is one array, [B, L + L3 + 1, D] (D = the transformer's
+    ``joint_attention_dim``): rows 0..L-1 hold the two CLIP encoders' penultimate hidden
+    states side by side, zero-padded to D; the next L3 rows the T5 encoder's last hidden states
+    (``text_encoder_3``; without it, L3 = L rows of zeros, as diffusers does); the last row the
+    two CLIPs' pooled, projected embeddings side by side (the transformer's
+    ``pooled_projections``), zero-padded to D. Token ids are the three tokenizers' ids side by
+    side, [B, 2L + L3]. The model output is the velocity; ``schedule`` is a
+    ``FlowMatchConfig``.
+    """
+
+    text_encoder_2: Any = None  # nn.clip.CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2: Any = None
+    text_encoder_3: Any = None  # nn.t5.T5EncoderModel, or None (zero embeddings)
+    tokenizer_3: Any = None
+    t5_length: int = 256  # max_sequence_length of diffusers' SD3 pipeline
+
+    @property
+    def image_seq_len(self) -> Optional[int]:
+        patch = self.unet.config.patch_size
+        return (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
+
+    @property
+    def _t5_rows(self) -> int:
+        return self.t5_length if self.text_encoder_3 is not None else self.max_length
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        return (self.max_length + self._t5_rows + 1, self.unet.config.joint_attention_dim)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        prompts = list(prompts)
+        ids = [self.tokenizer.ids(prompts, self.max_length),
+               self.tokenizer_2.ids(prompts, self.max_length)]
+        if self.text_encoder_3 is not None:
+            ids.append(self.tokenizer_3.ids(prompts, self.t5_length))
+        return np.concatenate(ids, axis=1)
+
+    def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
+        length, width = self.max_length, self.unet.config.joint_attention_dim
+        first = self.text_encoder.apply({"params": text_params["one"]}, input_ids[:, :length])
+        second = self.text_encoder_2.apply({"params": text_params["two"]},
+                                           input_ids[:, length:2 * length])
+        clip = jnp.concatenate([first.penultimate, second.penultimate], axis=-1)
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+        if self.text_encoder_3 is not None:
+            t5 = self.text_encoder_3.apply({"params": text_params["three"]},
+                                           input_ids[:, 2 * length:]).astype(clip.dtype)
+        else:
+            t5 = jnp.zeros((input_ids.shape[0], length, width), clip.dtype)
+        pooled = jnp.concatenate([first.text_embeds, second.text_embeds], axis=-1)
+        row = jnp.pad(pooled, ((0, 0), (0, width - pooled.shape[-1]))).astype(clip.dtype)
+        return jnp.concatenate([clip, t5, row[:, None, :]], axis=1)
+
+    def unet_call(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                  context: jax.Array) -> jax.Array:
+        """The transformer's velocity at x [B, C, H, W] for the packed context."""
+        pooled = context[:, -1, :self.unet.config.pooled_projection_dim]
+        return self.unet.apply({"params": unet_params}, x, context[:, :-1], pooled, timesteps)
+
+    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+               context: jax.Array) -> jax.Array:
+        """The velocity prediction, float32 (a flow model's output; the name is the
+        interface's)."""
+        return self.unet_call(unet_params, x, timesteps, context).astype(jnp.float32)
+
+    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                     context: jax.Array) -> jax.Array:
+        raise ValueError("value.arch = 'unet_head' reads a UNet's mid block; Stable Diffusion 3's "
+                         "transformer has none (use value.arch = 'conv' or 'conv_x0')")

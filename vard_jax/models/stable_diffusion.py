@@ -10,6 +10,12 @@ A checkpoint in the diffusers layout has one folder per component::
     scheduler/     scheduler_config.json
     text_encoder_2/, tokenizer_2/   SDXL only: the second encoder (with its projection)
 
+Stable Diffusion 3 / 3.5 has ``transformer/`` (the MMDiT flow model) instead of ``unet/``, a
+flow-matching ``scheduler/``, and three text encoders: ``text_encoder/`` and ``text_encoder_2/``
+(CLIPs with projection), ``text_encoder_3/`` (T5, optional: without it the T5 rows of the
+context are zeros, as in diffusers) with ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``.
+Weights split into shards (``*.safetensors.index.json``) are read shard by shard.
+
 Each component is built from its ``config.json`` as the project's own network
 (``vard_jax.models.nn``) and filled from its Flax weights when it has them, else from its
 PyTorch weights (``vard_jax.models.nn.weights``: ``.safetensors`` without PyTorch, pickled
@@ -25,6 +31,7 @@ sets the modules' computation dtype only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -33,11 +40,12 @@ from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 
-from vard_jax.diffusion.schedule import NoiseScheduleConfig
+from vard_jax.diffusion.flow import FlowMatchConfig
+from vard_jax.diffusion.schedule import NoiseScheduleConfig, ScheduleConfig
 from vard_jax.models.nn import weights as weights_lib
 from vard_jax.models.nn.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFiles
-from vard_jax.models.pipeline import Pipeline, SDXLPipeline
-from vard_jax.tokenizer import CLIPTokenizer
+from vard_jax.models.pipeline import Pipeline, SD3Pipeline, SDXLPipeline
+from vard_jax.tokenizer import CLIPTokenizer, T5Tokenizer
 
 #: Stable Diffusion 1.5's ``unet/config.json`` (the fields FlaxUNet2DConditionModel takes):
 #: for shape-only analyses (benchmarks, memory) without its weights.
@@ -57,6 +65,10 @@ UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER = ("unet", "vae", "text_encoder", 
                                                  "scheduler")
 #: SDXL's second text encoder and tokenizer.
 TEXT_ENCODER_2, TOKENIZER_2 = "text_encoder_2", "tokenizer_2"
+#: Stable Diffusion 3: the flow transformer and the T5 encoder and tokenizer.
+TRANSFORMER, TEXT_ENCODER_3, TOKENIZER_3 = "transformer", "text_encoder_3", "tokenizer_3"
+#: scheduler_config.json ``_class_name`` of flow-matching models.
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 SCHEDULER_CONFIG = "scheduler_config.json"
 
 # --- resolving a hub id or a directory ---------------------------------------------------------
@@ -72,14 +84,18 @@ def _hub_offline() -> bool:
 def weight_patterns(files: Sequence[str], folders: Sequence[str], weights: WeightFiles,
                     variant: str = "") -> list[str]:
     """The one weight file to fetch per folder (``""`` = the repository root), in the order of
-    ``WeightFiles.names``."""
+    ``WeightFiles.names``; for weights split into shards, the index and every shard it names
+    (``<stem>*-of-*.safetensors``)."""
     available = set(files)
     patterns = []
     for folder in folders:
         prefix = f"{folder}/" if folder else ""
-        for name in weights.names(variant):
+        for name in weights.names(variant) + weights.indexes(variant):
             if prefix + name in available:
                 patterns.append(prefix + name)
+                if name in weights.indexes(variant):
+                    stem = weights.safetensors.rsplit(".", 1)[0]
+                    patterns.append(f"{prefix}{stem}*-of-*.safetensors")
                 break
     return patterns
 
@@ -112,12 +128,15 @@ def resolve_pretrained(path: str, revision: str, choose_files: Callable[[list[st
         raise FileNotFoundError(failure) from None
 
 
-def read_schedule(directory: pathlib.Path) -> NoiseScheduleConfig:
-    """The training noise schedule from ``scheduler/scheduler_config.json``."""
+def read_schedule(directory: pathlib.Path) -> ScheduleConfig:
+    """The training schedule from ``scheduler/scheduler_config.json``: a DDPM noise schedule,
+    or a flow-matching one (``FlowMatchEulerDiscreteScheduler``)."""
     file = directory / SCHEDULER / SCHEDULER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"no scheduler config at {file}")
     scheduler_config = json.loads(file.read_text())
+    if scheduler_config.get("_class_name") in FLOW_SCHEDULERS:
+        return FlowMatchConfig.from_diffusers(scheduler_config, str(file))
     spacing = scheduler_config.get("timestep_spacing", "leading")
     if spacing != "leading":
         warnings.warn(f"{file}: timestep_spacing {spacing!r} is ignored; this project's DDIM "
@@ -131,11 +150,13 @@ def _load_failure(path: str) -> str:
 
 
 def _checkpoint_files(files: list[str], variant: str = "") -> list[str]:
-    patterns = ["model_index.json", f"{SCHEDULER}/*.json", f"{TOKENIZER}/*", f"{TOKENIZER_2}/*"]
-    patterns += [f"{folder}/config.json" for folder in (UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2)]
-    patterns += weight_patterns(files, (UNET, VAE), DIFFUSERS_WEIGHTS, variant)
-    patterns += weight_patterns(files, (TEXT_ENCODER, TEXT_ENCODER_2), TRANSFORMERS_WEIGHTS,
-                                variant)
+    patterns = ["model_index.json", f"{SCHEDULER}/*.json", f"{TOKENIZER}/*", f"{TOKENIZER_2}/*",
+                f"{TOKENIZER_3}/*"]
+    patterns += [f"{folder}/config.json" for folder in (UNET, TRANSFORMER, VAE, TEXT_ENCODER,
+                                                        TEXT_ENCODER_2, TEXT_ENCODER_3)]
+    patterns += weight_patterns(files, (UNET, TRANSFORMER, VAE), DIFFUSERS_WEIGHTS, variant)
+    patterns += weight_patterns(files, (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3),
+                                TRANSFORMERS_WEIGHTS, variant)
     return patterns
 
 
@@ -148,19 +169,24 @@ def _dtype(dtype: Any) -> Any:
 
 
 def load(path: str = DEFAULT_MODEL_ID, revision: str = "", dtype: Any = "float32",
-         variant: str = "", attention: str = "xla") -> tuple[Pipeline, dict]:
+         variant: str = "", attention: str = "xla", resolution: int = 0
+         ) -> tuple[Pipeline, dict]:
     """Loads a Stable Diffusion checkpoint (hub id or local directory): (pipeline, params).
 
     ``params = {"unet", "text_encoder", "vae"}`` in float32; ``dtype`` is the modules'
     computation dtype. ``revision`` is a hub branch, tag or commit (ignored for directories);
     ``variant`` (e.g. ``"fp16"``) prefers ``<weights>.<variant>.safetensors``; ``attention`` is
-    the attention kernel (``vard_jax.models.nn.attention``). ``path = ""`` means
-    ``DEFAULT_MODEL_ID``.
+    the attention kernel (``vard_jax.models.nn.attention``); ``resolution`` the image side in
+    pixels (0: the model's ``sample_size``). ``path = ""`` means ``DEFAULT_MODEL_ID``. For
+    Stable Diffusion 3 ``params["unet"]`` holds the transformer's.
     """
     path = path or DEFAULT_MODEL_ID
     root = resolve_pretrained(path, revision, lambda files: _checkpoint_files(files, variant),
                               _load_failure(path))
     compute_dtype = _dtype(dtype)
+    if (root / TRANSFORMER).is_dir() and not (root / UNET).is_dir():
+        pipeline, params = _sd3(root, compute_dtype, attention, variant)
+        return _at_resolution(pipeline, resolution, root), params
     unet, unet_params = weights_lib.load_unet(root / UNET, compute_dtype, attention, variant)
     vae, vae_params = weights_lib.load_vae(root / VAE, compute_dtype, variant)
     text_encoder, text_params = weights_lib.load_clip_text(root / TEXT_ENCODER, compute_dtype,
@@ -182,9 +208,25 @@ def load(path: str = DEFAULT_MODEL_ID, revision: str = "", dtype: Any = "float32
                   vae_scaling_factor=float(vae.config.scaling_factor), max_length=max_length)
     if not sdxl:
         params = {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}
-        return Pipeline(**common), params
-    return _sdxl(root, common, text_params, unet_params, vae_params, compute_dtype, attention,
-                 variant)
+        return _at_resolution(Pipeline(**common), resolution, root), params
+    pipeline, params = _sdxl(root, common, text_params, unet_params, vae_params, compute_dtype,
+                             attention, variant)
+    return _at_resolution(pipeline, resolution, root), params
+
+
+def _at_resolution(pipeline: Pipeline, resolution: int, root: pathlib.Path) -> Pipeline:
+    """The pipeline sampling ``resolution``-pixel images (0: unchanged). SDXL's size ids follow."""
+    if not resolution:
+        return pipeline
+    factor = vae_scale_factor(pipeline) * getattr(pipeline.unet.config, "patch_size", 1)
+    if resolution % factor:
+        raise ValueError(f"{root}: pretrained.resolution = {resolution} is not a multiple of "
+                         f"{factor} (the VAE's factor times the denoiser's patch size)")
+    latent = resolution // vae_scale_factor(pipeline)
+    changes: dict = {"sample_shape": (pipeline.sample_shape[0], latent, latent)}
+    if isinstance(pipeline, SDXLPipeline):
+        changes["time_ids"] = (resolution, resolution, 0, 0, resolution, resolution)
+    return dataclasses.replace(pipeline, **changes)
 
 
 def _sdxl(root: pathlib.Path, common: dict, text_params: Any, unet_params: Any, vae_params: Any,
@@ -218,6 +260,53 @@ def _sdxl(root: pathlib.Path, common: dict, text_params: Any, unet_params: Any, 
                             time_ids=(pixels, pixels, 0, 0, pixels, pixels))
     params = {"unet": unet_params, "text_encoder": {"one": text_params, "two": second_params},
               "vae": vae_params}
+    return pipeline, params
+
+
+def _sd3(root: pathlib.Path, dtype: Any, attention: str,
+         variant: str) -> tuple[SD3Pipeline, dict]:
+    """Stable Diffusion 3 / 3.5: the MMDiT, the VAE, two CLIPs with projection and the optional
+    T5, checked against the transformer's widths."""
+    transformer, transformer_params = weights_lib.load_sd3_transformer(
+        root / TRANSFORMER, dtype, attention, variant)
+    vae, vae_params = weights_lib.load_vae(root / VAE, dtype, variant)
+    schedule = read_schedule(root)
+    if not isinstance(schedule, FlowMatchConfig):
+        raise ValueError(f"{root / SCHEDULER / SCHEDULER_CONFIG}: a {TRANSFORMER}/ model needs a "
+                         f"flow-matching scheduler ({', '.join(FLOW_SCHEDULERS)})")
+    encoders, text_params = [], {}
+    for name, folder in (("one", TEXT_ENCODER), ("two", TEXT_ENCODER_2)):
+        encoder, text_params[name] = weights_lib.load_clip_text(
+            root / folder, dtype, attention, with_projection=True, variant=variant)
+        encoders.append(encoder)
+    config = transformer.config
+    clip_width = sum(e.config.hidden_size for e in encoders)
+    pooled = sum(e.config.projection_dim for e in encoders)
+    if pooled != config.pooled_projection_dim or clip_width > config.joint_attention_dim:
+        raise ValueError(f"{root}: the CLIP encoders (widths {clip_width}, pooled {pooled}) do not "
+                         f"fit the transformer (joint_attention_dim {config.joint_attention_dim}, "
+                         f"pooled_projection_dim {config.pooled_projection_dim})")
+    t5 = tokenizer_3 = None
+    if (root / TEXT_ENCODER_3).is_dir():
+        t5, text_params["three"] = weights_lib.load_t5_encoder(root / TEXT_ENCODER_3, dtype,
+                                                               attention, variant)
+        if t5.config.d_model != config.joint_attention_dim:
+            raise ValueError(f"{root}: the T5 encoder's width {t5.config.d_model} is not the "
+                             f"transformer's joint_attention_dim {config.joint_attention_dim}")
+        tokenizer_3 = T5Tokenizer.from_directory(root / TOKENIZER_3)
+    tokenizer = CLIPTokenizer.from_directory(root / TOKENIZER)
+    if vae.config.latent_channels != config.in_channels:
+        raise ValueError(f"{root}: the transformer takes {config.in_channels} channels but the "
+                         f"VAE's latents have {vae.config.latent_channels}")
+    max_length = min(int(tokenizer.model_max_length),
+                     encoders[0].config.max_position_embeddings)
+    pipeline = SD3Pipeline(
+        unet=transformer, text_encoder=encoders[0], tokenizer=tokenizer, schedule=schedule,
+        sample_shape=(config.in_channels, config.sample_size, config.sample_size), vae=vae,
+        vae_scaling_factor=float(vae.config.scaling_factor), max_length=max_length,
+        text_encoder_2=encoders[1], tokenizer_2=CLIPTokenizer.from_directory(root / TOKENIZER_2),
+        text_encoder_3=t5, tokenizer_3=tokenizer_3)
+    params = {"unet": transformer_params, "text_encoder": text_params, "vae": vae_params}
     return pipeline, params
 
 
