@@ -1,4 +1,5 @@
-"""config.algorithm = ddpo | draft: the baselines train through the shared loop and trainer."""
+"""config.algorithm = ddpo | grpo | draft: the baselines train through the shared loop and
+trainer."""
 
 import json
 
@@ -116,6 +117,33 @@ def test_ddpo_first_step_ratio_is_exactly_one_in_float32(tmp_path):
     assert int(state.policy_updates) == 2 and int(state.nonfinite_skips) == 0
     assert metrics["first_log_ratio_max"] == 0.0 and metrics["first_clipfrac"] == 0.0
     assert np.isfinite(metrics["rollout_log_prob_gap"]) and metrics["approx_kl"] >= 0.0
+
+
+def test_grpo_epoch_groups_prompts_and_trains_the_first_steps(tmp_path):
+    """Flow-GRPO's epoch: each prompt sampled group_size times in a batch, advantages within
+    the groups, the KL to the reference logged, ratio 1 at the first step, and the first
+    floor(train_fraction * steps) stochastic steps trained."""
+    config = _config("grpo", "jpeg_compressibility")
+    config.sample.num_steps = 4
+    config.grpo.group_size = 2
+    # The shapes DDIM grid's last step is deterministic: 3 stochastic steps, floor(0.7 * 3) = 2
+    config.grpo.train_fraction = 0.7
+    config.ddpo.minibatch_size = 2
+    config.policy.scan_unroll = 0
+    validate(config)
+    loop = Loop(config, tmp_path)
+    assert list(loop.trainer.ddpo_steps) == [0, 1]
+    prompts = loop.stage.draw_prompts(0, 0)
+    assert len(prompts) == config.sample.batch_size
+    assert prompts[0::2] == prompts[1::2]  # groups of 2 consecutive samples
+    state, metrics = loop.stage.epoch(loop.trainer.init_state(), 0, jax.random.PRNGKey(0))
+    assert int(state.policy_updates) == 2 and int(state.nonfinite_skips) == 0
+    assert metrics["first_log_ratio_max"] == 0.0 and metrics["first_clipfrac"] == 0.0
+    assert np.isfinite(metrics["kl_to_reference"]) and metrics["kl_to_reference"] >= 0.0
+    assert loop.stage.host_state() == {}
+    config.grpo.group_size = 3
+    with pytest.raises(ConfigError, match="must divide sample.batch_size = 4"):
+        validate(config)
 
 
 def test_baseline_config_errors(tmp_path):

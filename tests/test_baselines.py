@@ -423,3 +423,70 @@ def test_random_depth_backpropagates_through_the_drawn_steps_only(schedule, inpu
                 assert counts["backward"] == T, (depth, counts)
             else:
                 assert counts == {"forward": T + depth, "backward": depth}, (depth, counts)
+
+
+# --- Flow-GRPO ------------------------------------------------------------------------------
+
+
+def test_group_advantages():
+    rewards = np.array([1.0, 3.0, 0.0, 10.0, 2.0, 2.0])
+    global_std = advantages_lib.group_advantages(rewards, 2, global_std=True, eps=0.0)
+    np.testing.assert_allclose(global_std, np.array([-1, 1, -5, 5, 0, 0]) / rewards.std(),
+                               rtol=1e-6)
+    per_group = advantages_lib.group_advantages(rewards, 2, global_std=False, eps=1e-4)
+    np.testing.assert_allclose(per_group, [-1 / 1.0001, 1 / 1.0001, -5 / 5.0001, 5 / 5.0001,
+                                           0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="not whole groups of 4"):
+        advantages_lib.group_advantages(rewards, 4)
+
+
+def test_grpo_kl_to_the_reference_on_flow_steps():
+    """On a flow schedule's SDE steps: the KL term is 0 at the reference, equals the kernels'
+    KL by hand otherwise, and adds beta times its gradient; ratio 1 at the sampling params."""
+    from vard_jax.diffusion import flow
+
+    schedule = flow.make_flow_schedule(flow.FlowMatchConfig(shift=3.0), T)
+    x_T, noise = rollout_lib.sample_noise(jax.random.PRNGKey(3), B, T, SHAPE)
+    context = jax.random.normal(jax.random.PRNGKey(4), (B, 5, 8))
+    null = jnp.zeros((1, 5, 8))
+    reference = tiny_params()
+    policy = jax.tree_util.tree_map(lambda a: a + 0.05, reference)
+    eta = 0.7
+    traj, _ = rollout_lib.rollout(tiny_eps, policy, schedule, x_T, noise, context, null,
+                                  eta=eta, guidance_scale=GUIDANCE)
+    steps = ddpo.stochastic_steps(schedule, eta)
+    assert list(steps) == list(range(T))  # every SDE step has a density, the last too
+    batch = ddpo.transitions_from_trajectory(traj, jnp.array([1.0, -1.0, 0.5]), context, null,
+                                             reduce="mean")
+    config = ddpo.DDPOConfig(clip_range=1e-4, eta=eta, guidance_scale=GUIDANCE, kl_beta=0.5)
+    loss_at_ref, metrics = ddpo.ddpo_loss(tiny_eps, reference, schedule, batch, config, True,
+                                          (tiny_eps, reference))
+    assert float(metrics["kl_to_reference"]) == 0.0 and float(metrics["log_ratio_max"]) == 0.0
+    loss, metrics = ddpo.ddpo_loss(tiny_eps, policy, schedule, batch, config, True,
+                                   (tiny_eps, reference))
+    args = (batch.x_t, batch.step_index, batch.context, batch.null_context, eta, GUIDANCE)
+    mean, std = ddpo.transition_mean(tiny_eps, policy, schedule, *args)
+    ref_mean, ref_std = ddpo.transition_mean(tiny_eps, reference, schedule, *args)
+    np.testing.assert_array_equal(std, ref_std)
+    by_hand = np.mean([np.mean((np.asarray(mean[n]) - np.asarray(ref_mean[n])) ** 2)
+                       / (2 * float(std[n]) ** 2) for n in range(batch.size)])
+    np.testing.assert_allclose(metrics["kl_to_reference"], by_hand, rtol=1e-5)
+    assert by_hand > 0 and float(metrics["log_ratio_max"]) == 0.0
+    np.testing.assert_allclose(loss, -jnp.mean(batch.advantages) + 0.5 * by_hand, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the reference model"):
+        ddpo.ddpo_loss(tiny_eps, policy, schedule, batch, config)
+    # The KL's gradient is beta times that of the mean kernel KL.
+    plain = config._replace(kl_beta=0.0)
+
+    def kl(p):
+        m, s = ddpo.transition_mean(tiny_eps, p, schedule, *args)
+        return jnp.mean(ddpo.kernel_kl(m, ref_mean, s))
+
+    grad = jax.grad(lambda p: ddpo.ddpo_loss(tiny_eps, p, schedule, batch, config, True,
+                                             (tiny_eps, reference))[0])(policy)
+    grad_plain = jax.grad(lambda p: ddpo.ddpo_loss(tiny_eps, p, schedule, batch, plain,
+                                                   True)[0])(policy)
+    grad_kl = jax.grad(kl)(policy)
+    for name in grad:
+        np.testing.assert_allclose(grad[name], grad_plain[name] + 0.5 * grad_kl[name],
+                                   rtol=1e-4, atol=1e-7)

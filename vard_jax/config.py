@@ -13,9 +13,11 @@ import ml_collections
 
 # Choices the implementations accept, repeated here to keep jax out of start-up validation
 # (tests/test_config.py checks that they match).
-ALGORITHMS = ("vard", "value", "ddpo", "draft")
+ALGORITHMS = ("vard", "value", "ddpo", "grpo", "draft")
+#: The algorithms trained with PPO on stored transitions (``training/epochs/ddpo.py``).
+PPO_ALGORITHMS = ("ddpo", "grpo")
 DDPO_REDUCTIONS = ("mean", "sum")
-MODEL_FAMILIES = ("shapes",)
+MODEL_FAMILIES = ("shapes", "shapes_flow")
 MODEL_FAMILIES += ("stable_diffusion",)  # vard_jax/models/stable_diffusion.py
 VALUE_ARCHS = ("conv", "conv_x0", "reward_init", "unet_head")
 REMAT_POLICIES = ("none", "full", "dots", "blocks")
@@ -212,6 +214,9 @@ _RULES: tuple[_Rule, ...] = (
     ("config.ddpo.stat_buffer", lambda v: v >= 0, "an integer >= 0 (0 = this epoch's rewards)"),
     ("config.ddpo.stat_min_count", lambda v: v >= 1, "an integer >= 1"),
     ("config.ddpo.reduce", lambda v: v in DDPO_REDUCTIONS, f"one of {', '.join(DDPO_REDUCTIONS)}"),
+    ("config.grpo.group_size", lambda v: v >= 2, "an integer >= 2"),
+    ("config.grpo.beta", lambda v: v >= 0.0, "a number >= 0 (0 = no KL)"),
+    ("config.grpo.train_fraction", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("config.draft.grad_depth", lambda v: v >= 1, "an integer >= 1"),
     ("config.draft.beta", lambda v: v >= 0.0, "a number >= 0"),
     ("config.train.epochs", lambda v: v >= 1, "an integer >= 1"),
@@ -238,9 +243,12 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         if not allowed(value):
             raise ConfigError(f"{path} = {value!r}: not allowed; must be {description}")
     steps = config.sample.num_steps
-    if config.algorithm == "ddpo" and config.sample.eta <= 0.0:
-        raise ConfigError(f"config.sample.eta = {config.sample.eta!r}: ddpo needs eta > 0 "
-                          "(a deterministic DDIM step has no log-probability)")
+    if config.algorithm in PPO_ALGORITHMS and config.sample.eta <= 0.0:
+        raise ConfigError(f"config.sample.eta = {config.sample.eta!r}: {config.algorithm} needs "
+                          "eta > 0 (a deterministic step has no log-probability)")
+    if config.algorithm == "grpo" and config.sample.batch_size % config.grpo.group_size:
+        raise ConfigError(f"config.grpo.group_size = {config.grpo.group_size}: must divide "
+                          f"sample.batch_size = {config.sample.batch_size} (whole groups a batch)")
     if config.algorithm == "draft" and config.draft.grad_depth > steps:
         raise ConfigError(f"config.draft.grad_depth = {config.draft.grad_depth}: must be at "
                           f"most sample.num_steps = {steps}")

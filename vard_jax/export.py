@@ -100,9 +100,12 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
                        "policy.grad_depth": config.policy.grad_depth,
                        "policy.learning_rate": config.policy.learning_rate,
                        "value.arch": config.value.arch})
-    elif algorithm == "ddpo":
+    elif algorithm in ("ddpo", "grpo"):
         fields.update({"ddpo.learning_rate": config.ddpo.learning_rate,
                        "ddpo.clip_range": config.ddpo.clip_range})
+        if algorithm == "grpo":
+            fields.update({"grpo.group_size": config.grpo.group_size,
+                           "grpo.beta": config.grpo.beta})
     elif algorithm == "draft":
         fields.update({"draft.grad_depth": config.draft.grad_depth,
                        "policy.learning_rate": config.policy.learning_rate})

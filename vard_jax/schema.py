@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- the pretrained text-to-image model -------------------------------------------------
     config.pretrained = pretrained = ml_collections.ConfigDict()
-    pretrained.family = "shapes"  # Model loader: shapes (embedded tiny world) | stable_diffusion.
+    # Model loader: shapes (the embedded tiny world's DDPM UNet) | shapes_flow (its flow-matching
+    # MMDiT) | stable_diffusion (SD 1.x, 2.x, XL, 3 / 3.5).
+    pretrained.family = "shapes"
     pretrained.path = ""  # Hub id or local directory; "" = the family's default (shipped assets).
     pretrained.random_init = False  # Use randomly initialised weights of the family's shape.
     pretrained.dtype = "float32"  # Computation dtype of UNet, VAE, text encoder: float32 | bfloat16.
@@ -130,6 +132,14 @@ def get_config() -> ml_collections.ConfigDict:
     ddpo.stat_buffer = 16
     ddpo.stat_min_count = 16
     ddpo.reduce = "mean"  # Log-prob over dimensions: mean (DDPO's) | sum (exact density).
+    # Flow-GRPO (config.algorithm = grpo): DDPO's PPO machinery (the ddpo.* settings above) on
+    # groups of samples of one prompt, with a KL penalty to the pretrained model; sample.eta is
+    # the SDE's noise level (Flow-GRPO's 0.7 on flow models).
+    config.grpo = grpo = ml_collections.ConfigDict()
+    grpo.group_size = 4  # Samples per prompt in a rollout batch (it must divide batch_size).
+    grpo.beta = 0.01  # Weight of the KL between the policy's and reference's step kernels.
+    grpo.global_std = True  # Advantages divided by the batch's reward std (False: the group's).
+    grpo.train_fraction = 0.99  # The first floor(fraction * steps) stochastic steps are trained.
     config.draft = draft = ml_collections.ConfigDict()
     draft.grad_depth = 1  # K: the reward gradient flows through the last K denoising steps.
     draft.random_depth = False  # AlignProp: K drawn uniformly from {1..grad_depth} per update.

@@ -97,3 +97,17 @@ class PromptStatTracker:
         self.buffers = {prompt: collections.deque((float(v) for v in values),
                                                   maxlen=self.buffer_size)
                         for prompt, values in state.items()}
+
+
+def group_advantages(rewards: np.ndarray | Sequence[float], group_size: int,
+                     global_std: bool = True, eps: float = 1e-4) -> np.ndarray:
+    """Flow-GRPO's advantages: each reward minus the mean of its group (``group_size``
+    consecutive samples of one prompt), divided by the standard deviation of all rewards
+    (``global_std``) or of its group, plus ``eps``."""
+    rewards = np.asarray(rewards, np.float64)
+    if group_size < 1 or rewards.size % group_size:
+        raise ValueError(f"{rewards.size} rewards are not whole groups of {group_size}")
+    groups = rewards.reshape(-1, group_size)
+    std = groups.std() if global_std else groups.std(axis=1, keepdims=True)
+    return ((groups - groups.mean(axis=1, keepdims=True)) / (std + eps)).reshape(-1).astype(
+        np.float32)

@@ -1,4 +1,5 @@
-"""DDPO (Black et al. 2023): PPO with a clipped surrogate on stored denoising transitions.
+"""DDPO (Black et al. 2023) and Flow-GRPO (Liu et al. 2025): PPO with a clipped surrogate on
+stored denoising transitions.
 
 A sampling rollout (``vard_jax.diffusion.rollout``) stores, for every step i of every chain,
 the transition (x_i, x_{i-1}) and log p_old(x_{i-1} | x_i). Each trajectory's final reward
@@ -10,6 +11,13 @@ minimises
 
 Only stochastic steps (eta > 0, sigma_i > 0) have a density; a deterministic step contributes
 ratio 1 and no gradient, so ``stochastic_steps`` lists the steps worth storing.
+
+Flow-GRPO is the same surrogate on a flow model's SDE steps, with advantages normalised within
+groups of samples of one prompt (``advantages.group_advantages``) and a KL penalty to the
+pretrained model: ``kl_beta`` times, per transition, the KL between the policy's and the
+reference's Gaussian kernels at the stored state, mean over dimensions of
+(mu_theta - mu_ref)^2 / (2 sigma_i^2). (Flow-GRPO's code divides by the SDE coefficient s_i^2
+instead of the kernel variance s_i^2 |dt|: its beta is this one times |dt|, about 1 / T.)
 
 Log-prob reduction. ``ddim.gaussian_log_prob`` sums over the C*H*W dimensions, so log-ratios
 grow with the image size and a fixed clip range means different things at different
@@ -44,6 +52,7 @@ class DDPOConfig(NamedTuple):
     guidance_scale: float  # classifier-free guidance weight of the sampling rollout
     adv_clip: Optional[float] = None  # advantages are clipped to [-adv_clip, adv_clip]
     reduce: str = "mean"  # log-prob reduction over dimensions: "mean" | "sum"
+    kl_beta: float = 0.0  # weight of the KL to the reference's kernels (Flow-GRPO's beta)
 
 
 class DDPOBatch(NamedTuple):
@@ -118,18 +127,37 @@ def transition_log_prob(
       [B] log-probabilities; 0 where the step is deterministic (sigma_i = 0).
     """
     _check_reduce(reduce)
+    mean, std = transition_mean(eps_fn, params, schedule, x_t, step_index, context,
+                                null_context, eta, guidance_scale)
+    log_prob = jax.vmap(lambda x, m, s: ddim.gaussian_log_prob(x[None], m[None], s)[0])(
+        x_prev, mean, std)
+    return _reduce_log_prob(log_prob, x_t.shape[1:], reduce)
+
+
+def transition_mean(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, x_t: jax.Array,
+                    step_index: jax.Array | int, context: jax.Array, null_context: jax.Array,
+                    eta: float, guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+    """(mean [B, ...], std [B]) of the transitions' Gaussian kernels under ``params``: one
+    guided model call on the batch, the schedule's step mapped over the samples (each may be
+    at another step)."""
     batch = x_t.shape[0]
     index = jnp.broadcast_to(jnp.asarray(step_index, jnp.int32), (batch,))
-    timesteps = schedule.timesteps[index]
-    model_output = ddim.guided_eps(eps_fn, params, x_t, timesteps, context, null_context,
-                                   guidance_scale)
+    model_output = ddim.guided_eps(eps_fn, params, x_t, schedule.timesteps[index], context,
+                                   null_context, guidance_scale)
 
-    def one(i: jax.Array, x: jax.Array, output: jax.Array, target: jax.Array) -> jax.Array:
+    def one(i: jax.Array, x: jax.Array, output: jax.Array) -> tuple[jax.Array, jax.Array]:
         step = schedule.step(i, x[None], output[None], None, eta)
-        return ddim.gaussian_log_prob(target[None], step.mean, step.std)[0]
+        return step.mean[0], step.std
 
-    log_prob = jax.vmap(one)(index, x_t, model_output, x_prev)
-    return _reduce_log_prob(log_prob, x_t.shape[1:], reduce)
+    return jax.vmap(one)(index, x_t, model_output)
+
+
+def kernel_kl(mean: jax.Array, reference_mean: jax.Array, std: jax.Array) -> jax.Array:
+    """[B] KL between Gaussian kernels of one std and two means, mean over dimensions:
+    mean((mean - reference_mean)^2) / (2 std^2); 0 where the step is deterministic."""
+    squared = jnp.mean(((mean - reference_mean) ** 2).reshape(mean.shape[0], -1), axis=-1)
+    safe = jnp.where(std > 0, std, 1.0)
+    return jnp.where(std > 0, squared / (2.0 * safe**2), 0.0)
 
 
 def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
@@ -168,9 +196,12 @@ def ppo_loss(new_log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.A
 
 
 def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, batch: DDPOBatch,
-              config: DDPOConfig, at_sampling_params: jax.Array | bool = False
-              ) -> tuple[jax.Array, dict]:
+              config: DDPOConfig, at_sampling_params: jax.Array | bool = False,
+              reference: Optional[tuple[ddim.EpsFn, Any]] = None) -> tuple[jax.Array, dict]:
     """The DDPO loss of a minibatch of stored transitions; differentiate w.r.t. ``params``.
+
+    With ``config.kl_beta > 0`` (Flow-GRPO) ``reference = (eps_fn, params)`` of the pretrained
+    model adds ``kl_beta * mean kernel_kl`` (the module docstring).
 
     ``batch.old_log_prob`` must use ``config.reduce`` (``transitions_from_trajectory`` does).
     ``at_sampling_params`` (may be traced): ``params`` are the ones that sampled the batch (the
@@ -180,14 +211,27 @@ def ddpo_loss(eps_fn: ddim.EpsFn, params: Any, schedule: Schedule, batch: DDPOBa
     """
     _check_stochastic(config.eta)
     _check_reduce(config.reduce)
-    new_log_prob = transition_log_prob(
-        eps_fn, params, schedule, batch.x_t, batch.step_index, batch.x_prev, batch.context,
-        batch.null_context, config.eta, config.guidance_scale, reduce=config.reduce)
+    args = (batch.x_t, batch.step_index, batch.context, batch.null_context, config.eta,
+            config.guidance_scale)
+    mean, std = transition_mean(eps_fn, params, schedule, *args)
+    log_prob = jax.vmap(lambda x, m, s: ddim.gaussian_log_prob(x[None], m[None], s)[0])(
+        batch.x_prev, mean, std)
+    new_log_prob = _reduce_log_prob(log_prob, batch.x_t.shape[1:], config.reduce)
     old_log_prob = jnp.where(at_sampling_params, jax.lax.stop_gradient(new_log_prob),
                              batch.old_log_prob)
     loss, metrics = ppo_loss(new_log_prob, old_log_prob, batch.advantages,
                              config.clip_range, config.adv_clip)
     metrics["advantage_mean"] = jnp.mean(batch.advantages)
+    if config.kl_beta > 0.0:
+        if reference is None:
+            raise ValueError("kl_beta > 0 needs the reference model: reference=(eps_fn, params)")
+        reference_eps_fn, reference_params = reference
+        reference_mean, _ = transition_mean(reference_eps_fn,
+                                            jax.lax.stop_gradient(reference_params),
+                                            schedule, *args)
+        kl = jnp.mean(kernel_kl(mean, jax.lax.stop_gradient(reference_mean), std))
+        loss = loss + config.kl_beta * kl
+        metrics["kl_to_reference"] = jax.lax.stop_gradient(kl)
     return loss, metrics
 
 

@@ -59,8 +59,12 @@ class Components:
         self.null_ids = sampler_lib.null_ids(self.pipeline)  # [1, L] the empty prompt
         self.value_model = self._make_value_model()
         # The denoising steps DDPO stores and trains (None for the other algorithms).
-        self.ddpo_steps = (ddpo.stochastic_steps(self.schedule, config.sample.eta)
-                           if config.algorithm == "ddpo" else None)
+        self.ddpo_steps = None
+        if config.algorithm in ("ddpo", "grpo"):
+            self.ddpo_steps = ddpo.stochastic_steps(self.schedule, config.sample.eta)
+        if config.algorithm == "grpo":  # Flow-GRPO trains the first (noisiest) steps
+            kept = max(1, int(config.grpo.train_fraction * len(self.ddpo_steps)))
+            self.ddpo_steps = self.ddpo_steps[:kept]
         self.policy_updates_per_epoch = optimizers_lib.policy_updates_per_epoch(
             config, 0 if self.ddpo_steps is None else len(self.ddpo_steps),
             self.mesh.shape["data"])

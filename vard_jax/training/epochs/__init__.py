@@ -4,6 +4,8 @@
   dense policy update(s) through the value. Value pre-training epochs come first.
 * ``ddpo``: roll out the policy storing transitions and log-probs -> rewards (host) ->
   per-prompt advantages -> PPO-clip epochs over minibatches of transitions.
+* ``grpo``: Flow-GRPO: DDPO's epoch on groups of samples per prompt, advantages normalised
+  within each group, a KL penalty to the pretrained model's step kernels.
 * ``value``: VARD's value stage alone on the pretrained model's samples (the policy is never
   updated): a value for sampling-time steering of the base model (``vard_jax.sample``).
 * ``draft``: per batch, one update that samples with gradients and backpropagates the
@@ -19,12 +21,12 @@ training.
 from __future__ import annotations
 
 from vard_jax.training.epochs.base import Stage, split_key
-from vard_jax.training.epochs.ddpo import DDPOStage
+from vard_jax.training.epochs.ddpo import DDPOStage, GRPOStage
 from vard_jax.training.epochs.draft import DraftStage
 from vard_jax.training.epochs.vard import ValueStage, VardStage
 
 STAGES: dict[str, type[Stage]] = {"vard": VardStage, "value": ValueStage, "ddpo": DDPOStage,
-                                  "draft": DraftStage}
+                                  "grpo": GRPOStage, "draft": DraftStage}
 
 __all__ = ["STAGES", "Stage", "make", "split_key"]
 

@@ -2,6 +2,11 @@
 log-probs, score them on the host, per-prompt advantages, PPO-clip epochs over minibatches of
 transitions with the gradient accumulated over their steps (``vard_jax.algorithms.ddpo``).
 
+Flow-GRPO's epoch (``GRPOStage``) is the same with groups: each batch holds
+``grpo.group_size`` samples of each of its prompts, advantages are normalised within the
+groups, the loss adds ``grpo.beta`` times the KL to the reference model's kernels, and the
+first ``grpo.train_fraction`` of the stochastic steps are trained.
+
 Its steps share everything else with VARD's: the policy parametrisation (full or LoRA), the
 sampler, the policy optimiser, the mesh shardings, state donation and the skipping of
 non-finite updates.
@@ -44,7 +49,8 @@ class DDPOSteps:
         self.config = ddpo.DDPOConfig(
             clip_range=config.ddpo.clip_range, eta=config.sample.eta,
             guidance_scale=config.sample.guidance_scale,
-            adv_clip=config.ddpo.adv_clip or None, reduce=config.ddpo.reduce)
+            adv_clip=config.ddpo.adv_clip or None, reduce=config.ddpo.reduce,
+            kl_beta=config.grpo.beta if config.algorithm == "grpo" else 0.0)
         self.steps = trainer.ddpo_steps  # ddpo.stochastic_steps of the schedule
         pipeline, policy, schedule = trainer.pipeline, trainer.policy, trainer.schedule
         loss_config = self.config
@@ -69,7 +75,8 @@ class DDPOSteps:
             def loss_fn(params, micro_batch):
                 micro_batch = micro_batch._replace(null_context=batch.null_context)
                 return ddpo.ddpo_loss(policy.eps_fn, policy.unet(params, reference_params),
-                                      schedule, micro_batch, loss_config, first)
+                                      schedule, micro_batch, loss_config, first,
+                                      (policy.eps_fn, policy.reference_unet(reference_params)))
 
             loss, metrics, grads = ddpo.accumulated_gradient(
                 loss_fn, state.policy_params, batch._replace(null_context=None), unroll)
@@ -116,10 +123,12 @@ class DDPOSteps:
                             trainer.put_ids(prompts), trainer.put_key(key))
 
     def transitions(self, samples: list[Transitions], rewards: np.ndarray,
-                    prompts: list[str]) -> ddpo.DDPOBatch:
-        """Every stochastic step of every chain, chain-major, with advantages from the
-        per-prompt statistics of ``self.tracker`` (which takes in ``rewards``)."""
-        advantages = self.tracker.advantages(rewards, prompts)
+                    prompts: list[str], advantages: Any = None) -> ddpo.DDPOBatch:
+        """Every trained stochastic step of every chain, chain-major, with ``advantages``
+        ([chains]; default: from the per-prompt statistics of ``self.tracker``, which takes in
+        ``rewards``)."""
+        if advantages is None:
+            advantages = self.tracker.advantages(rewards, prompts)
         trajectory = rollout_lib.Trajectory(
             x_t=jnp.concatenate([s.x_t for s in samples]),
             x_prev=jnp.concatenate([s.x_prev for s in samples]),
@@ -193,12 +202,21 @@ class DDPOStage(Stage):
     def load_host_state(self, state: dict) -> None:
         self.steps.tracker.load_state_dict(state.get("ddpo_reward_buffers", {}))
 
+    def draw_prompts(self, epoch: int, batch: int) -> list[str]:
+        config = self.loop.config
+        return prompts_lib.draw(self.loop.train_prompts, config.sample.batch_size,
+                                config.train.seed, 0, epoch, batch)
+
+    def advantages(self, rewards: np.ndarray, prompts: list[str]) -> Any:
+        """None: the per-prompt statistics of ``DDPOSteps.tracker``."""
+        del rewards, prompts
+        return None
+
     def epoch(self, state: TrainState, epoch: int, key: jax.Array) -> tuple[TrainState, dict]:
         loop, config = self.loop, self.loop.config
         samples, rewards, prompts = [], [], []
         for b in range(config.sample.batches_per_epoch):
-            batch_prompts = prompts_lib.draw(loop.train_prompts, config.sample.batch_size,
-                                             config.train.seed, 0, epoch, b)
+            batch_prompts = self.draw_prompts(epoch, b)
             sampled = self.steps.sample(state.policy_params, batch_prompts,
                                         jax.random.fold_in(key, b))
             images = np.asarray(jax.device_get(sampled.images))
@@ -209,7 +227,8 @@ class DDPOStage(Stage):
             prompts.extend(batch_prompts)
         rewards = np.concatenate(rewards)
         state = state.replace(reward_queries=state.reward_queries + rewards.size)
-        transitions = self.steps.transitions(samples, rewards, prompts)
+        transitions = self.steps.transitions(samples, rewards, prompts,
+                                             self.advantages(rewards, prompts))
         steps = len(self.steps.steps)
         size = optimizers.ddpo_minibatch_size(config, steps, loop.trainer.mesh.shape["data"])
         rng = np.random.default_rng([config.train.seed, 0, epoch, 11])
@@ -235,3 +254,24 @@ class DDPOStage(Stage):
         return state, {"reward_mean": float(np.mean(rewards)),
                        "reward_std": float(np.std(rewards)), **summary,
                        "images": int(rewards.size), "rewards": rewards}
+
+
+class GRPOStage(DDPOStage):
+    """Flow-GRPO (module docstring): groups of ``grpo.group_size`` samples per prompt."""
+
+    def draw_prompts(self, epoch: int, batch: int) -> list[str]:
+        config = self.loop.config
+        size = config.grpo.group_size
+        drawn = prompts_lib.draw(self.loop.train_prompts, config.sample.batch_size // size,
+                                 config.train.seed, 0, epoch, batch)
+        return [prompt for prompt in drawn for _ in range(size)]
+
+    def advantages(self, rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
+        grpo = self.loop.config.grpo
+        return advantages_lib.group_advantages(rewards, grpo.group_size, grpo.global_std)
+
+    def host_state(self) -> dict:
+        return {}  # no reward buffers: a group's own rewards make its advantages
+
+    def load_host_state(self, state: dict) -> None:
+        del state
