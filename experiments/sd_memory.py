@@ -2,8 +2,12 @@
 without weights and without running anything.
 
     PYTHONPATH=. .venv/bin/python experiments/sd_memory.py [--configs=NAME,GLOB,...|all]
-        [--batch=1] [--value_batch=64] [--out=FILE] [--smoke] [--list]
+        [--batch=1] [--value_batch=64] [--out=FILE] [--smoke] [--list] [--model=sd15|sd35]
         [--fast_compile] [--lower_only] [--attention=config|xla|chunked|cudnn]
+
+``--model=sd35`` measures Stable Diffusion 3.5 Medium's MMDiT (2.5 B parameters) at 512 px
+with the settings of configs/sd35_pickscore.py (LoRA rank 32 on both streams' attention
+projections, the flow grid, the packed [B, 334, 4096] context) instead of SD 1.5's UNet.
 
 Every piece is abstract: the UNet's parameters are ``jax.eval_shape(unet.init_params, key)``
 (the project's ``UNet2DConditionModel`` with SD 1.5's config); the policy's trainable
@@ -64,13 +68,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import pickscore
-from vard_jax.models.nn import unet as nn_unet
+from configs import pickscore, sd35_pickscore
+from vard_jax.diffusion import schedule as schedule_lib
+from vard_jax.diffusion.flow import FlowMatchConfig
+from vard_jax.models.nn import mmdit as nn_mmdit, unet as nn_unet
 from vard_jax.algorithms import vard
 from vard_jax.diffusion import rollout as rollout_lib
-from vard_jax.diffusion.schedule import NoiseScheduleConfig, make_ddim_schedule
+from vard_jax.diffusion.schedule import NoiseScheduleConfig
 from vard_jax.models import loader, lora as lora_lib, policy as policy_lib, value as value_lib
-from vard_jax.models.pipeline import Pipeline
+from vard_jax.models.pipeline import MMDiTPipeline, Pipeline
 from vard_jax.models.stable_diffusion import SD15_UNET_CONFIG
 from vard_jax.training import optimizers as optimizers_lib, steps as steps_lib
 from vard_jax.training.state import TrainState
@@ -84,6 +90,19 @@ SD15_SCHEDULE = NoiseScheduleConfig(num_train_timesteps=1000, beta_start=0.00085
                                     beta_schedule="scaled_linear", steps_offset=1,
                                     set_alpha_to_one=False, clip_sample=False)
 SD15_TEXT_LENGTH = 77
+
+#: Stable Diffusion 3.5 Medium's ``transformer/config.json`` (the MMDiT-X of 2.5 B parameters)
+#: and its scheduler; ``--model=sd35`` measures it at 512 px (64 x 64 latents, 1024 tokens),
+#: the resolution of configs/sd35_pickscore.py.
+SD35_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+SD35_SCHEDULE = FlowMatchConfig(num_train_timesteps=1000, shift=3.0)
+SD35_LATENT = 64
+#: The packed context of ``SD3Pipeline``: 77 CLIP rows, 256 T5 rows, the pooled row.
+SD35_TEXT_LENGTH = 77 + 256 + 1
 
 #: ``--smoke``: a two-block tiny UNet of the same family (one cross-attention block).
 SMOKE_UNET = dict(
@@ -164,35 +183,51 @@ def tree_bytes(tree: Any) -> int:
 class Model:
     """The abstract SD-size pieces shared by every configuration."""
 
-    def __init__(self, smoke: bool, attention: str = "config"):
+    def __init__(self, smoke: bool, attention: str = "config", model: str = "sd15"):
         self.smoke = smoke
-        self.config = pickscore.sd_base()  # bf16 compute/storage, LoRA 8, remat full, K = 1
+        self.sd35 = model == "sd35" and not smoke
+        # bf16 compute/storage, LoRA (rank 8 on SD 1.5; 32 on both MMDiT streams for SD 3.5),
+        # remat full, K = 1
+        self.config = sd35_pickscore.get_config() if self.sd35 else pickscore.sd_base()
         self.compute_dtype = jnp.dtype(self.config.pretrained.dtype)
         self.param_dtype = jnp.dtype(self.config.pretrained.param_dtype)
-        unet_config = SMOKE_UNET if smoke else SD15_UNET
-        self.text_length = SMOKE_TEXT_LENGTH if smoke else SD15_TEXT_LENGTH
         # The attention kernel loader.load gives the UNet (pretrained.attention), or the one asked.
         self.attention = self.config.pretrained.attention if attention == "config" else attention
-        unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config),
-                                            dtype=self.compute_dtype,
-                                            implementation=self.attention)
-        size = unet_config["sample_size"]
-        self.pipeline = Pipeline(unet=unet, text_encoder=None, tokenizer=None,
-                                 schedule=SD15_SCHEDULE,
-                                 sample_shape=(unet_config["in_channels"], size, size),
-                                 max_length=self.text_length)
-        self.context_dim = unet_config["cross_attention_dim"]
+        if self.sd35:
+            unet = nn_mmdit.SD3Transformer2DModel(nn_mmdit.MMDiTConfig.from_dict(SD35_TRANSFORMER),
+                                                  dtype=self.compute_dtype,
+                                                  implementation=self.attention)
+            self.text_length, self.context_dim = SD35_TEXT_LENGTH, unet.config.joint_attention_dim
+            self.pipeline = MMDiTPipeline(unet=unet, text_encoder=None, tokenizer=None,
+                                          schedule=SD35_SCHEDULE,
+                                          sample_shape=(16, SD35_LATENT, SD35_LATENT),
+                                          max_length=self.text_length - 1)
+            init = lambda k: unet.init_params(k, context_length=self.text_length - 1)  # noqa: E731
+        else:
+            unet_config = SMOKE_UNET if smoke else SD15_UNET
+            self.text_length = SMOKE_TEXT_LENGTH if smoke else SD15_TEXT_LENGTH
+            unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config),
+                                                dtype=self.compute_dtype,
+                                                implementation=self.attention)
+            size = unet_config["sample_size"]
+            self.pipeline = Pipeline(unet=unet, text_encoder=None, tokenizer=None,
+                                     schedule=SD15_SCHEDULE,
+                                     sample_shape=(unet_config["in_channels"], size, size),
+                                     max_length=self.text_length)
+            self.context_dim = unet_config["cross_attention_dim"]
+            init = unet.init_params
         key = jax.random.PRNGKey(0)
         # The frozen reference UNet, stored as pretrained.param_dtype (loader.load's cast).
         self.reference = jax.eval_shape(
-            lambda k: loader.cast_floats(unet.init_params(k), self.param_dtype), key)
+            lambda k: loader.cast_floats(init(k), self.param_dtype), key)
         self.value_model = value_lib.conv_value(self.pipeline.sample_shape,
                                                 (self.text_length, self.context_dim),
                                                 self.config.value.width)
 
     def policy_model(self, kind: str) -> policy_lib.PolicyModel:
         policy_config = self.config.policy.copy_and_resolve_references()
-        policy_config.lora_rank = 8 if kind == "lora" else 0
+        if kind != "lora":
+            policy_config.lora_rank = 0
         return policy_lib.make(policy_config, self.pipeline)
 
     def optimizers(self):
@@ -254,7 +289,7 @@ def build(model: Model, variant: Variant, batch: int):
                      opt_state_bytes=tree_bytes(state.value_opt_state))
         return (jax.jit(value_step, donate_argnums=0), (state, reference, value_batch), facts)
 
-    schedule = make_ddim_schedule(pipeline.schedule, num_steps)
+    schedule = schedule_lib.make_schedule(pipeline.schedule, num_steps, pipeline.image_seq_len)
     facts.update(num_steps=num_steps, batch=batch)
 
     if variant.step == "sample":
@@ -370,6 +405,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         default="config",
                         help="UNet attention kernel: as configs/pickscore.py sets it (chunked), "
                              "xla (full [L, L] scores), chunked or cudnn (GPU)")
+    parser.add_argument("--model", choices=("sd15", "sd35"), default="sd15",
+                        help="Stable Diffusion 1.5's UNet, or 3.5 Medium's MMDiT at 512 px")
     parser.add_argument("--lower_only", action="store_true",
                         help="trace and lower only: parameter and state sizes, no XLA figures")
     parser.add_argument("--fast_compile", action="store_true",
@@ -387,11 +424,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         names = [f"value-b{args.value_batch}" if n.startswith("value-") else n for n in names]
     args.fast_compile = args.fast_compile or args.smoke
     started = time.perf_counter()
-    model = Model(args.smoke, args.attention)
+    model = Model(args.smoke, args.attention, args.model)
+    architecture = SMOKE_UNET if args.smoke else SD35_TRANSFORMER if model.sd35 else SD15_UNET
     report = {
-        "unet": "smoke (2-block tiny)" if args.smoke else "Stable Diffusion 1.5",
+        "unet": ("smoke (2-block tiny)" if args.smoke else
+                 "Stable Diffusion 3.5 Medium MMDiT, 512 px" if model.sd35 else
+                 "Stable Diffusion 1.5"),
         "unet_config": {k: list(v) if isinstance(v, tuple) else v
-                        for k, v in (SMOKE_UNET if args.smoke else SD15_UNET).items()},
+                        for k, v in architecture.items()},
         "compute_dtype": str(model.compute_dtype),
         "frozen_param_dtype": str(model.param_dtype),
         "trainable_dtype": "float32",

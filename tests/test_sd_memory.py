@@ -36,3 +36,15 @@ def test_smoke_policy_sizes_and_value_memory(tmp_path):
     assert memory["argument_size_in_bytes"] >= value["state_bytes"]
     assert value["peak_bytes"] > memory["argument_size_in_bytes"]
     assert value["flops"] > 0
+
+
+@pytest.mark.slow  # traces the 2.5 B-parameter MMDiT (abstract: no weights, no compile)
+def test_sd35_medium_sizes():
+    report = sd_memory.main(["--model=sd35", "--lower_only",
+                             "--configs=policy-lora-full-K1-T2"])
+    row = report["results"][0]
+    assert report["unet"].startswith("Stable Diffusion 3.5 Medium")
+    # 2.47 B parameters with the 384 x 384 position table; LoRA rank 32 on the attention
+    # projections of both streams (configs/sd35_pickscore.py).
+    assert 2.4e9 < row["reference_params"] < 2.5e9
+    assert row["trainable_params"] == 23_887_872
