@@ -152,3 +152,36 @@ def test_lora_finds_the_attention_projections_of_both_streams():
                                                                         "add_q_proj")]
         + [f"transformer_blocks_{i}/attn/to_add_out" for i in range(2)]  # not the last block
         + ["transformer_blocks_0/attn2/to_q", "transformer_blocks_0/attn2/to_out_0"])
+
+
+def test_a_checkpoint_saved_by_diffusers_loads_with_its_outputs(tmp_path):
+    """An SD 3.5-shaped transformer saved by diffusers' own ``save_pretrained`` (PyTorch, the
+    interop extra) loads with the same velocity, in float32 and from its fp16 variant."""
+    torch = pytest.importorskip("torch")
+    torch_diffusers = pytest.importorskip("diffusers")
+
+    record = json.loads((DATA / "mmdit_sd35.json").read_text())
+    config = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = torch_diffusers.SD3Transformer2DModel(**config).eval()
+    with torch.no_grad():  # non-zero values also where diffusers initialises zeros
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "fp32")
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, config["in_channels"], 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 5, config["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((2, config["pooled_projection_dim"])).astype(np.float32)
+    timesteps = np.array([500.5, 3.25], np.float32)
+    with torch.no_grad():
+        want = model(hidden_states=torch.from_numpy(sample),
+                     encoder_hidden_states=torch.from_numpy(context),
+                     pooled_projections=torch.from_numpy(pooled),
+                     timestep=torch.from_numpy(timesteps)).sample.numpy()
+    model.half().save_pretrained(tmp_path / "fp16", variant="fp16")  # after the reference
+    for directory, variant, tol in ((tmp_path / "fp32", "", 1e-4),
+                                    (tmp_path / "fp16", "fp16", 3e-2)):
+        module, params = weights_lib.load_sd3_transformer(directory, variant=variant)
+        got = jax.jit(module.apply)({"params": params}, sample, context, pooled, timesteps)
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol * scale)
