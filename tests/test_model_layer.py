@@ -76,6 +76,23 @@ def test_clip_matches_transformers(name, tmp_path):
     _close(params["logit_scale"], arrays["logit_scale"])
 
 
+def test_text_encoder_saved_without_its_prefix_loads(tmp_path):
+    """transformers 5 writes a CLIPTextModel's keys without ``text_model.``; both forms load to
+    the same parameters."""
+    record = json.loads((DATA / "clip_gelu.json").read_text())
+    state = reference_weights.state_dict(record["shapes"], record["seed"])
+    text = {k: v for k, v in state.items() if k.startswith("text_model.")}
+    config = record["config"]["text_config"]
+    weights_lib.save_state_dict(tmp_path / "prefixed", config, text,
+                                weights_lib.TRANSFORMERS_WEIGHTS)
+    weights_lib.save_state_dict(tmp_path / "bare", config,
+                                {k.removeprefix("text_model."): v for k, v in text.items()},
+                                weights_lib.TRANSFORMERS_WEIGHTS)
+    _, want = weights_lib.load_clip_text(tmp_path / "prefixed")
+    _, got = weights_lib.load_clip_text(tmp_path / "bare")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
 def test_projected_text_encoder_matches_transformers(tmp_path):
     _, arrays = _case("clip_text_projection", tmp_path, weights_lib.TRANSFORMERS_WEIGHTS)
     encoder, params = weights_lib.load_clip_text(tmp_path, with_projection=True)

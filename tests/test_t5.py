@@ -224,3 +224,22 @@ def test_tokenizer_files_and_tokens_are_one_line(tmp_path):
     assert tokenizer.model_max_length == tokenizer_lib.T5_MAX_LENGTH
     full = tokenizer.token_ids(["a red circle"])[0]
     assert tokenizer.ids(["a red circle"], 4).tolist() == [full[:3] + [tokenizer.eos_token_id]]
+
+
+def test_a_checkpoint_saved_by_transformers_loads_with_its_outputs(tmp_path):
+    """A T5 encoder saved by transformers' own ``save_pretrained`` (PyTorch, the interop extra)
+    loads with transformers' hidden states."""
+    torch = pytest.importorskip("torch")
+    torch_transformers = pytest.importorskip("transformers")
+
+    record = json.loads((DATA / "t5_gated_gelu.json").read_text())
+    fields = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    config = torch_transformers.T5Config(**fields)
+    torch.manual_seed(0)
+    model = torch_transformers.T5EncoderModel(config).eval()
+    model.save_pretrained(tmp_path)
+    ids = np.random.default_rng(0).integers(2, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    encoder, params = weights_lib.load_t5_encoder(tmp_path)
+    assert _max_error(encoder.apply({"params": params}, ids), want) < 1e-4

@@ -248,16 +248,18 @@ def read_config(directory: pathlib.Path) -> dict:
 
 def load_params(directory: pathlib.Path, init: Callable[[jax.Array], Any],
                 weights: WeightFiles, variant: str = "",
-                keep: Callable[[str], bool] = lambda key: True) -> Any:
+                keep: Callable[[str], bool] = lambda key: True,
+                rename: Callable[[dict], dict] = lambda state: state) -> Any:
     """float32 params for the network whose ``init(key) -> params`` gives the target tree.
 
     ``keep(key)`` selects the PyTorch tensors that belong to it (a text tower read from a
-    whole CLIP checkpoint leaves the vision tower's out)."""
+    whole CLIP checkpoint leaves the vision tower's out), after ``rename(state)`` has put the
+    PyTorch names in the form the tree expects."""
     target = jax.eval_shape(init, jax.random.PRNGKey(0))
     file = weight_file(directory, weights, variant)
     if file.suffix == ".msgpack":
         return as_float32(read_flax(file, target, keep))
-    state = {key: value for key, value in read_state_dict(file).items() if keep(key)}
+    state = {key: value for key, value in rename(read_state_dict(file)).items() if keep(key)}
     return as_float32(convert_state_dict(state, target, str(file)))
 
 
@@ -306,7 +308,18 @@ def load_clip_text(directory: pathlib.Path, dtype: Any = jnp.float32, implementa
     module = cls(config, dtype=dtype, implementation=implementation)
     prefixes = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
     return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant,
-                               keep=lambda key: key.startswith(prefixes))
+                               keep=lambda key: key.startswith(prefixes),
+                               rename=_text_model_prefix)
+
+
+def _text_model_prefix(state: dict) -> dict:
+    """transformers 5 saves a ``CLIPTextModel`` without its ``text_model.`` prefix (older
+    releases, and the hub's checkpoints, keep it): the tower's keys get it back."""
+    if any(key.startswith("text_model.") for key in state):
+        return state
+    tower = ("embeddings.", "encoder.", "final_layer_norm.")
+    return {("text_model." + key if key.startswith(tower) else key): value
+            for key, value in state.items()}
 
 
 #: T5's encoder input embedding, tied to ``shared.weight`` (some checkpoints store both).
