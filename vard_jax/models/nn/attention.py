@@ -29,11 +29,11 @@ def check_implementation(implementation: str) -> str:
 
 
 def _chunked(query: jax.Array, key: jax.Array, value: jax.Array, bias: Optional[jax.Array],
-             query_chunk: int, key_chunk: int) -> jax.Array:
+             query_chunk: int, key_chunk: int, scale: float) -> jax.Array:
     """[B, Lq, H, D] attention by chunks; ``bias`` [B|1, H|1, Lq, Lk] additive or None."""
     batch, q_len, heads, depth = query.shape
     k_len = key.shape[1]
-    query = query * (1.0 / math.sqrt(depth))
+    query = query * jnp.asarray(scale, query.dtype)
     q_chunk, k_chunk = min(query_chunk, q_len), min(key_chunk, k_len)
 
     def one_query_chunk(q_start):
@@ -64,12 +64,9 @@ def _chunked(query: jax.Array, key: jax.Array, value: jax.Array, bias: Optional[
         (total, weight, _), _ = jax.lax.scan(jax.checkpoint(one_key_chunk), init, starts)
         return jnp.transpose(total / weight, (0, 2, 1, 3))  # [B, q_chunk, H, D]
 
-    if q_len % q_chunk or k_len % k_chunk:
-        raise ValueError(f"chunked attention: lengths {q_len}, {k_len} must be multiples of the "
-                         f"chunks {q_chunk}, {k_chunk}")
     chunks = jax.lax.map(one_query_chunk, jnp.arange(0, q_len, q_chunk))  # [n, B, c, H, D]
     out = jnp.moveaxis(chunks, 0, 1).reshape(batch, q_len, heads, depth)
-    return out.astype(query.dtype)
+    return out.astype(value.dtype)
 
 
 def _largest_divisor(length: int, limit: int) -> int:
@@ -81,29 +78,38 @@ def _largest_divisor(length: int, limit: int) -> int:
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
               mask: Optional[jax.Array] = None, is_causal: bool = False,
+              bias: Optional[jax.Array] = None, scale: Optional[float] = None,
               implementation: str = "xla", query_chunk: int = 1024,
               key_chunk: int = 4096) -> jax.Array:
-    """Scaled dot-product attention of [B, L, H, D] heads -> [B, Lq, H, D].
+    """Dot-product attention of [B, L, H, D] heads -> [B, Lq, H, D]:
+    softmax(scale q k^T + bias) v.
 
-    ``mask`` [B|1, H|1, Lq, Lk] boolean (True = attend); ``is_causal`` adds a causal mask.
+    ``mask`` [B|1, H|1, Lq, Lk] boolean (True = attend); ``is_causal`` adds a causal mask;
+    ``bias`` [B|1, H|1, Lq, Lk] is added to the scores (T5's relative positions); ``scale``
+    defaults to 1 / sqrt(D) (T5 uses 1).
     """
     check_implementation(implementation)
+    depth = query.shape[-1]
+    scale = 1.0 / math.sqrt(depth) if scale is None else scale
     if implementation == "chunked":
         q_len, k_len = query.shape[1], key.shape[1]
-        bias = None
         if is_causal:
             causal = jnp.tril(jnp.ones((q_len, k_len), bool))[None, None]
             mask = causal if mask is None else jnp.logical_and(mask, causal)
+        scores_bias = None if bias is None else bias.astype(jnp.float32)
         if mask is not None:
-            bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-            bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], q_len, k_len))
-        return _chunked(query, key, value, bias, _largest_divisor(q_len, query_chunk),
-                        _largest_divisor(k_len, key_chunk))
+            base = jnp.zeros((), jnp.float32) if scores_bias is None else scores_bias
+            scores_bias = jnp.where(mask, base, jnp.finfo(jnp.float32).min)
+        if scores_bias is not None:
+            scores_bias = jnp.broadcast_to(scores_bias, scores_bias.shape[:2] + (q_len, k_len))
+        return _chunked(query, key, value, scores_bias, _largest_divisor(q_len, query_chunk),
+                        _largest_divisor(k_len, key_chunk), scale)
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError("attention implementation 'cudnn' needs a GPU; use 'xla' or 'chunked' "
                          f"on {jax.default_backend()}")
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=None if bias is None else bias.astype(query.dtype), mask=mask,
+        scale=scale, is_causal=is_causal, implementation=implementation)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

@@ -121,25 +121,8 @@ def _attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arr
                mask: Optional[jax.Array], implementation: str) -> jax.Array:
     """softmax(q k^T + bias) v of [B, L, H, D] heads, the scores unscaled; ``bias``
     [1, H, Lq, Lk], ``mask`` [B, 1, 1, Lk] boolean (True = attend) or None."""
-    attention_lib.check_implementation(implementation)
-    if implementation == "chunked":
-        scores_bias = bias.astype(jnp.float32)
-        if mask is not None:
-            scores_bias = jnp.where(mask, scores_bias, jnp.finfo(jnp.float32).min)
-        q_len, k_len = query.shape[1], key.shape[1]
-        scores_bias = jnp.broadcast_to(scores_bias, (scores_bias.shape[0], query.shape[2],
-                                                     q_len, k_len))
-        # the chunked kernel divides the scores by sqrt(depth): undone on the float32 query
-        scaled = query.astype(jnp.float32) * math.sqrt(query.shape[-1])
-        out = attention_lib._chunked(scaled, key, value, scores_bias,
-                                     attention_lib._largest_divisor(q_len, 1024),
-                                     attention_lib._largest_divisor(k_len, 4096))
-        return out.astype(query.dtype)
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError("attention implementation 'cudnn' needs a GPU; use 'xla' or 'chunked' "
-                         f"on {jax.default_backend()}")
-    return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(query.dtype),
-                                        mask=mask, scale=1.0, implementation=implementation)
+    return attention_lib.attention(query, key, value, mask=mask, bias=bias, scale=1.0,
+                                   implementation=implementation)
 
 
 class T5LayerNorm(nn.Module):
