@@ -1,4 +1,5 @@
-"""VARD vs DDPO vs DRaFT on the shapes world, at equal budgets of reward queries.
+"""VARD vs DDPO vs DRaFT on the shapes world, at equal budgets of reward queries (and VARD vs
+Flow-GRPO vs DRaFT on the world's flow model: the ``flow_*`` comparisons, ``--rewards``).
 
 Runs every applicable (reward, method, seed) with ``python -m vard_jax.main`` (one process
 per run, so one failure does not end the comparison), then reads each run's
@@ -68,6 +69,7 @@ import numpy as np
 class Comparison(NamedTuple):
     config: str  # the reward's experiment config (the value architecture VARD uses for it, ...)
     methods: tuple[str, ...]  # the methods that can train on it (DRaFT: differentiable only)
+    reward: str = ""  # the reward trained (default: the comparison's name)
 
 
 # reward -> its comparison; run_overrides sets the budget, seed and evaluation grid.
@@ -75,12 +77,21 @@ MATRIX = {
     "clip_alignment": Comparison("configs/shapes.py", ("vard", "ddpo", "draft")),
     "shape_fidelity": Comparison("configs/shapes_fidelity.py", ("vard", "ddpo")),
     "jpeg_compressibility": Comparison("configs/shapes_compressibility.py", ("vard", "ddpo")),
+    # The world's flow-matching model, with Flow-GRPO as the policy-gradient baseline.
+    "flow_clip_alignment": Comparison("configs/shapes_flow.py", ("vard", "grpo", "draft"),
+                                      "clip_alignment"),
+    "flow_jpeg_compressibility": Comparison("configs/shapes_flow_compressibility.py",
+                                            ("vard", "grpo"), "jpeg_compressibility"),
 }
+#: What runs without --rewards: the DDPM model's comparisons.
+DEFAULT_REWARDS = ("clip_alignment", "shape_fidelity", "jpeg_compressibility")
+#: The policy-gradient baselines that the sample-efficiency target measures VARD against.
+POLICY_GRADIENT = ("ddpo", "grpo")
 # The program that scores what the prompt asks for, beside every learned or proxy reward:
 # its held-out gain against the trained reward's is the over-optimisation plot.
 GOLD = "shape_fidelity"
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("vard", "ddpo", "draft")
+METHODS = ("vard", "ddpo", "grpo", "draft")
 # Settings the comparison fixes for every run (equal budgets, seeds, evaluation grid): a
 # variant may not override them.
 FIXED_SETTINGS = ("algorithm", "reward.name", "reward.eval_extra", "train.seed",
@@ -129,7 +140,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
-    parser.add_argument("--rewards", default=",".join(MATRIX), help="Rewards to compare.")
+    parser.add_argument("--rewards", default="",
+                        help="Comparisons to run: " + ", ".join(MATRIX) + " (flow_*: the "
+                             "world's flow model, VARD vs Flow-GRPO vs DRaFT).")
     parser.add_argument("--budget", type=int, default=128, help="Reward queries per run.")
     parser.add_argument("--evals", type=int, default=8,
                         help="Held-out evaluations per run besides the one at step 0 (8 at "
@@ -167,11 +180,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if unknown and not args.combine:  # --combine: --methods selects among the runs found
         raise SystemExit(f"--methods: unknown {unknown}; choose from "
                          f"{', '.join(list(METHODS) + names)}")
+    given = args.rewards
+    args.rewards = given or ",".join(DEFAULT_REWARDS)
     if args.quick:
         args.seeds, args.budget, args.evals = "0", 64, 4
-        args.rewards = "clip_alignment,jpeg_compressibility"
+        args.rewards = given or "clip_alignment,jpeg_compressibility"
     if args.smoke:
-        args.seeds, args.budget, args.evals, args.rewards = "0", 8, 1, "clip_alignment"
+        args.seeds, args.budget, args.evals = "0", 8, 1
+        args.rewards = given or "clip_alignment"
     return args
 
 
@@ -189,6 +205,7 @@ def run_overrides(reward: str, method: str, seed: int, budget: int, evals: int,
     epochs, pretrain, batch = run_epochs(method, budget, smoke)
     # The same evaluation grid (in epochs) for every method, whatever its pre-training.
     every = max(budget // batch // max(evals, 1), 1)
+    reward = MATRIX[reward].reward or reward
     overrides = [f"--config.algorithm={method}", f"--config.reward.name={reward}",
                  f"--config.reward.eval_extra={GOLD if reward != GOLD else ''}",
                  f"--config.train.seed={seed}",
@@ -312,17 +329,19 @@ def _targets(runs: list[dict], name: str) -> dict:
     it) against DDPO's and DRaFT's runs of the same seeds, among one reward's ``runs``."""
     vard_runs = {r["seed"]: r for r in runs if r["method"] == name}
     targets: dict = {}
-    ddpo = [r for r in runs if r["method"] == "ddpo" and r["seed"] in vard_runs]
-    if ddpo:
+    for baseline in POLICY_GRADIENT:
+        pg = [r for r in runs if r["method"] == baseline and r["seed"] in vard_runs]
+        if not pg:
+            continue
         ratios, above = [], []
-        for r in ddpo:
+        for r in pg:
             needed = queries_to_reach(vard_runs[r["seed"]]["curve"], r["final_eval_reward"])
             ratios.append(None if needed is None else needed / r["reward_queries"])
-            # A DDPO final at or below its start is "reached" by VARD's first evaluation:
-            # the ratio then says nothing about sample efficiency.
+            # A baseline's final at or below its start is "reached" by VARD's first
+            # evaluation: the ratio then says nothing about sample efficiency.
             above.append(bool(r["final_eval_reward"] > r["curve"][0]["eval_reward"]))
-        targets["vard_queries_to_ddpo_final_over_ddpo_queries"] = ratios
-        targets["ddpo_final_above_start"] = above
+        targets[f"vard_queries_to_{baseline}_final_over_{baseline}_queries"] = ratios
+        targets[f"{baseline}_final_above_start"] = above
     draft = [r for r in runs if r["method"] == "draft" and r["seed"] in vard_runs]
     if draft:
         pairs = []

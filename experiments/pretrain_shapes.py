@@ -11,10 +11,17 @@
 3. Quality figures: CLIP top-1 retrieval on held-out pairs; the base model's shape_fidelity
    and clip_alignment on training and held-out prompts at the demo's guidance; a sample grid.
 
+``--flow`` trains the world's flow-matching model instead (``shapes_model.MMDIT_CONFIG``, a
+tiny SD 3.5-style MMDiT; rectified flow: x_t = (1 - t) x0 + t eps, velocity target eps - x0,
+t logit-normal as SD3 trains, the same condition dropout and EMA) on the CLIP of
+``--init_from`` (default: the shipped one), writes ``transformer/`` and its figures (Euler
+sampling, ``--flow_eval_eta`` 0) into ``--out``, and leaves the rest of ``--out`` as it is.
+
     python experiments/pretrain_shapes.py                  # ~40 min on 2 CPU cores
     python experiments/pretrain_shapes.py --clip_steps=50 --unet_steps=20 --out=/tmp/w  # smoke
     python experiments/pretrain_shapes.py --init_from=DIR --evaluate_only   # figures of DIR again
     python experiments/pretrain_shapes.py --reward_only       # the reward CLIP only (~15 min)
+    python experiments/pretrain_shapes.py --flow              # the flow model only
 
 ``--init_from`` continues from an asset directory; with ``--evaluate_only`` nothing is trained:
 the quality figures and the grid are measured again with the current sampler and written
@@ -35,6 +42,7 @@ import optax
 from absl import app, flags
 
 from vard_jax.diffusion import sampler as sampler_lib
+from vard_jax.diffusion import flow as flow_lib
 from vard_jax.diffusion.schedule import add_noise, alphas_cumprod_for
 from vard_jax.models import clip as clip_lib
 from vard_jax.models import shapes as shapes_model
@@ -67,6 +75,11 @@ flags.DEFINE_integer("reward_steps", 1500, "Reward CLIP training steps.")
 flags.DEFINE_integer("reward_batch", 64, "Reward CLIP batch of real pairs.")
 flags.DEFINE_integer("reward_hard", 3, "Hard negatives (one attribute changed) per pair.")
 flags.DEFINE_integer("reward_off", 40, "Off-distribution images per batch.")
+flags.DEFINE_bool("flow", False, "Train the flow-matching MMDiT (transformer/) on the CLIP of "
+                  "--init_from (default: the shipped one) with the --unet_* budget and settings; "
+                  "the rest of --out is left as it is.")
+flags.DEFINE_float("flow_eval_eta", 0.0, "Noise level of the flow model's quality figures "
+                   "(0: Euler steps of the ODE).")
 flags.DEFINE_bool("evaluate_only", False, "With --init_from: train nothing, measure the quality "
                   "figures of those weights again and write them with the weights to --out.")
 
@@ -229,14 +242,32 @@ def clip_retrieval_accuracy(clip_model, params, tokenizer, split: str, n: int = 
 
 
 def train_unet(pipeline, text_params, key, init_params=None):
-    unet = pipeline.unet
-    params = shapes_model.init_unet_params(unet, key) if init_params is None else init_params
+    """The eps-prediction DDPM loss with uniform timesteps."""
+    return train_denoiser(pipeline, text_params, key, init_params, _ddpm_loss)
+
+
+def _ddpm_loss(pipeline, p, x0, context, key):
+    key_t, key_n = jax.random.split(key)
+    t = jax.random.randint(key_t, (x0.shape[0],), 0, pipeline.schedule.num_train_timesteps)
+    noise = jax.random.normal(key_n, x0.shape)
+    x_t = add_noise(jnp.asarray(alphas_cumprod_for(pipeline.schedule)), x0, noise, t)
+    return jnp.mean((pipeline.eps_fn(p, x_t, t, context) - noise) ** 2)
+
+
+def train_denoiser(pipeline, text_params, key, init_params, loss_of):
+    """AdamW (warm-up, cosine) on ``loss_of(pipeline, params, x0, context, key)`` with 10 %
+    condition dropout and an EMA of the weights, for ``--unet_steps`` or ``--unet_minutes``."""
+    if init_params is None:
+        init = (shapes_model.init_flow_params if FLAGS.flow else shapes_model.init_unet_params)
+        params = init(pipeline.unet, key)
+    else:
+        params = init_params
     ema = params
-    alphas_cumprod = jnp.asarray(alphas_cumprod_for(pipeline.schedule))
     warmup = min(200 if init_params is None else 50, FLAGS.unet_steps // 2)
     schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.unet_lr, warmup, FLAGS.unet_steps,
                                                   5e-5)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, weight_decay=1e-4))
     opt_state = optimizer.init(params)
 
     # Every caption the world can produce, plus the empty prompt, encoded once.
@@ -246,22 +277,16 @@ def train_unet(pipeline, text_params, key, init_params=None):
 
     @jax.jit
     def step(p, e, s, images, caption_idx, key):
-        key_t, key_n, key_d = jax.random.split(key, 3)
+        key_loss, key_d = jax.random.split(key)
         x0 = jnp.transpose(images, (0, 3, 1, 2)) * 2.0 - 1.0  # [B, 3, H, W] in [-1, 1]
-        batch = x0.shape[0]
-        t = jax.random.randint(key_t, (batch,), 0, pipeline.schedule.num_train_timesteps)
-        noise = jax.random.normal(key_n, x0.shape)
-        drop = jax.random.uniform(key_d, (batch,)) < FLAGS.cond_dropout
+        drop = jax.random.uniform(key_d, (x0.shape[0],)) < FLAGS.cond_dropout
         context = table[jnp.where(drop, 0, caption_idx)]
-        x_t = add_noise(alphas_cumprod, x0, noise, t)
-
-        def loss_fn(p):
-            return jnp.mean((pipeline.eps_fn(p, x_t, t, context) - noise) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(p)
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_of(pipeline, p, x0, context, key_loss))(p)
         updates, s = optimizer.update(grads, s, p)
         p = optax.apply_updates(p, updates)
-        e = jax.tree_util.tree_map(lambda a, b: FLAGS.ema_decay * a + (1 - FLAGS.ema_decay) * b, e, p)
+        e = jax.tree_util.tree_map(lambda a, b: FLAGS.ema_decay * a + (1 - FLAGS.ema_decay) * b,
+                                   e, p)
         return p, e, s, loss
 
     start, losses = time.time(), []
@@ -275,17 +300,33 @@ def train_unet(pipeline, text_params, key, init_params=None):
         losses.append(float(loss))
         elapsed = time.time() - start
         if i % 50 == 0:
-            print(f"unet step {i}: loss {np.mean(losses[-50:]):.4f} ({elapsed:.0f}s)", flush=True)
+            print(f"denoiser step {i}: loss {np.mean(losses[-50:]):.4f} ({elapsed:.0f}s)",
+                  flush=True)
         if elapsed > FLAGS.unet_minutes * 60:
-            print(f"unet: time budget reached after {i + 1} steps", flush=True)
+            print(f"denoiser: time budget reached after {i + 1} steps", flush=True)
             break
     return ema, {"unet_steps": i + 1, "unet_final_loss": float(np.mean(losses[-50:])),
                  "unet_train_seconds": round(time.time() - start, 1)}
 
 
-def evaluate_base(pipeline, params, clip_model, reward_params, out: pathlib.Path) -> dict:
+def train_flow(pipeline, text_params, key, init_params=None):
+    """Rectified flow for the MMDiT (module docstring); the loop and budget of ``train_unet``."""
+    return train_denoiser(pipeline, text_params, key, init_params, _flow_loss)
+
+
+def _flow_loss(pipeline, p, x0, context, key):
+    key_t, key_n = jax.random.split(key)
+    t = jax.nn.sigmoid(jax.random.normal(key_t, (x0.shape[0],)))  # logit-normal (SD3)
+    noise = jax.random.normal(key_n, x0.shape)
+    x_t = flow_lib.add_noise(x0, noise, t)
+    velocity = pipeline.eps_fn(p, x_t, t * pipeline.schedule.num_train_timesteps, context)
+    return jnp.mean((velocity - (noise - x0)) ** 2)
+
+
+def evaluate_base(pipeline, params, clip_model, reward_params, out: pathlib.Path,
+                  eta: float = 1.0, grid_name: str = "base_samples.png") -> dict:
     """The base model's shape_fidelity and clip_alignment (the reward CLIP's score)."""
-    spec = sampler_lib.SamplerSpec(FLAGS.eval_steps, 1.0, FLAGS.guidance_scale)
+    spec = sampler_lib.SamplerSpec(FLAGS.eval_steps, eta, FLAGS.guidance_scale)
     fn = sampler_lib.jit_sampler(pipeline, spec)
     score = jax.jit(lambda p, im, ids: clip_lib.clip_logits(clip_model, p, im, ids))
     figures, grids = {}, []
@@ -303,9 +344,37 @@ def evaluate_base(pipeline, params, clip_model, reward_params, out: pathlib.Path
     images = np.concatenate([g[0] for g in grids])
     prompts = sum([g[1] for g in grids], [])
     scores = np.concatenate([g[2] for g in grids])
-    grid_lib.save_grid(out / "base_samples.png", images, prompts, scores, columns=8,
+    grid_lib.save_grid(out / grid_name, images, prompts, scores, columns=8,
                        score_name="fidelity")
     return figures
+
+
+def train_flow_model(tokenizer, clip_model, key, out: pathlib.Path) -> None:
+    """``--flow``: the flow model on the CLIP of ``--init_from`` (default: the shipped one),
+    continued from its ``transformer/`` with ``--init_from``; written to ``--out``."""
+    source = FLAGS.init_from or shapes_model.ASSET_DIR
+    _, _, _, clip_params = shapes_model.load(source)
+    pipeline = shapes_model.build_flow_pipeline(tokenizer, clip_model)
+    text_params = shapes_model.flow_text_params(clip_params)
+    init = None
+    if FLAGS.init_from and (pathlib.Path(FLAGS.init_from) / shapes_model.FLOW_DIR).exists():
+        init = shapes_model.load(FLAGS.init_from, flow=True)[1]["unet"]
+    if FLAGS.evaluate_only:
+        if init is None:
+            raise app.UsageError("--flow --evaluate_only needs --init_from=DIR with a "
+                                 f"{shapes_model.FLOW_DIR}/ checkpoint")
+        params, figures = init, {}
+    else:
+        params, figures = train_flow(pipeline, text_params, key, init)
+    figures = {k.replace("unet_", "transformer_"): v for k, v in figures.items()}
+    reward_params = shapes_model.load_reward(source, clip_model)
+    figures.update(evaluate_base(pipeline, {"unet": params, "text_encoder": text_params},
+                                 clip_model, reward_params, out, eta=FLAGS.flow_eval_eta,
+                                 grid_name="flow_base_samples.png"))
+    figures.update(eval_eta=FLAGS.flow_eval_eta, eval_steps=FLAGS.eval_steps,
+                   eval_guidance_scale=FLAGS.guidance_scale)
+    shapes_model.save_flow(out, params, figures)
+    print(json.dumps(figures, indent=2), flush=True)
 
 
 def main(argv):
@@ -317,6 +386,10 @@ def main(argv):
     tokenizer = tokenizer_files.load_tokenizer(tokenizer_dir)
     clip_model = shapes_model.build_clip(tokenizer)
     pipeline = shapes_model.build_pipeline(tokenizer, clip_model)
+
+    if FLAGS.flow:
+        train_flow_model(tokenizer, clip_model, key_unet, out)
+        return
 
     if FLAGS.reward_only:
         _, _, _, clip_params = shapes_model.load(FLAGS.init_from or shapes_model.ASSET_DIR)

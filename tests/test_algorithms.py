@@ -389,3 +389,27 @@ def test_compare_variants_run_under_their_own_names(tmp_path, monkeypatch):
             compare.main([f"--out={tmp_path / 'bad'}", "--budget=8"] + argv)
         assert message in str(error.value) and "\n" not in str(error.value), error.value
     assert not (tmp_path / "bad").exists()  # refused input leaves no output directory
+
+
+def test_compare_flow_comparisons_run_grpo_and_train_the_underlying_reward(tmp_path):
+    """The flow_* comparisons: the flow model's configs, Flow-GRPO as the policy-gradient
+    baseline (its sample-efficiency target under its own name), the reward they train."""
+    from experiments import compare
+
+    args = compare.parse_args([f"--out={tmp_path}", "--smoke",
+                               "--rewards=flow_clip_alignment"])
+    assert args.rewards == "flow_clip_alignment"
+    assert [v.name for v in compare.planned_runs("flow_clip_alignment", args)] == [
+        "vard", "grpo", "draft"]
+    overrides = compare.run_overrides("flow_clip_alignment", "grpo", 0, 8, 1, True)
+    assert "--config.reward.name=clip_alignment" in overrides
+    assert "--config.algorithm=grpo" in overrides
+    assert compare.MATRIX["flow_jpeg_compressibility"].config.endswith(
+        "shapes_flow_compressibility.py")
+    runs = [record("vard", 0, [(0, 0.0, 0.0), (8, 1.0, 0.1), (16, 2.0, 0.2)]),
+            record("grpo", 0, [(0, 0.0, 0.0), (16, 1.0, 0.05)])]
+    targets = compare._targets(runs, "vard")
+    assert targets["vard_queries_to_grpo_final_over_grpo_queries"] == [0.5]
+    assert targets["grpo_final_above_start"] == [True]
+    assert compare.parse_args([f"--out={tmp_path}"]).rewards == ",".join(
+        compare.DEFAULT_REWARDS)

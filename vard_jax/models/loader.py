@@ -32,12 +32,12 @@ def register_family(name: str):
 
 
 @register_family("shapes")
-def _load_shapes(config) -> LoadedModel:
+def _load_shapes(config, flow: bool = False) -> LoadedModel:
     from vard_jax.models import shapes as shapes_model
 
     pipeline, params, clip_model, clip_params = shapes_model.load(
         config.pretrained.path, random_init=config.pretrained.random_init, seed=config.train.seed,
-        dtype=config.pretrained.dtype)
+        dtype=config.pretrained.dtype, flow=flow)
     # clip_alignment scores with the reward CLIP, trained with hard negatives (not the CLIP
     # whose text tower conditions the UNet).
     try:
@@ -48,6 +48,12 @@ def _load_shapes(config) -> LoadedModel:
         reward_params = clip_params  # random weights throughout, as asked
     return LoadedModel(pipeline, params, reward_path=config.reward.path or config.pretrained.path,
                        world_clip=(clip_model, reward_params, pipeline.tokenizer))
+
+
+@register_family("shapes_flow")
+def _load_shapes_flow(config) -> LoadedModel:
+    """The shapes world's flow-matching MMDiT (same tokenizer, text encoder and rewards)."""
+    return _load_shapes(config, flow=True)
 
 
 @register_family("stable_diffusion")

@@ -130,18 +130,66 @@ class SDXLPipeline(Pipeline):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SD3Pipeline(Pipeline):
-    """Stable Diffusion 3 / 3.5: an MMDiT flow model (``unet`` holds the
-    ``nn.mmdit.SD3Transformer2DModel``), three text encoders and a 16-channel VAE.
+class MMDiTPipeline(Pipeline):
+    """A flow-matching MMDiT (``unet`` holds the ``nn.mmdit.SD3Transformer2DModel``)
+    conditioned on one CLIP text encoder with projection (the shapes world's flow model).
 
-    The context the rollout carries is one array, [B, L + L3 + 1, D] (D = the transformer's
-    ``joint_attention_dim``): rows 0..L-1 hold the two CLIP encoders' penultimate hidden
-    states side by side, zero-padded to D; the next L3 rows the T5 encoder's last hidden states
-    (``text_encoder_3``; without it, L3 = L rows of zeros, as diffusers does); the last row the
-    two CLIPs' pooled, projected embeddings side by side (the transformer's
-    ``pooled_projections``), zero-padded to D. Token ids are the three tokenizers' ids side by
-    side, [B, 2L + L3]. The model output is the velocity; ``schedule`` is a
-    ``FlowMatchConfig``.
+    The context the rollout carries is one array, [B, L + 1, D] (D = the transformer's
+    ``joint_attention_dim``): the encoder's last hidden states, then one row with its pooled,
+    projected embedding (the transformer's ``pooled_projections``), zero-padded to D. The
+    model output is the velocity; ``schedule`` is a ``FlowMatchConfig``.
+    """
+
+    @property
+    def image_seq_len(self) -> Optional[int]:
+        patch = self.unet.config.patch_size
+        return (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        return (self.max_length + 1, self.unet.config.joint_attention_dim)
+
+    def encode_ids(self, text_params: Any, input_ids: jax.Array) -> jax.Array:
+        out = self.text_encoder.apply({"params": text_params}, input_ids)
+        return _with_pooled_row(out.last_hidden_state, out.text_embeds,
+                                self.unet.config.joint_attention_dim)
+
+    def unet_call(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                  context: jax.Array) -> jax.Array:
+        """The transformer's velocity at x [B, C, H, W] for the packed context."""
+        pooled = context[:, -1, :self.unet.config.pooled_projection_dim]
+        return self.unet.apply({"params": unet_params}, x, context[:, :-1], pooled, timesteps)
+
+    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+               context: jax.Array) -> jax.Array:
+        """The velocity prediction, float32 (a flow model's output; the name is the
+        interface's)."""
+        return self.unet_call(unet_params, x, timesteps, context).astype(jnp.float32)
+
+    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
+                     context: jax.Array) -> jax.Array:
+        raise ValueError("value.arch = 'unet_head' reads a UNet's mid block; an MMDiT flow "
+                         "model has none (use value.arch = 'conv' or 'conv_x0')")
+
+
+def _with_pooled_row(hidden: jax.Array, pooled: jax.Array, width: int) -> jax.Array:
+    """[B, L, D'] hidden states and [B, P] pooled embeddings -> [B, L + 1, width], both
+    zero-padded to ``width``."""
+    hidden = jnp.pad(hidden, ((0, 0), (0, 0), (0, width - hidden.shape[-1])))
+    row = jnp.pad(pooled, ((0, 0), (0, width - pooled.shape[-1]))).astype(hidden.dtype)
+    return jnp.concatenate([hidden, row[:, None, :]], axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SD3Pipeline(MMDiTPipeline):
+    """Stable Diffusion 3 / 3.5: the MMDiT flow model, three text encoders and a 16-channel
+    VAE.
+
+    The context is [B, L + L3 + 1, D]: rows 0..L-1 hold the two CLIP encoders' penultimate
+    hidden states side by side, zero-padded to D; the next L3 rows the T5 encoder's last
+    hidden states (``text_encoder_3``; without it, L3 = L rows of zeros, as diffusers does);
+    the last row the two CLIPs' pooled, projected embeddings side by side. Token ids are the
+    three tokenizers' ids side by side, [B, 2L + L3].
     """
 
     text_encoder_2: Any = None  # nn.clip.CLIPTextModelWithProjection (OpenCLIP bigG)
@@ -149,11 +197,6 @@ class SD3Pipeline(Pipeline):
     text_encoder_3: Any = None  # nn.t5.T5EncoderModel, or None (zero embeddings)
     tokenizer_3: Any = None
     t5_length: int = 256  # max_sequence_length of diffusers' SD3 pipeline
-
-    @property
-    def image_seq_len(self) -> Optional[int]:
-        patch = self.unet.config.patch_size
-        return (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
 
     @property
     def _t5_rows(self) -> int:
@@ -184,22 +227,4 @@ class SD3Pipeline(Pipeline):
         else:
             t5 = jnp.zeros((input_ids.shape[0], length, width), clip.dtype)
         pooled = jnp.concatenate([first.text_embeds, second.text_embeds], axis=-1)
-        row = jnp.pad(pooled, ((0, 0), (0, width - pooled.shape[-1]))).astype(clip.dtype)
-        return jnp.concatenate([clip, t5, row[:, None, :]], axis=1)
-
-    def unet_call(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
-                  context: jax.Array) -> jax.Array:
-        """The transformer's velocity at x [B, C, H, W] for the packed context."""
-        pooled = context[:, -1, :self.unet.config.pooled_projection_dim]
-        return self.unet.apply({"params": unet_params}, x, context[:, :-1], pooled, timesteps)
-
-    def eps_fn(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
-               context: jax.Array) -> jax.Array:
-        """The velocity prediction, float32 (a flow model's output; the name is the
-        interface's)."""
-        return self.unet_call(unet_params, x, timesteps, context).astype(jnp.float32)
-
-    def mid_features(self, unet_params: Any, x: jax.Array, timesteps: jax.Array,
-                     context: jax.Array) -> jax.Array:
-        raise ValueError("value.arch = 'unet_head' reads a UNet's mid block; Stable Diffusion 3's "
-                         "transformer has none (use value.arch = 'conv' or 'conv_x0')")
+        return _with_pooled_row(jnp.concatenate([clip, t5], axis=1), pooled, width)

@@ -157,7 +157,7 @@ def configure_eval_rewards(config: ml_collections.ConfigDict,
     the reason. Other model families, and a main reward that is (or contains) shape fidelity,
     are left as configured.
     """
-    if config.pretrained.family != "shapes":
+    if config.pretrained.family not in ("shapes", "shapes_flow"):
         return {}
     names = {part.partition(":")[0].strip() for part in config.reward.name.split(",")}
     extra = [n.strip() for n in config.reward.eval_extra.split(",") if n.strip()]
