@@ -148,6 +148,13 @@ def test_rollout_with_a_flow_schedule():
             sde.x_prev[:, i], step.mean, step.std), rtol=1e-5)
 
 
+def test_one_step_grid_has_a_finite_noise_scale():
+    """T = 1: the grid's second sigma is 0, so the noise scale at sigma = 1 is eta itself."""
+    schedule = flow.make_flow_schedule(flow.FlowMatchConfig(), 1)
+    np.testing.assert_allclose(schedule.noise_scale(0, 0.7), 0.7, rtol=1e-6)
+    np.testing.assert_allclose(schedule.std(0, 0.7), 0.7, rtol=1e-6)
+
+
 def test_flow_interface_pieces():
     schedule = flow.make_flow_schedule(flow.FlowMatchConfig(shift=3.0), 5)
     x = jnp.ones((2, 3, 2, 2))

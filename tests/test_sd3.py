@@ -135,6 +135,8 @@ def test_sd3_checkpoint_loads_as_a_flow_pipeline(sd3_checkpoint, tmp_path):
     assert pipeline.sample_shape == (16, 4, 4) and pipeline.image_seq_len == 4
     with pytest.raises(ValueError, match="resolution = 36 is not a multiple of 16"):
         sd.load(str(sd3_checkpoint), resolution=36)
+    with pytest.raises(ValueError, match="position table has 8"):  # pos_embed_max_size 8
+        sd.load(str(sd3_checkpoint), resolution=144)
 
 
 def test_weight_patterns_fetch_every_shard():
@@ -144,7 +146,14 @@ def test_weight_patterns_fetch_every_shard():
              "transformer/diffusion_pytorch_model.safetensors"]
     patterns = sd.weight_patterns(files, ("text_encoder_3",), weights_lib.TRANSFORMERS_WEIGHTS)
     assert patterns == ["text_encoder_3/model.safetensors.index.json",
-                        "text_encoder_3/model*-of-*.safetensors"]
+                        "text_encoder_3/model-*-of-*.safetensors"]
+    # A variant's shards only (not the plain ones beside them), and before a plain single file.
+    variant = files + ["text_encoder_3/model.safetensors",
+                       "text_encoder_3/model.safetensors.index.fp16.json",
+                       "text_encoder_3/model.fp16-00001-of-00002.safetensors"]
+    assert sd.weight_patterns(variant, ("text_encoder_3",), weights_lib.TRANSFORMERS_WEIGHTS,
+                              "fp16") == ["text_encoder_3/model.safetensors.index.fp16.json",
+                                          "text_encoder_3/model.fp16-*-of-*.safetensors"]
     assert sd.weight_patterns(files, ("transformer",), weights_lib.DIFFUSERS_WEIGHTS) == [
         "transformer/diffusion_pytorch_model.safetensors"]
 

@@ -39,6 +39,19 @@ def test_shipped_flow_model_samples_the_world():
     assert float(shape_fidelity(images, prompts).mean()) > 0.05
 
 
+def test_flow_config_errors_are_one_line(tmp_path):
+    from vard_jax.config import ConfigError
+
+    config = shapes_flow.get_config("tiny")
+    config.pretrained.resolution = 64
+    with pytest.raises(ConfigError, match="only Stable Diffusion samples at another size"):
+        validate(config)
+    config = shapes_flow.get_config("tiny")
+    config.value.arch = "unet_head"
+    with pytest.raises(ValueError, match="transformer has none"):
+        Loop(config, tmp_path)
+
+
 def _tiny(algorithm: str):
     config = shapes_flow.get_config("tiny")
     config.algorithm = algorithm

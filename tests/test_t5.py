@@ -243,3 +243,10 @@ def test_a_checkpoint_saved_by_transformers_loads_with_its_outputs(tmp_path):
         want = model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
     encoder, params = weights_lib.load_t5_encoder(tmp_path)
     assert _max_error(encoder.apply({"params": params}, ids), want) < 1e-4
+
+
+def test_a_variant_index_is_preferred_to_a_plain_single_file(tmp_path):
+    names = weights_lib.TRANSFORMERS_WEIGHTS.candidates("fp16")
+    assert names.index("model.safetensors.index.fp16.json") < names.index("model.safetensors")
+    assert names.index("model.fp16.safetensors") < names.index(
+        "model.safetensors.index.fp16.json")

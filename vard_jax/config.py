@@ -246,6 +246,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     if config.algorithm in PPO_ALGORITHMS and config.sample.eta <= 0.0:
         raise ConfigError(f"config.sample.eta = {config.sample.eta!r}: {config.algorithm} needs "
                           "eta > 0 (a deterministic step has no log-probability)")
+    if config.pretrained.resolution and config.pretrained.family != "stable_diffusion":
+        raise ConfigError(f"config.pretrained.resolution = {config.pretrained.resolution}: only "
+                          "Stable Diffusion samples at another size; the "
+                          f"{config.pretrained.family} family has one (set it to 0)")
     if config.algorithm == "grpo" and config.sample.batch_size % config.grpo.group_size:
         raise ConfigError(f"config.grpo.group_size = {config.grpo.group_size}: must divide "
                           f"sample.batch_size = {config.sample.batch_size} (whole groups a batch)")

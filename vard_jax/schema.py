@@ -137,7 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the SDE's noise level (Flow-GRPO's 0.7 on flow models).
     config.grpo = grpo = ml_collections.ConfigDict()
     grpo.group_size = 4  # Samples per prompt in a rollout batch (it must divide batch_size).
-    grpo.beta = 0.01  # Weight of the KL between the policy's and reference's step kernels.
+    # Weight of the KL between the policy's and reference's step kernels: Flow-GRPO's beta times
+    # |dt| (its 0.01 at 10 steps; docs/ALGORITHM.md).
+    grpo.beta = 0.001
     grpo.global_std = True  # Advantages divided by the batch's reward std (False: the group's).
     grpo.train_fraction = 0.99  # The first floor(fraction * steps) stochastic steps are trained.
     config.draft = draft = ml_collections.ConfigDict()

@@ -187,7 +187,7 @@ def make_flow_schedule(config: FlowMatchConfig, num_steps: int,
     grid = sigma_grid(config, num_steps, image_seq_len)
     n = config.num_train_timesteps
     sigmas, sigma_prev = grid[:-1], grid[1:]
-    cap = grid[1] if num_steps > 1 else np.float32(1.0 - 1.0 / n)
+    cap = grid[1]  # the second sigma (0 for a one-step grid: s = eta there)
     return FlowSchedule(sigmas=jnp.asarray(sigmas), sigma_prev=jnp.asarray(sigma_prev),
                         timesteps=jnp.asarray(sigmas * n, jnp.float32),
                         prev_timesteps=jnp.asarray(sigma_prev * n, jnp.float32),

@@ -201,10 +201,9 @@ def load(asset_dir: str | pathlib.Path = "", random_init: bool = False,
     elif (directory / folder).exists():
         unet_params = _restore(directory / folder, abstract_unet)
     else:
-        how = "--flow" if flow else ""
-        raise FileNotFoundError(f"no checkpoint under {directory / folder}; run "
-                                f"experiments/pretrain_shapes.py {how}, or set "
-                                "pretrained.random_init".replace("  ", " "))
+        command = "experiments/pretrain_shapes.py" + (" --flow" if flow else "")
+        raise FileNotFoundError(f"no checkpoint under {directory / folder}; run {command}, or "
+                                "set pretrained.random_init")
     params = {"unet": unet_params, "text_encoder": text_params(clip_params)}
     return pipeline, params, clip_model, clip_params
 

@@ -90,12 +90,11 @@ def weight_patterns(files: Sequence[str], folders: Sequence[str], weights: Weigh
     patterns = []
     for folder in folders:
         prefix = f"{folder}/" if folder else ""
-        for name in weights.names(variant) + weights.indexes(variant):
+        for name in weights.candidates(variant):
             if prefix + name in available:
                 patterns.append(prefix + name)
                 if name in weights.indexes(variant):
-                    stem = weights.safetensors.rsplit(".", 1)[0]
-                    patterns.append(f"{prefix}{stem}*-of-*.safetensors")
+                    patterns.append(prefix + weights.shard_pattern(name))
                 break
     return patterns
 
@@ -223,6 +222,11 @@ def _at_resolution(pipeline: Pipeline, resolution: int, root: pathlib.Path) -> P
         raise ValueError(f"{root}: pretrained.resolution = {resolution} is not a multiple of "
                          f"{factor} (the VAE's factor times the denoiser's patch size)")
     latent = resolution // vae_scale_factor(pipeline)
+    table = getattr(pipeline.unet.config, "pos_embed_max_size", None)
+    if table and latent // pipeline.unet.config.patch_size > table:
+        raise ValueError(f"{root}: pretrained.resolution = {resolution} needs "
+                         f"{latent // pipeline.unet.config.patch_size} patches a side; the "
+                         f"transformer's position table has {table} (pos_embed_max_size)")
     changes: dict = {"sample_shape": (pipeline.sample_shape[0], latent, latent)}
     if isinstance(pipeline, SDXLPipeline):
         changes["time_ids"] = (resolution, resolution, 0, 0, resolution, resolution)

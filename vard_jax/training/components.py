@@ -116,6 +116,10 @@ class Components:
             def features(aux, x, timesteps, context):
                 return pipeline.mid_features(aux["reference"], x, timesteps, context)
 
+            if not hasattr(pipeline.unet.config, "mid_shape"):
+                raise ValueError("value.arch = 'unet_head' reads a UNet's mid block; this "
+                                 "model's transformer has none (use value.arch = 'conv' or "
+                                 "'conv_x0')")
             shape = pipeline.unet.config.mid_shape(*pipeline.sample_shape[1:])
             return value_lib.unet_head_value(shape, context_shape, config.value.width, features)
         if self.reward.backbone is None:

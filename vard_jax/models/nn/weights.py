@@ -65,6 +65,20 @@ class WeightFiles:
         plain = f"{self.safetensors}.index.json"
         return ((_with_variant(plain, variant),) if variant else ()) + (plain,)
 
+    def candidates(self, variant: str = "") -> tuple[str, ...]:
+        """Every weight file name in order of preference: the variant's single files and its
+        shard index, then the plain ones."""
+        plain = (self.flax, self.safetensors, self.pickle, f"{self.safetensors}.index.json")
+        if not variant:
+            return plain
+        return tuple(_with_variant(n, variant) for n in plain[1:]) + plain
+
+    def shard_pattern(self, index: str) -> str:
+        """The shard files of ``index`` (``<stem>[.<variant>]-NNNNN-of-NNNNN.safetensors``)."""
+        stem = self.safetensors.rsplit(".", 1)[0]
+        variant = index[len(self.safetensors) + len(".index"):-len(".json")]
+        return f"{stem}{variant}-*-of-*.safetensors"
+
     def kind(self, name: str) -> str:
         return {".msgpack": "flax", ".safetensors": "safetensors", ".bin": "pickle"}[
             pathlib.Path(name).suffix]
@@ -86,7 +100,7 @@ def weight_file(directory: pathlib.Path, weights: WeightFiles,
                 variant: str = "") -> pathlib.Path:
     """The preferred weight file in ``directory``, or the index of its shards
     (FileNotFoundError naming the candidates)."""
-    names = weights.names(variant) + weights.indexes(variant)
+    names = weights.candidates(variant)
     for name in names:
         if (directory / name).is_file():
             return directory / name
