@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import ml_collections
 
+from vard_jax.config import PPO_ALGORITHMS
+
 FORMATS = ("auto", "lora", "merged")
 
 
@@ -100,7 +102,7 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
                        "policy.grad_depth": config.policy.grad_depth,
                        "policy.learning_rate": config.policy.learning_rate,
                        "value.arch": config.value.arch})
-    elif algorithm in ("ddpo", "grpo"):
+    elif algorithm in PPO_ALGORITHMS:
         fields.update({"ddpo.learning_rate": config.ddpo.learning_rate,
                        "ddpo.clip_range": config.ddpo.clip_range})
         if algorithm == "grpo":

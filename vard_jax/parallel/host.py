@@ -76,7 +76,11 @@ def configure(config, environ: Optional[Mapping[str, str]] = None,
     Only the CPU platform reads it: on a machine with accelerators it changes nothing that
     training uses.
     """
-    count = planned_count(config, environ, cores)
+    return set_device_count(planned_count(config, environ, cores))
+
+
+def set_device_count(count: Optional[int]) -> Optional[int]:
+    """Sets ``jax_num_cpu_devices`` to ``count`` (None: leaves it); returns ``count``."""
     if count is not None:
         import jax
 

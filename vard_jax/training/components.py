@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vard_jax.algorithms import ddpo, vard
+from vard_jax.config import PPO_ALGORITHMS
 from vard_jax.diffusion import rollout as rollout_lib, sampler as sampler_lib
 from vard_jax.diffusion.schedule import with_clip_gradient
 from vard_jax.models import loader, policy as policy_lib, value as value_lib
@@ -60,7 +61,7 @@ class Components:
         self.value_model = self._make_value_model()
         # The denoising steps DDPO stores and trains (None for the other algorithms).
         self.ddpo_steps = None
-        if config.algorithm in ("ddpo", "grpo"):
+        if config.algorithm in PPO_ALGORITHMS:
             self.ddpo_steps = ddpo.stochastic_steps(self.schedule, config.sample.eta)
         if config.algorithm == "grpo":  # Flow-GRPO trains the first (noisiest) steps
             kept = max(1, int(config.grpo.train_fraction * len(self.ddpo_steps)))

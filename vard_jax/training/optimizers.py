@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from vard_jax.algorithms import ddpo
-from vard_jax.config import ConfigError
+from vard_jax.config import PPO_ALGORITHMS, ConfigError
 from vard_jax.training import faults
 from vard_jax.training.state import TrainState
 
@@ -53,7 +53,7 @@ def make_optimizers(config, policy_updates_per_epoch: int) -> Optimizers:
     """The policy and value optimisers (and their rate schedules) of a run whose policy makes
     ``policy_updates_per_epoch`` optimiser steps an epoch (``policy_updates_per_epoch``)."""
     peak = config.policy.learning_rate
-    if config.algorithm in ("ddpo", "grpo") and config.ddpo.learning_rate > 0.0:
+    if config.algorithm in PPO_ALGORITHMS and config.ddpo.learning_rate > 0.0:
         peak = config.ddpo.learning_rate  # DDPO's own rate (ddpo-pytorch's default)
     policy_lr = learning_rate_schedule(
         peak, config.policy.warmup_steps,
@@ -97,7 +97,7 @@ def policy_updates_per_epoch(config, stochastic_steps: int, data_shards: int) ->
     spans this times ``train.epochs``. ``stochastic_steps``: the denoising steps DDPO trains
     (``ddpo.stochastic_steps``)."""
     batches = config.sample.batches_per_epoch
-    if config.algorithm in ("ddpo", "grpo"):  # PPO steps over the epoch's transitions
+    if config.algorithm in PPO_ALGORITHMS:  # PPO steps over the epoch's transitions
         return config.ddpo.inner_epochs * ddpo_updates_per_pass(config, stochastic_steps,
                                                                 data_shards)
     if config.algorithm == "draft":  # one step per batch (DraftStage.epoch)

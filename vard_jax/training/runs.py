@@ -364,12 +364,9 @@ def planned_host_devices(spec: ModelSpec, batch_size: Optional[int] = None,
 def configure_host_devices(spec: ModelSpec, batch_size: Optional[int] = None) -> Optional[int]:
     """Splits a CPU host as ``planned_host_devices`` says, before anything starts the backend;
     returns the count set, or None."""
-    count = planned_host_devices(spec, batch_size)
-    if count is not None:
-        import jax
+    from vard_jax.parallel import host
 
-        jax.config.update("jax_num_cpu_devices", count)
-    return count
+    return host.set_device_count(planned_host_devices(spec, batch_size))
 
 
 def checked_selection(select: str, steering: Any) -> str:
