@@ -112,6 +112,12 @@ SMOKE_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
 SMOKE_TEXT_LENGTH = 8
+#: ``--smoke --model=sd35``: a two-layer tiny MMDiT-X (one dual-attention layer) on 8 x 8 latents.
+SMOKE_TRANSFORMER = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+    caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+    qk_norm="rms_norm", dual_attention_layers=(0,))
 
 #: The default run: about 16 minutes on a 2-core CPU shared with other jobs (a policy step
 #: compiles in 2-5 minutes there); see docs/IMPLEMENTATION.md for these and further figures.
@@ -185,7 +191,7 @@ class Model:
 
     def __init__(self, smoke: bool, attention: str = "config", model: str = "sd15"):
         self.smoke = smoke
-        self.sd35 = model == "sd35" and not smoke
+        self.sd35 = model == "sd35"
         # bf16 compute/storage, LoRA (rank 8 on SD 1.5; 32 on both MMDiT streams for SD 3.5),
         # remat full, K = 1
         self.config = sd35_pickscore.get_config() if self.sd35 else pickscore.sd_base()
@@ -194,13 +200,17 @@ class Model:
         # The attention kernel loader.load gives the UNet (pretrained.attention), or the one asked.
         self.attention = self.config.pretrained.attention if attention == "config" else attention
         if self.sd35:
-            unet = nn_mmdit.SD3Transformer2DModel(nn_mmdit.MMDiTConfig.from_dict(SD35_TRANSFORMER),
+            architecture = SMOKE_TRANSFORMER if smoke else SD35_TRANSFORMER
+            unet = nn_mmdit.SD3Transformer2DModel(nn_mmdit.MMDiTConfig.from_dict(architecture),
                                                   dtype=self.compute_dtype,
                                                   implementation=self.attention)
-            self.text_length, self.context_dim = SD35_TEXT_LENGTH, unet.config.joint_attention_dim
+            self.text_length = SMOKE_TEXT_LENGTH + 1 if smoke else SD35_TEXT_LENGTH
+            self.context_dim = unet.config.joint_attention_dim
+            latent = architecture["sample_size"] if smoke else SD35_LATENT
             self.pipeline = MMDiTPipeline(unet=unet, text_encoder=None, tokenizer=None,
                                           schedule=SD35_SCHEDULE,
-                                          sample_shape=(16, SD35_LATENT, SD35_LATENT),
+                                          sample_shape=(architecture["in_channels"], latent,
+                                                        latent),
                                           max_length=self.text_length - 1)
             init = lambda k: unet.init_params(k, context_length=self.text_length - 1)  # noqa: E731
         else:
@@ -425,11 +435,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args.fast_compile = args.fast_compile or args.smoke
     started = time.perf_counter()
     model = Model(args.smoke, args.attention, args.model)
-    architecture = SMOKE_UNET if args.smoke else SD35_TRANSFORMER if model.sd35 else SD15_UNET
+    if model.sd35:
+        architecture = SMOKE_TRANSFORMER if args.smoke else SD35_TRANSFORMER
+        described = ("smoke (2-layer tiny MMDiT)" if args.smoke else
+                     "Stable Diffusion 3.5 Medium MMDiT, 512 px")
+    else:
+        architecture = SMOKE_UNET if args.smoke else SD15_UNET
+        described = "smoke (2-block tiny UNet)" if args.smoke else "Stable Diffusion 1.5"
     report = {
-        "unet": ("smoke (2-block tiny)" if args.smoke else
-                 "Stable Diffusion 3.5 Medium MMDiT, 512 px" if model.sd35 else
-                 "Stable Diffusion 1.5"),
+        "unet": described,
         "unet_config": {k: list(v) if isinstance(v, tuple) else v
                         for k, v in architecture.items()},
         "compute_dtype": str(model.compute_dtype),

@@ -139,6 +139,22 @@ def test_sd3_checkpoint_loads_as_a_flow_pipeline(sd3_checkpoint, tmp_path):
         sd.load(str(sd3_checkpoint), resolution=144)
 
 
+def test_mismatched_widths_stop_before_any_weight_is_read(sd3_checkpoint, tmp_path):
+    # Config files only: the transformer's weights are gone, so a check made after loading
+    # would fail on the missing file instead of naming the mismatch.
+    root = tmp_path / "mismatched"
+    shutil.copytree(sd3_checkpoint, root, ignore=shutil.ignore_patterns("*.safetensors"))
+    vae_config = root / "vae" / "config.json"
+    vae_config.write_text(json.dumps(dict(json.loads(vae_config.read_text()), latent_channels=4)))
+    with pytest.raises(ValueError, match="takes 16 channels but the VAE's latents have 4"):
+        sd.load(str(root))
+    text_config = root / "text_encoder_2" / "config.json"
+    text_config.write_text(json.dumps(dict(json.loads(text_config.read_text()),
+                                           projection_dim=8)))
+    with pytest.raises(ValueError, match=r"CLIP encoders \(widths 64, pooled 24\) do not fit"):
+        sd.load(str(root))
+
+
 def test_weight_patterns_fetch_every_shard():
     files = ["text_encoder_3/model.safetensors.index.json",
              "text_encoder_3/model-00001-of-00002.safetensors",

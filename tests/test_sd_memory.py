@@ -48,3 +48,13 @@ def test_sd35_medium_sizes():
     # projections of both streams (configs/sd35_pickscore.py).
     assert 2.4e9 < row["reference_params"] < 2.5e9
     assert row["trainable_params"] == 23_887_872
+
+
+def test_sd35_smoke_measures_a_tiny_mmdit():
+    # --smoke with --model=sd35 measures a tiny MMDiT, not the SD 1.5 smoke UNet.
+    report = sd_memory.main(["--model=sd35", "--smoke", "--lower_only",
+                             "--configs=policy-lora-full-K1-T2"])
+    row = report["results"][0]
+    assert report["unet"] == "smoke (2-layer tiny MMDiT)"
+    assert report["unet_config"]["dual_attention_layers"] == [0]
+    assert 0 < row["trainable_params"] < row["reference_params"] < 1e6

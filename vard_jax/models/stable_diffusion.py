@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from vard_jax.diffusion.flow import FlowMatchConfig
 from vard_jax.diffusion.schedule import NoiseScheduleConfig, ScheduleConfig
+from vard_jax.models.nn import clip as nn_clip, mmdit as nn_mmdit, t5 as nn_t5, vae as nn_vae
 from vard_jax.models.nn import weights as weights_lib
 from vard_jax.models.nn.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFiles
 from vard_jax.models.pipeline import Pipeline, SD3Pipeline, SDXLPipeline
@@ -271,37 +272,26 @@ def _sd3(root: pathlib.Path, dtype: Any, attention: str,
          variant: str) -> tuple[SD3Pipeline, dict]:
     """Stable Diffusion 3 / 3.5: the MMDiT, the VAE, two CLIPs with projection and the optional
     T5, checked against the transformer's widths."""
-    transformer, transformer_params = weights_lib.load_sd3_transformer(
-        root / TRANSFORMER, dtype, attention, variant)
-    vae, vae_params = weights_lib.load_vae(root / VAE, dtype, variant)
     schedule = read_schedule(root)
     if not isinstance(schedule, FlowMatchConfig):
         raise ValueError(f"{root / SCHEDULER / SCHEDULER_CONFIG}: a {TRANSFORMER}/ model needs a "
                          f"flow-matching scheduler ({', '.join(FLOW_SCHEDULERS)})")
+    _check_sd3_widths(root)  # from the config files, before any weight is read
+    transformer, transformer_params = weights_lib.load_sd3_transformer(
+        root / TRANSFORMER, dtype, attention, variant)
+    vae, vae_params = weights_lib.load_vae(root / VAE, dtype, variant)
     encoders, text_params = [], {}
     for name, folder in (("one", TEXT_ENCODER), ("two", TEXT_ENCODER_2)):
         encoder, text_params[name] = weights_lib.load_clip_text(
             root / folder, dtype, attention, with_projection=True, variant=variant)
         encoders.append(encoder)
     config = transformer.config
-    clip_width = sum(e.config.hidden_size for e in encoders)
-    pooled = sum(e.config.projection_dim for e in encoders)
-    if pooled != config.pooled_projection_dim or clip_width > config.joint_attention_dim:
-        raise ValueError(f"{root}: the CLIP encoders (widths {clip_width}, pooled {pooled}) do not "
-                         f"fit the transformer (joint_attention_dim {config.joint_attention_dim}, "
-                         f"pooled_projection_dim {config.pooled_projection_dim})")
     t5 = tokenizer_3 = None
     if (root / TEXT_ENCODER_3).is_dir():
         t5, text_params["three"] = weights_lib.load_t5_encoder(root / TEXT_ENCODER_3, dtype,
                                                                attention, variant)
-        if t5.config.d_model != config.joint_attention_dim:
-            raise ValueError(f"{root}: the T5 encoder's width {t5.config.d_model} is not the "
-                             f"transformer's joint_attention_dim {config.joint_attention_dim}")
         tokenizer_3 = T5Tokenizer.from_directory(root / TOKENIZER_3)
     tokenizer = CLIPTokenizer.from_directory(root / TOKENIZER)
-    if vae.config.latent_channels != config.in_channels:
-        raise ValueError(f"{root}: the transformer takes {config.in_channels} channels but the "
-                         f"VAE's latents have {vae.config.latent_channels}")
     max_length = min(int(tokenizer.model_max_length),
                      encoders[0].config.max_position_embeddings)
     pipeline = SD3Pipeline(
@@ -312,6 +302,33 @@ def _sd3(root: pathlib.Path, dtype: Any, attention: str,
         text_encoder_3=t5, tokenizer_3=tokenizer_3)
     params = {"unet": transformer_params, "text_encoder": text_params, "vae": vae_params}
     return pipeline, params
+
+
+def _check_sd3_widths(root: pathlib.Path) -> None:
+    """The text encoders' and the VAE's widths against the transformer's, read from their
+    ``config.json`` files: one line naming the mismatch."""
+    def config(folder: str, cls: Any) -> Any:
+        raw = weights_lib.read_config(root / folder)
+        return cls.from_dict(raw.get("text_config", raw), str(root / folder / weights_lib.CONFIG))
+
+    transformer = config(TRANSFORMER, nn_mmdit.MMDiTConfig)
+    clips = [config(folder, nn_clip.CLIPTextConfig) for folder in (TEXT_ENCODER, TEXT_ENCODER_2)]
+    clip_width = sum(c.hidden_size for c in clips)
+    pooled = sum(c.projection_dim for c in clips)
+    if pooled != transformer.pooled_projection_dim or clip_width > transformer.joint_attention_dim:
+        raise ValueError(f"{root}: the CLIP encoders (widths {clip_width}, pooled {pooled}) do not "
+                         f"fit the transformer (joint_attention_dim "
+                         f"{transformer.joint_attention_dim}, pooled_projection_dim "
+                         f"{transformer.pooled_projection_dim})")
+    if (root / TEXT_ENCODER_3).is_dir():
+        t5 = config(TEXT_ENCODER_3, nn_t5.T5Config)
+        if t5.d_model != transformer.joint_attention_dim:
+            raise ValueError(f"{root}: the T5 encoder's width {t5.d_model} is not the "
+                             f"transformer's joint_attention_dim {transformer.joint_attention_dim}")
+    vae = config(VAE, nn_vae.VAEConfig)
+    if vae.latent_channels != transformer.in_channels:
+        raise ValueError(f"{root}: the transformer takes {transformer.in_channels} channels but "
+                         f"the VAE's latents have {vae.latent_channels}")
 
 
 def vae_scale_factor(pipeline: Pipeline) -> int:
