@@ -1,5 +1,5 @@
 """The shapes world's flow-matching model (family ``shapes_flow``, configs/shapes_flow.py): the
-shipped MMDiT samples the world, and VARD, Flow-GRPO and DRaFT train on it through the shared
+shipped MMDiT samples the world, and VARD, Flow-GRPO, DDPO and DRaFT train on it through the shared
 loop (the flow grid, the SDE step's log-probs, the velocity KL, LoRA on both streams)."""
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def _tiny(algorithm: str):
     config.algorithm = algorithm
     config.policy.scan_unroll = UNROLL
     config.train.epochs = config.train.eval_every = 1 if algorithm != "vard" else 2
-    if algorithm == "grpo":
+    if algorithm in ("grpo", "ddpo"):
         config.reward.name = "jpeg_compressibility"
-        config.grpo.group_size = 2
-        config.ddpo.minibatch_size = 2
         config.policy.scan_unroll = 0
+        config.ddpo.minibatch_size = 2
+    if algorithm == "grpo":
+        config.grpo.group_size = 2
     if algorithm == "draft":
         config.draft.beta = 0.1
         config.policy.scan_unroll = 0
@@ -69,7 +70,7 @@ def _tiny(algorithm: str):
     return config
 
 
-@pytest.mark.parametrize("algorithm", ["vard", "grpo", "draft"])
+@pytest.mark.parametrize("algorithm", ["vard", "grpo", "ddpo", "draft"])
 def test_algorithms_train_on_the_flow_model(algorithm, tmp_path):
     config = _tiny(algorithm)
     loop = Loop(config, tmp_path)
@@ -82,6 +83,7 @@ def test_algorithms_train_on_the_flow_model(algorithm, tmp_path):
     if algorithm == "vard":
         assert [row["step"] for row in rows] == [0, 1, 2]
         assert np.isfinite(last["value_loss"]) and np.isfinite(last["eps_distance"])
-    if algorithm == "grpo":
+    if algorithm in ("grpo", "ddpo"):  # the SDE step's log-probs recomputed exactly
         assert last["first_log_ratio_max"] == 0.0 and last["first_clipfrac"] == 0.0
+    if algorithm == "grpo":
         assert last["kl_to_reference"] >= 0.0
