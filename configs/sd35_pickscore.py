@@ -10,7 +10,8 @@ What is SD 3.5's comes from the checkpoint: the transformer, the flow-matching s
 (shift 3), three text encoders (two CLIPs and T5; a checkpoint without text_encoder_3/ runs
 with zero T5 embeddings, as diffusers does) and the 16-channel VAE. The sampler settings are
 the ones Flow-GRPO reports for SD 3.5 Medium with PickScore: 512 px, 10 training steps,
-guidance 4.5, the SDE step with noise level 0.7 (``sample.eta``); LoRA on the attention
+guidance 4.5, the SDE step with noise level 0.7 (``sample.eta``), evaluation with the ODE
+(``sample.eval_eta = 0``, as Flow-GRPO evaluates); LoRA on the attention
 projections of both streams (rank 32, alpha 64), bfloat16. VARD's own settings follow configs/pickscore.py: K = 1,
 every step trained, beta 0.01 on the conditional velocities, the reward-initialised value.
 These are reasoned defaults, not tuned ones.
@@ -30,6 +31,7 @@ def get_config(arg: str = ""):
     if arg != "tiny":
         config.sample.num_steps = 10
     config.sample.eta = 0.7
+    config.sample.eval_eta = 0.0
     config.sample.guidance_scale = 4.5
     config.policy.lora_rank = 32
     config.policy.lora_alpha = 64.0

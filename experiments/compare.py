@@ -97,7 +97,8 @@ METHODS = ("vard", "ddpo", "grpo", "draft")
 FIXED_SETTINGS = ("algorithm", "reward.name", "reward.eval_extra", "train.seed",
                   "train.epochs", "train.eval_every", "checkpoint.every",
                   "value.pretrain_epochs", "sample.batch_size", "sample.batches_per_epoch",
-                  "sample.eval_batch_size", "sample.eval_batches", "sample.num_steps")
+                  "sample.eval_batch_size", "sample.eval_batches", "sample.num_steps",
+                  "sample.eval_eta")
 
 
 class Variant(NamedTuple):

@@ -87,3 +87,31 @@ def test_algorithms_train_on_the_flow_model(algorithm, tmp_path):
         assert last["first_log_ratio_max"] == 0.0 and last["first_clipfrac"] == 0.0
     if algorithm == "grpo":
         assert last["kl_to_reference"] >= 0.0
+
+
+def test_evaluation_samples_with_eval_eta():
+    # sample.eval_eta = 0: evaluation follows the ODE (Flow-GRPO's protocol) while training
+    # rollouts keep the SDE's noise level; -1 falls back to sample.eta.
+    from vard_jax.training import evaluation
+    from vard_jax.training.trainer import Trainer
+
+    config = shapes_flow.get_config("tiny")
+    assert config.sample.eta == 0.7 and evaluation.eval_eta(config) == 0.0
+    config.sample.eval_eta = -1.0
+    assert evaluation.eval_eta(config) == 0.7
+    config.sample.eval_eta = 0.0
+    validate(config)
+    trainer = Trainer(config)
+    prompts = ["a red circle", "two blue squares"]
+    params = trainer.pretrained_policy_params()
+    result = evaluation.evaluate(trainer, params, prompts, 2, seed=3, scored=False)
+    ids = trainer.put_ids(prompts)
+    key = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+    for eta, same in ((0.0, True), (0.7, False)):
+        spec = sampler_lib.SamplerSpec(trainer.num_steps, eta, config.sample.guidance_scale)
+        images = sampler_lib.sample(trainer.pipeline, trainer.frozen, trainer.reference_params,
+                                    ids, key, spec).images
+        assert np.allclose(np.asarray(images), result.images, atol=1e-5) == same, eta
+    config.sample.eval_eta = 1.5
+    with pytest.raises(Exception, match="eval_eta"):
+        validate(config)

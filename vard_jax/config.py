@@ -170,6 +170,8 @@ _RULES: tuple[_Rule, ...] = (
     ("config.pretrained.resolution", lambda v: v >= 0, ">= 0 (0 = the model's own)"),
     ("config.sample.num_steps", lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
     ("config.sample.eta", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    ("config.sample.eval_eta", lambda v: v == -1.0 or 0.0 <= v <= 1.0,
+     "a number in [0, 1], or -1 for sample.eta"),
     ("config.sample.guidance_scale", lambda v: 0.0 <= v <= 100.0, "a number in [0, 100]"),
     ("config.sample.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.batches_per_epoch", lambda v: v >= 1, "an integer >= 1"),

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_steps = 20  # DDIM denoising steps T per image.
     sample.eta = 1.0  # DDIM stochasticity: 0 = deterministic DDIM, 1 = DDPM-like variance.
+    # The sampler's eta at evaluation (held-out figures, compare_final.png, vard_jax.evaluate):
+    # -1 = sample.eta; 0 = the deterministic sampler (Flow-GRPO evaluates flows with the ODE).
+    sample.eval_eta = -1.0
     sample.guidance_scale = 3.0  # Classifier-free guidance weight w (1 = no guidance).
     sample.batch_size = 16  # Images per rollout batch, global over all devices.
     sample.batches_per_epoch = 2  # Rollout batches per epoch (reward queries = product of both).

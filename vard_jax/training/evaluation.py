@@ -23,10 +23,15 @@ class EvalResult(NamedTuple):
     eps_distance: float
 
 
+def eval_eta(config) -> float:
+    """The sampler's eta at evaluation: ``sample.eval_eta``, or ``sample.eta`` where it is -1."""
+    return config.sample.eta if config.sample.eval_eta == -1.0 else config.sample.eval_eta
+
+
 @functools.lru_cache(maxsize=8)
 def _distance_sampler(trainer: Trainer):
     pipeline, config, policy = trainer.pipeline, trainer.config, trainer.policy
-    spec = sampler_lib.SamplerSpec(trainer.num_steps, config.sample.eta,
+    spec = sampler_lib.SamplerSpec(trainer.num_steps, eval_eta(config),
                                    config.sample.guidance_scale)
 
     def fn(policy_params, reference_params, frozen, ids, key):
