@@ -43,6 +43,8 @@ def test_validator_choices_match_the_implementations():
     ("value.learning_rate", 0.0, "config.value.learning_rate = 0.0"),
     ("sample.guidance_scale", -1.0, "config.sample.guidance_scale = -1.0"),
     ("sample.eta", 1.5, "must be a number in [0, 1]"),
+    ("sample.eval_eta", -0.5, "must be a number in [0, 1], or -1 for sample.eta"),
+    ("sample.eval_batches", 0, "config.sample.eval_batches = 0: not allowed; must be an integer >= 1"),
     ("policy.grad_depth", 11, "config.policy.grad_depth = 11: must be in [1, sample.num_steps = 10]"),
     ("policy.grad_depth", 0, "config.policy.grad_depth = 0"),
     ("policy.train_fraction", 0.0, "config.policy.train_fraction"),

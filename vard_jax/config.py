@@ -176,7 +176,7 @@ _RULES: tuple[_Rule, ...] = (
     ("config.sample.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.batches_per_epoch", lambda v: v >= 1, "an integer >= 1"),
     ("config.sample.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("config.sample.eval_batches", lambda v: v >= 0, "an integer >= 0"),
+    ("config.sample.eval_batches", lambda v: v >= 1, "an integer >= 1 (every run evaluates)"),
     ("config.sample.train_prompts", lambda v: bool(v.strip()), "a split name or a prompts file"),
     ("config.sample.eval_prompts", lambda v: bool(v.strip()), "a split name or a prompts file"),
     ("config.reward.name", lambda v: bool(v.strip()), "a reward name or 'a:1.0,b:0.5'"),

@@ -316,7 +316,7 @@ def evaluation_prompts(config: ml_collections.ConfigDict, prompts_file: Optional
         prompt_set = prompts_lib.load_prompts(source)
     except ValueError as error:
         raise EvaluationError(f"config.sample.eval_prompts: {first_line(error)}") from None
-    default_count = config.sample.eval_batch_size * max(config.sample.eval_batches, 1)
+    default_count = config.sample.eval_batch_size * config.sample.eval_batches
     return prompts_lib.fixed(prompt_set, num_samples or default_count, seed), source
 
 
