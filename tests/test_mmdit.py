@@ -185,3 +185,38 @@ def test_a_checkpoint_saved_by_diffusers_loads_with_its_outputs(tmp_path):
         got = jax.jit(module.apply)({"params": params}, sample, context, pooled, timesteps)
         scale = max(1.0, float(np.abs(want).max()))
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol * scale)
+
+
+def test_lora_export_loads_in_diffusers_sd3_transformer(tmp_path):
+    """Our LoRA file of an MMDiT (both streams' projections, alpha != rank) is read by
+    diffusers' ``SD3Transformer2DModel.load_lora_adapter`` under the ``transformer`` prefix
+    (what ``StableDiffusion3Pipeline.load_lora_weights`` passes), and the PyTorch model then
+    computes our velocity. Needs the ``interop`` extra (torch, peft)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    torch_diffusers = pytest.importorskip("diffusers")
+    from vard_jax.models import diffusers_export
+
+    record, arrays = _case("mmdit_sd35", tmp_path / "base")
+    module, params = weights_lib.load_sd3_transformer(tmp_path / "base")
+    targets = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
+               "to_add_out")
+    spec = lora.LoraSpec(rank=2, alpha=3.0, targets=targets)
+    rng = np.random.default_rng(0)
+    adapters = jax.tree_util.tree_map(  # B = 0 at init: random values everywhere instead
+        lambda leaf: 0.2 * rng.standard_normal(leaf.shape).astype(np.float32),
+        lora.init(params, spec, jax.random.PRNGKey(0)))
+    assert diffusers_export.denoiser_name(adapters) == "transformer"
+    inputs = _inputs(arrays, "square")
+    apply = lambda p, *a: module.apply({"params": p}, *a)  # noqa: E731
+    ours = np.asarray(jax.jit(lora.apply_unmerged(apply, adapters, spec.scale))(params, *inputs))
+    assert np.abs(ours - np.asarray(apply(params, *inputs))).max() > 1e-2  # the adapters matter
+    path = diffusers_export.save_diffusers_lora(adapters, spec.scale, tmp_path / "lora",
+                                                prefix="transformer")
+    model = torch_diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "base").eval()
+    model.load_lora_adapter(str(path.parent), prefix="transformer", weight_name=path.name)
+    hidden, context, pooled, timestep = (torch.from_numpy(np.asarray(a)) for a in inputs)
+    with torch.no_grad():
+        theirs = model(hidden_states=hidden, encoder_hidden_states=context,
+                       pooled_projections=pooled, timestep=timestep).sample.numpy()
+    _close(theirs, ours, 1e-3)

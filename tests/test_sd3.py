@@ -15,8 +15,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from tests.test_stable_diffusion import (  # noqa: F401  (clip_dirs is a fixture)
-    TEXT_CONFIG, _bang_padded_tokenizer, _random_params, _special_ids, _tokenizer, _two_epochs,
-    clip_dirs)
+    TEXT_CONFIG, _bang_padded_tokenizer, _check_exports, _random_params, _special_ids,
+    _tokenizer, _two_epochs, clip_dirs)
 from vard_jax.diffusion import flow
 from vard_jax.models import diffusers_export, stable_diffusion as sd
 from vard_jax.models.nn import clip as nn_clip, mmdit as nn_mmdit, t5 as nn_t5
@@ -196,3 +196,11 @@ def test_sd35_config_trains_two_epochs(sd3_checkpoint, clip_dirs, tmp_path):
     sigma = (t / 1000.0)[:, None, None, None]
     np.testing.assert_allclose(trainer.reference_x0_hat(trainer.reference_params, x, t, context),
                                x - sigma * v, rtol=1e-5, atol=1e-5)
+    # Exports: the LoRA file names the MMDiT's modules transformer.<module> (what
+    # StableDiffusion3Pipeline.load_lora_weights reads); the merged export is transformer/.
+    _check_exports(tmp_path, config, trainer, loop.final_state.policy_params, "transformer")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "SD3Transformer2DModel.from_pretrained" in card and 'subfolder="transformer"' in card
+    assert "StableDiffusion3Pipeline" in (tmp_path / "lora" / "README.md").read_text()
+    merged, _ = weights_lib.load_sd3_transformer(tmp_path / "merged" / "transformer")
+    assert merged.config == trainer.pipeline.unet.config

@@ -744,52 +744,54 @@ def test_sdxl_config_trains_two_epochs(sdxl_checkpoint, clip_dirs, tmp_path):
     _two_epochs(config, sdxl_checkpoint, clip_dirs, tmp_path / "run")
 
 
-def _check_exports(tmp_path, config, trainer, adapters):
+def _check_exports(tmp_path, config, trainer, adapters, denoiser="unet"):
     """``vard_jax.export`` of the LoRA run: the adapters as diffusers' LoRA file (by default)
-    and the merged UNet; the LoRA file's W + B A is the merged export's weight."""
+    and the merged UNet (``denoiser``: its diffusers name, ``transformer`` for SD 3's MMDiT);
+    the LoRA file's W + B A is the merged export's weight."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
     from vard_jax import export
     from vard_jax.models import lora
 
+    targets = lora.parse_targets(config.policy.lora_targets)
     summary = export.export(tmp_path / "run", tmp_path / "lora")
-    assert summary["format"] == "lora" and summary["step"] == 1
+    assert summary["format"] == "lora" and summary["step"] == config.train.epochs
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
         "README.md", diffusers_export.LORA_WEIGHTS, "vard_config.json"]
     with safe_open(tmp_path / "lora" / diffusers_export.LORA_WEIGHTS, "numpy") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
         metadata = json.loads(f.metadata()[diffusers_export.LORA_METADATA_KEY])
     rank = config.policy.lora_rank
-    assert metadata["unet.r"] == metadata["unet.lora_alpha"] == rank
-    modules = sorted(metadata["unet.target_modules"])
+    assert metadata[f"{denoiser}.r"] == metadata[f"{denoiser}.lora_alpha"] == rank
+    modules = sorted(metadata[f"{denoiser}.target_modules"])
     assert len(modules) == len(lora.target_layers(trainer.reference_params,
-                                                  lora.ATTENTION_TARGETS))
-    assert set(tensors) == {f"unet.{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+                                                  targets))
+    assert set(tensors) == {f"{denoiser}.{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
 
     merged = export.export(tmp_path / "run", tmp_path / "merged", fmt="merged")
     assert merged["format"] == "merged"
-    with safe_open(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors",
+    with safe_open(tmp_path / "merged" / denoiser / "diffusion_pytorch_model.safetensors",
                    "numpy") as f:
         unet = {key: f.get_tensor(key) for key in f.keys()}
     # The base weights as stored (float32), not the run's bfloat16 copy of them.
-    base = load_file(pathlib.Path(config.pretrained.path) / "unet" / "diffusion_pytorch_model"
+    base = load_file(pathlib.Path(config.pretrained.path) / denoiser / "diffusion_pytorch_model"
                      ".safetensors")
     assert set(unet) == set(base)
     for module in modules:
-        a, b = tensors[f"unet.{module}.lora_A.weight"], tensors[f"unet.{module}.lora_B.weight"]
+        a, b = (tensors[f"{denoiser}.{module}.lora_{ab}.weight"] for ab in "AB")
         assert a.shape[0] == b.shape[1] == rank
         np.testing.assert_allclose(unet[f"{module}.weight"], base[f"{module}.weight"] + b @ a,
                                    rtol=1e-5, atol=1e-6)
-    assert any(np.any(tensors[f"unet.{m}.lora_B.weight"]) for m in modules)
-    untouched = "conv_in.weight"
+    assert any(np.any(tensors[f"{denoiser}.{m}.lora_B.weight"]) for m in modules)
+    untouched = "conv_in.weight" if denoiser == "unet" else "proj_out.weight"
     np.testing.assert_array_equal(unet[untouched], base[untouched])
     scale = config.policy.lora_alpha / rank if config.policy.lora_alpha else 1.0
-    some = sorted(lora.target_layers(trainer.reference_params, lora.ATTENTION_TARGETS))[0]
+    some = sorted(lora.target_layers(trainer.reference_params, targets))[0]
     adapter = adapters
     for part in some:
         adapter = adapter[part]
-    np.testing.assert_allclose(tensors[f"unet.{diffusers_export.pt_module_name(some)}"
+    np.testing.assert_allclose(tensors[f"{denoiser}.{diffusers_export.pt_module_name(some)}"
                                        ".lora_B.weight"], scale * np.asarray(adapter["b"]).T,
                                rtol=1e-6)
 

@@ -1,4 +1,5 @@
-"""Export a run's policy for diffusers (PyTorch): a LoRA file or a merged UNet, with a model card.
+"""Export a run's policy for diffusers (PyTorch): a LoRA file or a merged UNet (or SD 3's MMDiT),
+with a model card.
 
     python -m vard_jax.export --workdir=runs/pickscore --out=export/pickscore
     python -m vard_jax.export --workdir=DIR --step=40 --format=merged --out=OUT
@@ -6,10 +7,13 @@
 ``--format=lora`` (the default for a LoRA run) writes ``OUT/pytorch_lora_weights.safetensors``,
 which ``StableDiffusionPipeline.load_lora_weights(OUT)`` reads; only the adapters are read
 from the checkpoint, so neither the base model nor the reward is needed. ``--format=merged``
-(the default for full fine-tuning) writes ``OUT/unet/`` in diffusers' layout (``config.json`` +
+(the default for full fine-tuning) writes ``OUT/unet/`` (``OUT/transformer/`` for an MMDiT:
+SD 3 / 3.5, the shapes flow model) in diffusers' layout (``config.json`` +
 ``diffusion_pytorch_model.safetensors``, float32, adapters merged into the base weights as
 stored, whatever ``pretrained.param_dtype`` the run computed with), for
-``UNet2DConditionModel.from_pretrained(OUT, subfolder="unet")``; it loads the base model.
+``UNet2DConditionModel.from_pretrained(OUT, subfolder="unet")`` (``SD3Transformer2DModel``,
+``subfolder="transformer"``); it loads the base model. A LoRA file of an MMDiT names its
+modules ``transformer.<module>``, as ``StableDiffusion3Pipeline.load_lora_weights`` expects.
 Both write ``OUT/README.md`` (a model card: base model, reward, algorithm and settings, the
 reward before and after, the command that trained it) and ``OUT/vard_config.json``.
 """
@@ -115,7 +119,7 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_card(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int,
-               fmt: str) -> str:
+               fmt: str, denoiser: str = "unet") -> str:
     """The README.md of an export directory."""
     from vard_jax.training.metrics import read_rows
 
@@ -125,8 +129,9 @@ def model_card(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: i
     lines = [f"# {config.algorithm.upper()} fine-tune of {base}", "",
              f"Fine-tuned with vard_jax toward the `{config.reward.name}` reward: "
              f"{config.algorithm} for {step} epoch{'' if step == 1 else 's'} "
-             f"({'LoRA adapters' if fmt == 'lora' else 'merged UNet'} of checkpoint {step}).", ""]
-    lines += _usage(config, base, fmt)
+             f"({'LoRA adapters' if fmt == 'lora' else 'merged ' + _DIFFUSERS_CLASSES[denoiser][1]}"
+             f" of checkpoint {step}).", ""]
+    lines += _usage(config, base, fmt, denoiser)
     lines += ["## Rewards before and after", "",
               "Means over the run's evaluation samples (fixed prompts and noise).", ""]
     keys = sorted(set(before) | set(after))
@@ -145,33 +150,40 @@ def model_card(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: i
     return "\n".join(lines)
 
 
-def _usage(config: ml_collections.ConfigDict, base: str, fmt: str) -> list[str]:
+#: (pipeline class, network class) of the diffusers pipelines, by the network's folder name.
+_DIFFUSERS_CLASSES = {"unet": ("StableDiffusionPipeline", "UNet2DConditionModel"),
+                      "transformer": ("StableDiffusion3Pipeline", "SD3Transformer2DModel")}
+
+
+def _usage(config: ml_collections.ConfigDict, base: str, fmt: str, denoiser: str) -> list[str]:
     """The card's loading snippet: a diffusers pipeline for Stable Diffusion; for the shapes
-    world (a pixel-space UNet without a VAE) the UNet alone."""
+    world (a pixel-space model without a VAE) the network alone. ``denoiser``: ``unet`` or
+    ``transformer`` (``diffusers_export.denoiser_name``)."""
     from vard_jax.models import diffusers_export
 
+    pipeline_class, model_class = _DIFFUSERS_CLASSES[denoiser]
     if config.pretrained.family == "stable_diffusion":
         if fmt == "lora":
-            code = ["from diffusers import StableDiffusionPipeline", "",
-                    f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+            code = [f"from diffusers import {pipeline_class}", "",
+                    f'pipe = {pipeline_class}.from_pretrained("{base}")',
                     'pipe.load_lora_weights("<this directory>")']
         else:
-            code = ["from diffusers import StableDiffusionPipeline, UNet2DConditionModel", "",
-                    'unet = UNet2DConditionModel.from_pretrained("<this directory>", '
-                    'subfolder="unet")',
-                    f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)']
+            code = [f"from diffusers import {pipeline_class}, {model_class}", "",
+                    f'{denoiser} = {model_class}.from_pretrained("<this directory>", '
+                    f'subfolder="{denoiser}")',
+                    f'pipe = {pipeline_class}.from_pretrained("{base}", {denoiser}={denoiser})']
         return ["```python", *code, "```", ""]
-    note = (f"The {config.pretrained.family} model is a pixel-space UNet without a VAE; its "
-            "text encoder and tokenizer are those of vard_jax/assets.")
+    note = (f"The {config.pretrained.family} model is a pixel-space {model_class} without a VAE; "
+            "its text encoder and tokenizer are those of vard_jax/assets.")
     if fmt == "lora":
-        code = ["from diffusers import UNet2DConditionModel", "",
-                "unet = UNet2DConditionModel.from_pretrained(<the base UNet exported merged>)",
-                'unet.load_lora_adapter("<this directory>", prefix="unet", '
+        code = [f"from diffusers import {model_class}", "",
+                f"{denoiser} = {model_class}.from_pretrained(<the base model exported merged>)",
+                f'{denoiser}.load_lora_adapter("<this directory>", prefix="{denoiser}", '
                 f'weight_name="{diffusers_export.LORA_WEIGHTS}")']
     else:
-        code = ["from diffusers import UNet2DConditionModel", "",
-                'unet = UNet2DConditionModel.from_pretrained("<this directory>", '
-                'subfolder="unet")']
+        code = [f"from diffusers import {model_class}", "",
+                f'{denoiser} = {model_class}.from_pretrained("<this directory>", '
+                f'subfolder="{denoiser}")']
     return [note, "", "```python", *code, "```", ""]
 
 
@@ -215,10 +227,11 @@ def _write(config: ml_collections.ConfigDict, workdir: pathlib.Path, out: pathli
     from vard_jax.models import diffusers_export, policy as policy_lib
 
     files = []
+    denoiser = diffusers_export.denoiser_name(trained)
     if fmt == "lora":
         rank = int(config.policy.lora_rank)
         scale = (float(config.policy.lora_alpha) or float(rank)) / rank
-        files.append(diffusers_export.save_diffusers_lora(trained, scale, out))
+        files.append(diffusers_export.save_diffusers_lora(trained, scale, out, prefix=denoiser))
     else:
         from vard_jax.models import loader
 
@@ -231,11 +244,10 @@ def _write(config: ml_collections.ConfigDict, workdir: pathlib.Path, out: pathli
                               f"{str(error).splitlines()[0]}") from None
         policy = policy_lib.make(config.policy, loaded.pipeline)
         merged = policy.merged(trained, loaded.params["unet"])
-        directory = diffusers_export.save_model(loaded.pipeline.unet, merged,
-                                                          out / "unet")
+        directory = diffusers_export.save_model(loaded.pipeline.unet, merged, out / denoiser)
         files += sorted(directory.iterdir())
     (out / "vard_config.json").write_text(config.to_json(indent=2) + "\n")
-    (out / "README.md").write_text(model_card(config, workdir, step, fmt))
+    (out / "README.md").write_text(model_card(config, workdir, step, fmt, denoiser))
     return files + [out / "vard_config.json", out / "README.md"]
 
 

@@ -7,7 +7,8 @@ Two formats, both safetensors, readable without PyTorch on our side:
   (``config.json`` and ``model.safetensors``);
 * LoRA adapters as ``pytorch_lora_weights.safetensors``, the file that
   ``pipeline.load_lora_weights(directory)`` reads (``save_diffusers_lora``): PEFT names
-  ``unet.<module>.lora_A.weight`` [r, in] and ``unet.<module>.lora_B.weight`` [out, r], and the
+  ``unet.<module>.lora_A.weight`` [r, in] and ``unet.<module>.lora_B.weight`` [out, r]
+  (``transformer.<module>...`` for SD 3's MMDiT, ``denoiser_name``), and the
   adapter's ``LoraConfig`` (rank, alpha, target modules) in the file's metadata, as diffusers'
   own ``save_lora_weights`` writes it.
 
@@ -91,6 +92,14 @@ def save_model(module: Any, params: Any, directory: str | pathlib.Path) -> pathl
         config["_class_name"] = type(module).__name__
     weights_lib.save_state_dict(directory, config, torch_state_dict(params), files)
     return directory
+
+
+def denoiser_name(params: Any) -> str:
+    """The diffusers pipeline's name for the network of these params or LoRA adapters:
+    ``transformer`` for an MMDiT (SD 3 / 3.5), ``unet`` for a UNet. It is the folder of a
+    merged export and the prefix of a LoRA file's keys."""
+    return ("transformer" if any(str(k).startswith("transformer_blocks_") for k in params)
+            else "unet")
 
 
 def _adapters_by_module(adapters: Any) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
