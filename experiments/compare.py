@@ -22,7 +22,8 @@ per run, so one failure does not end the comparison), then reads each run's
     PYTHONPATH=. python experiments/compare.py --out=/tmp/c --smoke          # seconds-scale
 
 A finished run already under ``OUT/runs`` is read, not run again, so an interrupted
-comparison continues with the same command. Comparisons made by separate invocations (seeds
+comparison continues with the same command. A run is known by its command line (config file
+and overrides): after a change to a config file's own settings, use a new ``OUT``. Comparisons made by separate invocations (seeds
 or rewards added later, on another machine) are summarised and plotted together, without
 running anything, from their ``results.json`` files:
 

@@ -44,7 +44,8 @@ Configuration names: ``policy-{lora|full}-{none|full|dots}-K{1|T}-T{steps}``, ``
 and globs. ``--attention`` picks the UNet's attention kernel: ``config`` (default) follows
 ``pretrained.attention`` of configs/pickscore.py (``chunked``), ``xla`` materialises the
 [L, L] scores (the what-if without the option), ``cudnn`` is the fused GPU kernel.
-``--smoke`` uses a two-block tiny UNet with T = 2 (and implies ``--fast_compile``, which skips
+``--smoke`` uses a two-block tiny UNet (with ``--model=sd35`` a two-layer tiny MMDiT) with
+T = 2 (and implies ``--fast_compile``, which skips
 LLVM's optimisations: identical memory figures, shorter compiles; still about a minute per
 policy step on a loaded 2-core CPU); ``--lower_only``
 traces and lowers, reporting parameter and state sizes only.

@@ -322,7 +322,7 @@ def test_export_cli_writes_the_merged_unet_and_a_model_card(trained_run: Trained
 
     for kwargs, message in (
             (dict(out=tmp_path / "lora", fmt="lora"), "--format=lora: this run fine-tuned the "
-             "whole UNet"),
+             "whole network"),
             (dict(out=trained_run.workdir / "export"), "is inside the run's workdir"),
             (dict(out=out), "exists and is not an empty directory"),
             (dict(out=tmp_path / "other", step=7), "--step=7: no checkpoint of that step")):

@@ -5,6 +5,7 @@ loop (the flow grid, the SDE step's log-probs, the velocity KL, LoRA on both str
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -83,6 +84,20 @@ def test_algorithms_train_on_the_flow_model(algorithm, tmp_path):
     if algorithm == "vard":
         assert [row["step"] for row in rows] == [0, 1, 2]
         assert np.isfinite(last["value_loss"]) and np.isfinite(last["eps_distance"])
+        # The export of the flow model: diffusers' SD3Transformer2DModel layout.
+        from vard_jax import export
+        from vard_jax.models.nn import weights as weights_lib
+
+        summary = export.export(tmp_path, tmp_path.parent / f"{tmp_path.name}_export")
+        out = pathlib.Path(summary["out"])
+        assert summary["format"] == "merged" and (out / "transformer" / "config.json").is_file()
+        module, params = weights_lib.load_sd3_transformer(out / "transformer")
+        assert module.config == loop.trainer.pipeline.unet.config
+        np.testing.assert_array_equal(
+            params["proj_out"]["kernel"],
+            np.asarray(loop.final_state.policy_params["proj_out"]["kernel"], np.float32))
+        card = (out / "README.md").read_text()
+        assert "SD3Transformer2DModel" in card and "| sample.eval_eta | 0.0 |" in card
     if algorithm in ("grpo", "ddpo"):  # the SDE step's log-probs recomputed exactly
         assert last["first_log_ratio_max"] == 0.0 and last["first_clipfrac"] == 0.0
     if algorithm == "grpo":

@@ -42,7 +42,7 @@ def _format_for(config: ml_collections.ConfigDict, asked: str) -> str:
     if asked == "auto":
         return "lora" if lora else "merged"
     if asked == "lora" and not lora:
-        raise ExportError("--format=lora: this run fine-tuned the whole UNet "
+        raise ExportError("--format=lora: this run fine-tuned the whole network "
                           "(policy.lora_rank = 0); use --format=merged")
     return asked
 
@@ -94,6 +94,7 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     algorithm = config.algorithm
     fields = {"algorithm": algorithm, "reward": config.reward.name,
               "sample.num_steps": config.sample.num_steps, "sample.eta": config.sample.eta,
+              "sample.eval_eta": config.sample.eval_eta,
               "sample.guidance_scale": config.sample.guidance_scale,
               "sample.batch_size": config.sample.batch_size,
               "policy.lora_rank": config.policy.lora_rank,

@@ -43,21 +43,16 @@ if TYPE_CHECKING:
 
 def sample_images(trainer: "Trainer", policy_params: Any, prompts: Sequence[str],
                   batch_size: int, seed: int) -> np.ndarray:
-    """Images [N, H, W, 3] in [0, 1], one per prompt, sampled in batches of ``batch_size``.
+    """Images [N, H, W, 3] in [0, 1], one per prompt, sampled in batches of ``batch_size`` with
+    the evaluation's sampler (``sample.eval_eta``: the ODE for the flow configs).
 
     The noise of batch ``i`` comes from ``fold_in(PRNGKey(seed), i)``; the last batch is padded
     with its first prompt and the padding discarded.
     """
-    import jax
+    from vard_jax.training import evaluation
 
-    from vard_jax import prompts as prompts_lib
-
-    key = jax.random.PRNGKey(seed)
-    images = []
-    for index, (batch, real) in enumerate(prompts_lib.padded_batches(prompts, batch_size)):
-        rollout = trainer.rollout_batch(policy_params, batch, jax.random.fold_in(key, index))
-        images.append(np.asarray(rollout.images)[:real])
-    return np.concatenate(images)
+    return evaluation.evaluate(trainer, policy_params, list(prompts), batch_size, seed,
+                               scored=False, distance=False).images
 
 
 def score_label(reward_name: str) -> str:

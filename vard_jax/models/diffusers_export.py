@@ -98,8 +98,9 @@ def denoiser_name(params: Any) -> str:
     """The diffusers pipeline's name for the network of these params or LoRA adapters:
     ``transformer`` for an MMDiT (SD 3 / 3.5), ``unet`` for a UNet. It is the folder of a
     merged export and the prefix of a LoRA file's keys."""
-    return ("transformer" if any(str(k).startswith("transformer_blocks_") for k in params)
-            else "unet")
+    mmdit = ("transformer_blocks_", "context_embedder", "time_text_embed", "pos_embed",
+             "norm_out", "proj_out")  # top-level names of an MMDiT that no UNet has
+    return "transformer" if any(str(k).startswith(mmdit) for k in params) else "unet"
 
 
 def _adapters_by_module(adapters: Any) -> dict[tuple[str, ...], dict[str, np.ndarray]]:

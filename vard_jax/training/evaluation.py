@@ -29,7 +29,7 @@ def eval_eta(config) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def _distance_sampler(trainer: Trainer):
+def _distance_sampler(trainer: Trainer, with_distance: bool = True):
     pipeline, config, policy = trainer.pipeline, trainer.config, trainer.policy
     spec = sampler_lib.SamplerSpec(trainer.num_steps, eval_eta(config),
                                    config.sample.guidance_scale)
@@ -42,17 +42,22 @@ def _distance_sampler(trainer: Trainer):
 
         samples = sampler_lib.sample(pipeline, frozen, policy.unet(policy_params,
                                                                    reference_params),
-                                     ids, key, spec, eps_fn=policy.eps_fn, step_hook=distance)
+                                     ids, key, spec, eps_fn=policy.eps_fn,
+                                     step_hook=distance if with_distance else None)
+        if not with_distance:
+            return samples.images, jnp.zeros((), jnp.float32)
         return samples.images, jnp.mean(samples.hook_outputs)
 
     return jax.jit(fn)
 
 
 def evaluate(trainer: Trainer, policy_params: Any, prompts: list[str], batch_size: int,
-             seed: int, scored: bool = True) -> EvalResult:
-    """Samples ``prompts`` in batches with noise fixed by ``seed``; scores every reward
-    (``scored=False``: none, ``scores`` is empty)."""
-    fn = _distance_sampler(trainer)
+             seed: int, scored: bool = True, distance: bool = True) -> EvalResult:
+    """Samples ``prompts`` in batches with noise fixed by ``seed`` (batch i: fold_in(PRNGKey(
+    seed), i)) at the evaluation's eta (``eval_eta``); scores every reward (``scored=False``:
+    none, ``scores`` is empty) and the distance to the pretrained model (``distance=False``:
+    not computed, 0)."""
+    fn = _distance_sampler(trainer, distance)
     images, distances = [], []
     for index, (batch, real) in enumerate(prompts_lib.padded_batches(prompts, batch_size)):
         ids = trainer.put_ids(batch)

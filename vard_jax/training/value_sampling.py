@@ -57,18 +57,22 @@ def check_steering(steering: SteeringSpec, eta: float) -> None:
         raise ValueError(f"ess_threshold = {steering.ess_threshold}: must be in [0, 1]")
     if steering.particles > 1 and steering.resample_every and eta <= 0.0:
         raise ValueError("value-steered sampling resamples particles, which a deterministic "
-                         "sampler (sample.eta = 0) never separates again; set sample.eta > 0")
+                         "sampler (eta 0) never separates again; set sample.eval_eta > 0 (or -1: "
+                         "sample.eta)")
 
 
 class ValueSampler:
     """``sample(policy_params, value_params, reward_stats, prompts, key)`` -> SteeredBatch."""
 
     def __init__(self, trainer, steering: SteeringSpec):
+        from vard_jax.training.evaluation import eval_eta
+
         config = trainer.config
-        check_steering(steering, config.sample.eta)
+        eta = eval_eta(config)  # the evaluation's sampler, steered
+        check_steering(steering, eta)
         self.trainer, self.steering = trainer, steering
         pipeline, policy, value_model = trainer.pipeline, trainer.policy, trainer.value_model
-        spec = sampler_lib.SamplerSpec(config.sample.num_steps, config.sample.eta,
+        spec = sampler_lib.SamplerSpec(config.sample.num_steps, eta,
                                        config.sample.guidance_scale)
 
         def fn(policy_params, value_params, stats, frozen, reference_params, ids, reward_ids,
