@@ -307,12 +307,10 @@ def _sd3(root: pathlib.Path, dtype: Any, attention: str,
 def _check_sd3_widths(root: pathlib.Path) -> None:
     """The text encoders' and the VAE's widths against the transformer's, read from their
     ``config.json`` files: one line naming the mismatch."""
-    def config(folder: str, cls: Any) -> Any:
-        raw = weights_lib.read_config(root / folder)
-        return cls.from_dict(raw.get("text_config", raw), str(root / folder / weights_lib.CONFIG))
-
-    transformer = config(TRANSFORMER, nn_mmdit.MMDiTConfig)
-    clips = [config(folder, nn_clip.CLIPTextConfig) for folder in (TEXT_ENCODER, TEXT_ENCODER_2)]
+    config = weights_lib.module_config
+    transformer = config(root / TRANSFORMER, nn_mmdit.MMDiTConfig)
+    clips = [config(root / folder, nn_clip.CLIPTextConfig, nested="text_config")
+             for folder in (TEXT_ENCODER, TEXT_ENCODER_2)]
     clip_width = sum(c.hidden_size for c in clips)
     pooled = sum(c.projection_dim for c in clips)
     if pooled != transformer.pooled_projection_dim or clip_width > transformer.joint_attention_dim:
@@ -321,11 +319,11 @@ def _check_sd3_widths(root: pathlib.Path) -> None:
                          f"{transformer.joint_attention_dim}, pooled_projection_dim "
                          f"{transformer.pooled_projection_dim})")
     if (root / TEXT_ENCODER_3).is_dir():
-        t5 = config(TEXT_ENCODER_3, nn_t5.T5Config)
+        t5 = config(root / TEXT_ENCODER_3, nn_t5.T5Config)
         if t5.d_model != transformer.joint_attention_dim:
             raise ValueError(f"{root}: the T5 encoder's width {t5.d_model} is not the "
                              f"transformer's joint_attention_dim {transformer.joint_attention_dim}")
-    vae = config(VAE, nn_vae.VAEConfig)
+    vae = config(root / VAE, nn_vae.VAEConfig)
     if vae.latent_channels != transformer.in_channels:
         raise ValueError(f"{root}: the transformer takes {transformer.in_channels} channels but "
                          f"the VAE's latents have {vae.latent_channels}")

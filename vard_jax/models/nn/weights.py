@@ -260,6 +260,14 @@ def read_config(directory: pathlib.Path) -> dict:
     return json.loads(file.read_text())
 
 
+def module_config(directory: pathlib.Path, cls: Any, nested: str = "") -> Any:
+    """``cls.from_dict`` of ``directory/config.json`` (or of its ``nested`` section where it
+    has one, e.g. a whole CLIP's ``text_config``); unsupported fields stop with one line."""
+    directory = pathlib.Path(directory)
+    raw = read_config(directory)
+    return cls.from_dict(raw.get(nested, raw) if nested else raw, str(directory / CONFIG))
+
+
 def load_params(directory: pathlib.Path, init: Callable[[jax.Array], Any],
                 weights: WeightFiles, variant: str = "",
                 keep: Callable[[str], bool] = lambda key: True,
@@ -281,7 +289,7 @@ def load_params(directory: pathlib.Path, init: Callable[[jax.Array], Any],
 
 def load_unet(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
               variant: str = "") -> tuple[unet_lib.UNet2DConditionModel, Any]:
-    config = unet_lib.UNetConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    config = module_config(directory, unet_lib.UNetConfig)
     module = unet_lib.UNet2DConditionModel(config, dtype=dtype, implementation=implementation)
     return module, load_params(directory, module.init_params, DIFFUSERS_WEIGHTS, variant)
 
@@ -293,7 +301,7 @@ def load_sd3_transformer(directory: pathlib.Path, dtype: Any = jnp.float32,
     (diffusers' persistent buffer ``pos_embed.pos_embed``) is read like a weight; a checkpoint
     without it gets the sin-cos table diffusers computes."""
     directory = pathlib.Path(directory)
-    config = mmdit_lib.MMDiTConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    config = module_config(directory, mmdit_lib.MMDiTConfig)
     module = mmdit_lib.SD3Transformer2DModel(config, dtype=dtype, implementation=implementation)
     target = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
     file = weight_file(directory, DIFFUSERS_WEIGHTS, variant)
@@ -307,7 +315,7 @@ def load_sd3_transformer(directory: pathlib.Path, dtype: Any = jnp.float32,
 
 def load_vae(directory: pathlib.Path, dtype: Any = jnp.float32,
              variant: str = "") -> tuple[vae_lib.AutoencoderKL, Any]:
-    config = vae_lib.VAEConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    config = module_config(directory, vae_lib.VAEConfig)
     module = vae_lib.AutoencoderKL(config, dtype=dtype)
     return module, load_params(directory, module.init_params, DIFFUSERS_WEIGHTS, variant)
 
@@ -315,9 +323,7 @@ def load_vae(directory: pathlib.Path, dtype: Any = jnp.float32,
 def load_clip_text(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
                    with_projection: bool = False, variant: str = "") -> tuple[Any, Any]:
     """A CLIP text encoder (``CLIPTextModel``, or ``CLIPTextModelWithProjection``)."""
-    raw = read_config(directory)
-    config = clip_lib.CLIPTextConfig.from_dict(raw.get("text_config", raw),
-                                               str(directory / CONFIG))
+    config = module_config(directory, clip_lib.CLIPTextConfig, nested="text_config")
     cls = clip_lib.CLIPTextModelWithProjection if with_projection else clip_lib.CLIPTextModel
     module = cls(config, dtype=dtype, implementation=implementation)
     prefixes = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
@@ -348,7 +354,7 @@ def load_t5_encoder(directory: pathlib.Path, dtype: Any = jnp.float32,
     ``encoder.embed_tokens.weight`` stands in for ``shared.weight`` where that is missing and is
     dropped otherwise."""
     directory = pathlib.Path(directory)
-    config = t5_lib.T5Config.from_dict(read_config(directory), str(directory / CONFIG))
+    config = module_config(directory, t5_lib.T5Config)
     module = t5_lib.T5EncoderModel(config, dtype=dtype, implementation=implementation)
     file = weight_file(directory, TRANSFORMERS_WEIGHTS, variant)
     target = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
@@ -365,7 +371,7 @@ def load_t5_encoder(directory: pathlib.Path, dtype: Any = jnp.float32,
 def load_clip(directory: pathlib.Path, dtype: Any = jnp.float32, implementation: str = "xla",
               variant: str = "") -> tuple[clip_lib.CLIPModel, Any]:
     """A whole CLIP (both towers): PickScore, the LAION aesthetic backbone, CLIP score."""
-    config = clip_lib.CLIPConfig.from_dict(read_config(directory), str(directory / CONFIG))
+    config = module_config(directory, clip_lib.CLIPConfig)
     module = clip_lib.CLIPModel(config, dtype=dtype, implementation=implementation)
     return module, load_params(directory, module.init_params, TRANSFORMERS_WEIGHTS, variant)
 
